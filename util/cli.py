@@ -1,0 +1,26 @@
+"""Command-line entry helper: user errors become one line on stderr and exit status 2.
+
+Errors a user can cause are raised as ValueError, FileNotFoundError (any OSError) or RuntimeError with
+a one-sentence message at the edge where they are detected. `run_main` prints that sentence instead of
+a traceback. Set CORENET_TRACEBACK=1 to see the full traceback when debugging.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Call main(); on a user-facing error print 'error: <message>' and exit with status 2."""
+    try:
+        main()
+    except (ValueError, OSError, RuntimeError) as err:
+        if os.environ.get("CORENET_TRACEBACK") == "1":
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

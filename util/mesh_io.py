@@ -1,0 +1,82 @@
+"""Mesh file reading and writing: the one place in the project that parses or writes mesh files.
+
+Every mesh leaves this module as float32 vertices (V, 3) and int64 triangle faces (F, 3), checked for
+the failures a user can cause (missing file, unreadable or empty file, faces out of range, non-finite
+coordinates) so that callers can trust what they get. Parsing is done by trimesh, in file order.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import trimesh
+
+MESH_SUFFIXES = (".obj", ".ply", ".off", ".stl", ".glb", ".gltf")
+
+
+def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a triangle mesh, keeping the file's vertex order.
+
+    Args:
+        path: an .obj, .ply or any other single-mesh format trimesh reads.
+    Returns:
+        vertices: float32 (V, 3), all finite, V >= 1.
+        faces: int64 (F, 3), every index in [0, V). F may be 0 (a point cloud).
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file cannot be parsed, holds no vertices, has faces that are not triangles or
+            that index missing vertices, or has non-finite coordinates.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mesh file {path} does not exist")
+    try:
+        # maintain_order keeps OBJ vertices in file order even when texture coordinates are present;
+        # process=False stops trimesh from merging or reordering vertices.
+        mesh = trimesh.load(path, force="mesh", process=False, maintain_order=True)
+    except Exception as err:  # trimesh raises many types for malformed files; report them as one
+        raise ValueError(f"mesh file {path} could not be read: {type(err).__name__}: {err}") from None
+    vertices = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64)
+    faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64)
+    if vertices.ndim != 2 or vertices.shape[0] == 0 or vertices.shape[1] != 3:
+        raise ValueError(f"mesh file {path} holds no vertices; it is empty or not a mesh")
+    if faces.size and (faces.ndim != 2 or faces.shape[1] != 3):
+        raise ValueError(f"mesh file {path} has faces of shape {faces.shape}; triangles (F, 3) are needed")
+    faces = faces.reshape(-1, 3)
+    if faces.size and (faces.min() < 0 or faces.max() >= vertices.shape[0]):
+        raise ValueError(
+            f"mesh file {path} has face indices in [{faces.min()}, {faces.max()}] "
+            f"but only {vertices.shape[0]} vertices")
+    if not np.isfinite(vertices).all():
+        bad = int((~np.isfinite(vertices)).any(axis=1).sum())
+        raise ValueError(f"mesh file {path} has {bad} vertices with non-finite (NaN or inf) coordinates")
+    return vertices.astype(np.float32), faces
+
+
+def write_mesh(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
+    """Write a triangle mesh atomically (temporary file, then rename); the format follows the suffix.
+
+    Args:
+        path: destination, e.g. out.obj or out.ply; parent folders are created.
+        vertices: float (V, 3).
+        faces: int (F, 3), indices into vertices.
+    """
+    path = Path(path)
+    vertices = np.asarray(vertices, dtype=np.float64)
+    faces = np.asarray(faces, dtype=np.int64)
+    if vertices.ndim != 2 or vertices.shape[1] != 3:
+        raise ValueError(f"vertices for {path} must have shape (V, 3), got {vertices.shape}")
+    if faces.ndim != 2 or faces.shape[1] != 3:
+        raise ValueError(f"faces for {path} must have shape (F, 3), got {faces.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            mesh.export(handle, file_type=path.suffix.lstrip(".").lower())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
