@@ -1,0 +1,63 @@
+"""Parity with the published code on the golden fixture (SPEC.md, "Parity fixture").
+
+Tolerances are SPEC.md's: eval-mode warp_out and output within max |diff| 5e-4 and relative L2 5e-5;
+training-mode losses within 1e-5 relative; gradient norms within 3e-4 relative (ill-conditioned through
+Sinkhorn at temperature 0.03, so SPEC.md widens the core issue's 1e-4).
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.pose_transfer_model import PoseTransferModel
+from tests.golden import GOLDEN_DIR, golden_inputs, load_golden_model
+
+pytestmark = pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason=f"golden fixture not found at {GOLDEN_DIR}")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return json.loads((GOLDEN_DIR / "expected.json").read_text())
+
+
+def assert_matches(actual: torch.Tensor, expected_path, name: str) -> None:
+    expected = np.load(expected_path).astype(np.float64)
+    actual = actual.detach().double().numpy().reshape(expected.shape)
+    max_diff = np.abs(actual - expected).max()
+    relative_l2 = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+    assert max_diff < 5e-4 and relative_l2 < 5e-5, f"{name}: max |diff| {max_diff:.3g}, relative L2 {relative_l2:.3g}"
+
+
+def test_eval_mode_outputs_match_published():
+    model = load_golden_model(PoseTransferModel()).eval()
+    batch = golden_inputs()
+    with torch.no_grad():
+        warp_out, fake_points = model.transfer(batch["identity_points"], batch["pose_points"])
+    assert_matches(warp_out[0], GOLDEN_DIR / "expected_warp_out.npy", "warp_out")
+    assert_matches(fake_points[0], GOLDEN_DIR / "expected_fake_points.npy", "fake_points")
+
+
+def test_eval_mode_output_statistics(expected):
+    model = load_golden_model(PoseTransferModel()).eval()
+    batch = golden_inputs()
+    with torch.no_grad():
+        _, fake_points = model.transfer(batch["identity_points"], batch["pose_points"])
+    fake = fake_points.double()
+    assert fake.abs().mean().item() == pytest.approx(expected["fake_points_abs_mean"], rel=1e-5)
+    assert fake.std().item() == pytest.approx(expected["fake_points_std"], rel=1e-5)
+
+
+def gradient_norm(network: torch.nn.Module) -> float:
+    return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for _, p in network.named_parameters()))
+
+
+def test_training_mode_losses_and_gradients(expected):
+    model = load_golden_model(PoseTransferModel()).train()
+    _, losses = model(golden_inputs())
+    assert losses["rec"].item() == pytest.approx(expected["train_mode_rec_loss_x1000"], rel=1e-5)
+    assert losses["edge"].item() == pytest.approx(expected["train_mode_edge_loss_x0.5"], rel=1e-5)
+    (losses["rec"] + losses["edge"]).backward()
+    assert gradient_norm(model.G) == pytest.approx(expected["grad_norm_G"], rel=3e-4)
+    assert gradient_norm(model.corr) == pytest.approx(expected["grad_norm_Corr"], rel=3e-4)
