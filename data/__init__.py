@@ -1,0 +1,66 @@
+"""Data sets and loaders: the layout registry and the one place that builds a DataLoader.
+
+DATASETS maps --dataset_mode to the file layout of the published data sets (SPEC.md, "Data layouts");
+its keys are the argparse choices. Every data set yields the same sample dict, so the model never
+learns which layout it reads (STYLE.md, "Before and after" 2).
+"""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from data.pair_dataset import ANIMAL_LAYOUT, HUMAN_LAYOUT, MeshLayout, TestPairDataset, TrainPairDataset
+
+DATASETS = {"human": HUMAN_LAYOUT, "animal": ANIMAL_LAYOUT}
+
+__all__ = ["DATASETS", "MeshLayout", "TestPairDataset", "TrainPairDataset", "create_dataloader"]
+
+
+def create_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool = False,
+    distributed: bool = False,
+    drop_last: bool = False,
+    start_batch: int = 0,
+) -> DataLoader:
+    """Batch a data set, splitting it across DDP ranks when distributed.
+
+    Samples of one data set share their vertex and face counts, so the default collate stacks them into
+    (B, N, 3) / (B, F, 3) tensors and lists of names. TrainPairDataset already draws every index at
+    random, so training needs no shuffle; an unshuffled order is also what lets a resumed run skip the
+    batches it has done.
+
+    Args:
+        dataset: a TrainPairDataset or TestPairDataset.
+        batch_size: samples per batch on this rank.
+        num_workers: loader processes; 0 reads in the calling process.
+        shuffle: visit the samples in random order; when distributed, the caller calls
+            loader.sampler.set_epoch(epoch) every epoch.
+        distributed: give each rank of the initialised process group a disjoint share (rank r takes
+            every world_size-th sample from r on when not shuffled).
+        drop_last: drop the last incomplete batch (and, when distributed, the uneven tail).
+        start_batch: skip this rank's first start_batch batches (resume mid-epoch); needs shuffle=False.
+    Returns:
+        the DataLoader.
+    """
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be non-negative, got {start_batch}")
+    if start_batch and shuffle:
+        raise ValueError(f"start_batch {start_batch} needs shuffle=False, since a shuffled order is not repeatable")
+    if shuffle:
+        sampler = DistributedSampler(dataset, shuffle=True, drop_last=drop_last) if distributed else None
+    else:
+        # A fixed order (strided across ranks when distributed), so that a resumed run can skip into it.
+        order = DistributedSampler(dataset, shuffle=False, drop_last=drop_last) if distributed else range(len(dataset))
+        sampler = list(order)[start_batch * batch_size:]
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        # Workers are re-created every epoch so that they copy the dataset after its set_epoch call.
+        persistent_workers=False,
+    )

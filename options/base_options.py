@@ -1,0 +1,191 @@
+"""Options shared by train.py and test.py, with the published flag spellings and defaults.
+
+Each option is one dataclass field carrying its default and help; the argparse parser is built from the
+fields, so a flag is declared in exactly one place. `parse` returns a frozen instance with the derived
+values (device, distributed rank and world size) computed once. Options are saved as opt.txt (non-defaults
+marked) and opt.json; `--load_from_opt_file` reads that JSON back. Nothing is pickled.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from data import DATASETS
+from models.networks import GENERATORS, INIT_TYPES
+
+MODELS = ("ver2ver",)
+
+
+def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag --<name>."""
+    return field(default=default, metadata={"help": help, "argparse": argparse_kwargs})
+
+
+def derived() -> Any:
+    """A field computed by `parse`, not settable from the command line."""
+    return field(default=None, metadata={"derived": True})
+
+
+@dataclass(frozen=True)
+class BaseOptions:
+    gpu_ids: str = option("auto", "GPU ids such as 0 or 0,1, or -1 for the CPU. Published default 0,1,2,3; "
+                          "here 'auto' means GPU 0 when CUDA is available, else the CPU. Several GPUs need "
+                          "torchrun (see README).")
+    checkpoints_dir: str = option("./checkpoints", "models are saved in <checkpoints_dir>/<dataset_mode>")
+    batchSize: int = option(8, "input batch size (per process under torchrun)")
+    model: str = option("ver2ver", "which model to use", choices=MODELS)
+    dataroot: str = option("./npt-data", "folder holding the mesh files")
+    dataset_mode: str = option("human", "data layout: human (id{i}_{p}.obj) or animal (toy_{i}_{p}.ply)",
+                               choices=tuple(DATASETS))
+    nThreads: int = option(min(4, os.cpu_count() or 1),
+                           "data loader worker processes (published default 16; here min(4, CPU count))")
+    netG: str = option("elain", "generator architecture", choices=tuple(GENERATORS))
+    ngf: int = option(64, "feature width of the networks (the published checkpoints use 64)")
+    init_type: str = option("xavier", "network initialisation", choices=INIT_TYPES)
+    init_variance: float = option(0.02, "gain (or std) of the initialisation")
+    seed: int = option(0, "random seed for pair sampling and vertex permutations")
+    load_from_opt_file: bool = option(False, "take option defaults from <checkpoints_dir>/<dataset_mode>/opt.json; "
+                                      "flags given on the command line still win")
+    isTrain: ClassVar[bool] = False
+    device: str = derived()
+    rank: int = derived()
+    local_rank: int = derived()
+    world_size: int = derived()
+
+    def validate(self) -> None:
+        """Reject values no run can use, with one line each."""
+        for name in ("batchSize", "ngf"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.nThreads < 0:
+            raise ValueError(f"--nThreads must be 0 or more, got {self.nThreads}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """<checkpoints_dir>/<dataset_mode>, where the published code keeps its files."""
+        return Path(self.checkpoints_dir) / self.dataset_mode
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+OptionsT = TypeVar("OptionsT", bound=BaseOptions)
+
+
+def _user_fields(options_class: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(options_class) if not f.metadata.get("derived")]
+
+
+def build_parser(options_class: type) -> argparse.ArgumentParser:
+    """An argparse parser with one --flag per user field of options_class."""
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in _user_fields(options_class):
+        kwargs = dict(f.metadata["argparse"])
+        if isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+            continue
+        kwargs.setdefault("type", type(f.default) if f.default is not None else str)
+        parser.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"], **kwargs)
+    return parser
+
+
+def _resolve_device(gpu_ids: str, local_rank: int) -> str:
+    """Turn --gpu_ids into one torch device string for this process."""
+    if gpu_ids == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        ids = [int(part) for part in gpu_ids.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--gpu_ids {gpu_ids!r} is not a comma-separated list of integers") from None
+    if not ids or ids == [-1]:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--gpu_ids {gpu_ids} asks for a GPU but CUDA is not available on this machine; "
+                           f"use --gpu_ids -1 to run on the CPU")
+    if local_rank >= len(ids):
+        raise ValueError(f"--gpu_ids {gpu_ids} names {len(ids)} GPUs but torchrun started process "
+                         f"{local_rank}; give one GPU id per process")
+    if ids[local_rank] >= torch.cuda.device_count():
+        raise RuntimeError(f"--gpu_ids {gpu_ids} asks for GPU {ids[local_rank]} but only "
+                           f"{torch.cuda.device_count()} are visible")
+    return f"cuda:{ids[local_rank]}"
+
+
+def _check_launch(gpu_ids: str, world_size: int, script: str) -> None:
+    """Several GPUs without torchrun: tell the user the command instead of silently using one."""
+    ids = [part for part in gpu_ids.split(",") if part.strip()]
+    if world_size == 1 and len(ids) > 1 and gpu_ids != "auto":
+        raise RuntimeError(
+            f"--gpu_ids {gpu_ids} asks for {len(ids)} GPUs; start one process per GPU with "
+            f"'torchrun --nproc_per_node={len(ids)} {script} ...' (same flags)")
+
+
+def parse(options_class: type[OptionsT], args: list[str] | None = None, script: str = "train.py") -> OptionsT:
+    """Parse the command line into a frozen options_class instance.
+
+    Args:
+        options_class: BaseOptions or a subclass (TrainOptions, TestOptions).
+        args: the arguments (default sys.argv[1:]).
+        script: the program name, used in the torchrun hint.
+    """
+    parser = build_parser(options_class)
+    parsed = parser.parse_args(args)
+    if parsed.load_from_opt_file:
+        saved = read_options_json(Path(parsed.checkpoints_dir) / parsed.dataset_mode / "opt.json")
+        known = {f.name for f in _user_fields(options_class)} - {"load_from_opt_file"}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in known})
+        parsed = parser.parse_args(args)
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    _check_launch(parsed.gpu_ids, world_size, script)
+    values = vars(parsed)
+    values.update(rank=rank, local_rank=local_rank,
+                  world_size=world_size, device=_resolve_device(parsed.gpu_ids, local_rank))
+    options = options_class(**values)
+    options.validate()
+    return options
+
+
+def read_options_json(path: Path) -> dict[str, Any]:
+    """Read a saved opt.json; FileNotFoundError/ValueError with one line when missing or malformed."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--load_from_opt_file: {path} does not exist; train first or drop the flag")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object of option values")
+    return values
+
+
+def options_text(options: BaseOptions) -> str:
+    """One line per option, '[default: x]' after every value that differs from its default."""
+    lines = ["----------------- Options ---------------"]
+    for f in _user_fields(type(options)):
+        value = getattr(options, f.name)
+        mark = f"\t[default: {f.default}]" if value != f.default else ""
+        lines.append(f"{f.name:>25}: {value!s:<30}{mark}")
+    lines.append("----------------- End -------------------")
+    return "\n".join(lines)
+
+
+def options_dict(options: BaseOptions) -> dict[str, Any]:
+    """The user-settable options as a JSON-ready dict (what opt.json holds)."""
+    return {f.name: getattr(options, f.name) for f in _user_fields(type(options))}
+
+
+def save_options(options: BaseOptions, directory: Path) -> None:
+    """Write opt.txt and opt.json (user options only) into directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "opt.txt").write_text(options_text(options) + "\n")
+    (directory / "opt.json").write_text(json.dumps(options_dict(options), indent=1) + "\n")

@@ -1,0 +1,46 @@
+"""Training options: the published train flags on top of BaseOptions.
+
+Frequencies (--print_freq, --display_freq, --save_latest_freq) count training pairs seen, summed over
+all processes, as the published iteration counter does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from options.base_options import BaseOptions, option
+
+
+@dataclass(frozen=True)
+class TrainOptions(BaseOptions):
+    isTrain: ClassVar[bool] = True
+    display_freq: int = option(2000, "write training meshes (identity, pose, warp, output) every this many pairs")
+    print_freq: int = option(100, "log losses every this many pairs")
+    save_latest_freq: int = option(5000, "save the 'latest' checkpoint every this many pairs")
+    save_epoch_freq: int = option(10, "also keep <epoch>_net_*.pth every this many epochs")
+    continue_train: bool = option(False, "resume from the checkpoint --which_epoch: networks, optimizer, "
+                                  "learning rate, epoch and iteration")
+    which_epoch: str = option("latest", "checkpoint to resume from with --continue_train")
+    niter: int = option(100, "epochs at the initial learning rate")
+    niter_decay: int = option(100, "epochs over which the learning rate decays linearly to zero")
+    beta1: float = option(0.0, "Adam beta1")
+    beta2: float = option(0.9, "Adam beta2")
+    lr: float = option(0.0001, "initial learning rate for Adam")
+    lambda_edge: float = option(0.5, "weight of the edge loss")
+    lambda_rec: float = option(1000.0, "weight of the reconstruction loss")
+    train_identities: str = option("", "identity indices to train on, e.g. '0-14' (default: the data folder's "
+                                   "split.json, else the published range of --dataset_mode)")
+    train_poses: str = option("", "pose indices to train on, e.g. '200-599' (default as --train_identities)")
+    epoch_size: int = option(0, "random pairs per epoch (0: split.json, else published 4000 human / 11600 animal)")
+    output_dir: str = option("./output", "training meshes go to <output_dir>/<dataset_mode>")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("display_freq", "print_freq", "save_latest_freq", "save_epoch_freq"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.niter < 0 or self.niter_decay < 0 or self.niter + self.niter_decay < 1:
+            raise ValueError(f"--niter {self.niter} and --niter_decay {self.niter_decay} must be non-negative "
+                             f"and give at least one epoch")
+        if self.epoch_size < 0:
+            raise ValueError(f"--epoch_size must be 0 (default) or positive, got {self.epoch_size}")

@@ -1,0 +1,65 @@
+"""Options: published defaults, frozen values, JSON round trip and one-line errors."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from options.base_options import parse
+from options.test_options import TestOptions
+from options.train_options import TrainOptions
+
+
+def test_published_defaults():
+    opt = parse(TrainOptions, ["--gpu_ids", "-1"])
+    assert (opt.batchSize, opt.ngf, opt.netG, opt.model, opt.dataset_mode) == (8, 64, "elain", "ver2ver", "human")
+    assert (opt.niter, opt.niter_decay, opt.lr, opt.beta1, opt.beta2) == (100, 100, 1e-4, 0.0, 0.9)
+    assert (opt.lambda_rec, opt.lambda_edge, opt.init_type, opt.init_variance) == (1000.0, 0.5, "xavier", 0.02)
+    assert (opt.display_freq, opt.print_freq, opt.save_latest_freq, opt.save_epoch_freq) == (2000, 100, 5000, 10)
+    assert opt.which_epoch == "latest" and opt.checkpoints_dir == "./checkpoints"
+    test_opt = parse(TestOptions, ["--gpu_ids", "-1"])
+    assert test_opt.results_dir == "./test_results/" and not test_opt.isTrain and opt.isTrain
+    assert opt.device == "cpu" and opt.world_size == 1
+
+
+def test_options_are_frozen():
+    opt = parse(TrainOptions, ["--gpu_ids", "-1"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opt.lr = 1.0
+
+
+def test_saved_json_is_read_back_and_command_line_wins(tmp_path):
+    from options.base_options import save_options
+    opt = parse(TrainOptions, ["--gpu_ids", "-1", "--checkpoints_dir", str(tmp_path), "--ngf", "16", "--lr", "0.5"])
+    save_options(opt, opt.checkpoint_dir)
+    saved = json.loads((tmp_path / "human" / "opt.json").read_text())
+    assert saved["ngf"] == 16 and "device" not in saved
+    assert "[default: 64]" in (tmp_path / "human" / "opt.txt").read_text()
+    loaded = parse(TrainOptions, ["--checkpoints_dir", str(tmp_path), "--load_from_opt_file", "--lr", "0.25"])
+    assert loaded.ngf == 16 and loaded.lr == 0.25 and loaded.gpu_ids == "-1"
+
+
+def test_missing_opt_file_is_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="opt.json does not exist"):
+        parse(TrainOptions, ["--checkpoints_dir", str(tmp_path), "--load_from_opt_file"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's message")
+def test_gpu_requested_without_cuda():
+    with pytest.raises(RuntimeError, match="CUDA is not available.*--gpu_ids -1"):
+        parse(TrainOptions, ["--gpu_ids", "0"])
+
+
+def test_several_gpus_without_torchrun_names_the_command():
+    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node=2 train.py"):
+        parse(TrainOptions, ["--gpu_ids", "0,1"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batchSize", "0"], "--batchSize must be at least 1"),
+    (["--niter", "0", "--niter_decay", "0"], "at least one epoch"),
+    (["--gpu_ids", "a"], "not a comma-separated list"),
+])
+def test_bad_values(args, message):
+    with pytest.raises(ValueError, match=message):
+        parse(TrainOptions, ["--gpu_ids", "-1", *args] if "--gpu_ids" not in args else args)

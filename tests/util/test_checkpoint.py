@@ -1,0 +1,88 @@
+"""Checkpoints: the published keys and shapes, bit-exact round trips, strict loading and atomic saves."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.pose_transfer_model import PoseTransferModel
+from tests.golden import GOLDEN_DIR
+from util import checkpoint
+
+MANIFEST = GOLDEN_DIR.parent / "state_dict_keys.json"
+pytestmark = pytest.mark.skipif(not MANIFEST.is_file(), reason=f"key manifest not found at {MANIFEST}")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return PoseTransferModel()
+
+
+def test_state_dicts_have_exactly_the_published_keys_and_shapes(model):
+    manifest = json.loads(MANIFEST.read_text())
+    for name, attribute in checkpoint.NETWORK_FILES.items():
+        ours = [[key, list(value.shape)] for key, value in getattr(model, attribute).state_dict().items()]
+        assert ours == manifest[name], name
+
+
+def test_saved_checkpoint_loads_back_bit_exact(model, tmp_path):
+    checkpoint.save_networks(model, tmp_path, "latest")
+    other = PoseTransferModel()
+    checkpoint.load_networks(other, tmp_path, "latest")
+    for mine, theirs in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(mine, theirs)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_state_dict_built_from_the_manifest_loads(tmp_path):
+    manifest = json.loads(MANIFEST.read_text())
+    generator = torch.Generator().manual_seed(1)
+    for name in checkpoint.NETWORK_FILES:
+        state = {key: torch.randn(shape, generator=generator) for key, shape in manifest[name]}
+        torch.save(state, tmp_path / f"7_net_{name}.pth")
+    model = PoseTransferModel()
+    checkpoint.load_networks(model, tmp_path, "7")
+    assert torch.equal(model.G.fc.weight, torch.load(tmp_path / "7_net_G.pth")["fc.weight"])
+
+
+def test_missing_file_names_path_and_epoch(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"latest_net_G.pth does not exist \(--which_epoch latest\)"):
+        checkpoint.load_networks(PoseTransferModel(ngf=8), tmp_path, "latest")
+
+
+def test_wrong_keys_and_shapes_are_listed(tmp_path):
+    small = PoseTransferModel(ngf=8)
+    state = small.G.state_dict()
+    state.pop("fc.bias")
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "latest_net_G.pth")
+    with pytest.raises(RuntimeError, match=r"1 missing: fc.bias; 1 unexpected: extra.weight"):
+        checkpoint.load_network_file(small.G, tmp_path / "latest_net_G.pth", "--which_epoch latest")
+    with pytest.raises(RuntimeError, match=r"mis-shaped: fc.weight \(128, 3, 3\) \(expected \(1024, 3, 3\)\)"):
+        checkpoint.load_network_file(PoseTransferModel().G, tmp_path / "latest_net_G.pth", "x")
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+    torch.save({"fc.weight": Payload()}, tmp_path / "latest_net_G.pth")
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        checkpoint.read_checkpoint(tmp_path / "latest_net_G.pth", "--which_epoch latest")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "latest_net_G.pth"
+    checkpoint.atomic_save({"a": torch.ones(2)}, target)
+
+    def failing_save(obj, handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_save({"a": torch.zeros(2)}, target)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,148 @@
+"""Train 3D-CoreNet on a folder of meshes (human or animal layout), on the CPU, one GPU or, under
+torchrun, several GPUs with DistributedDataParallel.
+
+    python train.py --dataset_mode human --dataroot DATA --gpu_ids 0
+    torchrun --nproc_per_node=4 train.py --dataset_mode human --dataroot DATA --gpu_ids 0,1,2,3
+
+Files follow the published layout in <checkpoints_dir>/<dataset_mode> (util/checkpoint.py), and
+--continue_train resumes exactly where the last 'latest' save stopped.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data import DATASETS, TrainPairDataset, create_dataloader
+from data.split import parse_index_list, read_split_file
+from models import create_model
+from options.base_options import options_dict, parse, save_options
+from options.train_options import TrainOptions
+from util import checkpoint
+from util.cli import run_main
+from util.distributed import barrier, cleanup, init_distributed, is_main_process, mean_over_processes
+from util.logger import TrainingLogger
+from util.mesh_io import write_mesh
+
+ADAM_EPS = 1e-3  # published optimizer setting (SPEC.md)
+
+
+def build_train_dataset(opt: TrainOptions) -> TrainPairDataset:
+    """The training pairs: ranges from the flags, else <dataroot>/split.json, else the published layout."""
+    layout = DATASETS[opt.dataset_mode]
+    split = read_split_file(opt.dataroot)
+    if split is not None and split["dataset_mode"] != opt.dataset_mode:
+        raise ValueError(f"{opt.dataroot}/split.json is for dataset_mode {split['dataset_mode']!r} but "
+                         f"--dataset_mode is {opt.dataset_mode!r}")
+    defaults = split or {"train_identities": layout.train_identities, "train_poses": layout.train_poses,
+                         "epoch_size": layout.epoch_size}
+    identities = parse_index_list(opt.train_identities) if opt.train_identities else list(defaults["train_identities"])
+    poses = parse_index_list(opt.train_poses) if opt.train_poses else list(defaults["train_poses"])
+    epoch_size = opt.epoch_size or defaults["epoch_size"]
+    return TrainPairDataset(opt.dataroot, layout, identities, poses, epoch_size, seed=opt.seed)
+
+
+def learning_rate(opt: TrainOptions, epoch: int) -> float:
+    """lr for a 1-based epoch: constant for niter epochs, then down by lr/niter_decay after each epoch."""
+    decayed_epochs = max(0, epoch - opt.niter - 1)
+    return opt.lr - opt.lr / max(opt.niter_decay, 1) * decayed_epochs if opt.niter_decay else opt.lr
+
+
+def crossed(samples_seen: int, step: int, every: int) -> bool:
+    """True when the last step of `step` pairs passed a multiple of `every`."""
+    return samples_seen // every > (samples_seen - step) // every
+
+
+def write_training_meshes(directory: Path, prefix: str, batch: dict, outputs: dict) -> None:
+    """Identity, pose, warp and output of the first pair of a batch, as OBJ files."""
+    identity_faces = batch["identity_faces"][0].numpy()
+    meshes = {"id": (batch["identity_points"][0], identity_faces),
+              "pose": (batch["pose_points"][0], batch["pose_faces"][0].numpy()),
+              "warp": (outputs["warp_out"][0], identity_faces),
+              "out": (outputs["fake_points"][0], identity_faces)}
+    for suffix, (points, faces) in meshes.items():
+        write_mesh(directory / f"{prefix}_{suffix}.obj", points.detach().float().cpu().numpy(), faces)
+
+
+def save_checkpoint(opt: TrainOptions, model, optimizer, lr: float, epoch: int, iteration: int,
+                    samples_seen: int, options_json: dict, label: str = "latest") -> None:
+    """Rank 0 writes the published files and the resume file; every rank waits for it."""
+    if is_main_process():
+        directory = opt.checkpoint_dir
+        checkpoint.save_networks(model, directory, label)
+        checkpoint.atomic_save({"G": optimizer.state_dict(), "lr": lr}, directory / "optimizer.pth")
+        checkpoint.atomic_write_text(f"{epoch},{iteration * opt.batchSize * opt.world_size}\n", directory / "iter.txt")
+        if label == "latest":
+            checkpoint.save_training_state(directory / "latest_resume.pth", model, optimizer, lr, epoch, iteration,
+                                           samples_seen, options_json)
+    barrier()
+
+
+def main(opt: TrainOptions) -> None:
+    init_distributed(opt.device, opt.world_size)
+    torch.manual_seed(opt.seed + opt.rank)
+    device = torch.device(opt.device)
+    dataset = build_train_dataset(opt)
+    model = create_model(opt).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=ADAM_EPS)
+    options_json = options_dict(opt)
+
+    first_epoch, start_iteration, samples_seen = 1, 0, 0
+    if opt.continue_train:
+        state = checkpoint.load_training_state(opt.checkpoint_dir / f"{opt.which_epoch}_resume.pth", model, optimizer)
+        first_epoch, start_iteration, samples_seen = state["epoch"], state["iteration"], state["samples_seen"]
+        model.to(device)
+    if is_main_process():
+        print(f"training on {opt.device} x {opt.world_size}, {len(dataset)} pairs per epoch "
+              f"from {opt.dataroot}, epochs {first_epoch}..{opt.niter + opt.niter_decay}")
+        save_options(opt, opt.checkpoint_dir)
+    network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if opt.distributed else model
+    logger = TrainingLogger(opt.checkpoint_dir)
+    mesh_dir = Path(opt.output_dir) / opt.dataset_mode
+    global_batch = opt.batchSize * opt.world_size
+    total_epochs = opt.niter + opt.niter_decay
+
+    for epoch in range(first_epoch, total_epochs + 1):
+        lr = learning_rate(opt, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        dataset.set_epoch(epoch)
+        loader = create_dataloader(dataset, opt.batchSize, opt.nThreads, distributed=opt.distributed,
+                                   start_batch=start_iteration)
+        progress = tqdm(loader, desc=f"epoch {epoch}/{total_epochs}", initial=start_iteration,
+                        total=start_iteration + len(loader), disable=not is_main_process(), dynamic_ncols=True)
+        started = time.perf_counter()
+        for iteration, batch in enumerate(progress, start=start_iteration + 1):
+            outputs, losses = network(batch)
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            samples_seen += global_batch
+
+            if crossed(samples_seen, global_batch, opt.print_freq):
+                values = mean_over_processes(losses)
+                if not all(torch.isfinite(torch.tensor(list(values.values())))):
+                    raise RuntimeError(f"the loss became non-finite at epoch {epoch}, iteration {iteration} "
+                                       f"({values}); lower --lr or check the data")
+                seconds = (time.perf_counter() - started) / ((iteration - start_iteration) * opt.batchSize)
+                line = logger.losses(epoch, iteration * global_batch, samples_seen, seconds, values, lr)
+                if line:
+                    progress.write(line)
+            if crossed(samples_seen, global_batch, opt.display_freq) and is_main_process():
+                write_training_meshes(mesh_dir, f"{epoch}_{samples_seen}", batch, outputs)
+            if crossed(samples_seen, global_batch, opt.save_latest_freq):
+                save_checkpoint(opt, model, optimizer, lr, epoch, iteration, samples_seen, options_json)
+        start_iteration = 0
+        save_checkpoint(opt, model, optimizer, lr, epoch + 1, 0, samples_seen, options_json)
+        if epoch % opt.save_epoch_freq == 0 or epoch == total_epochs:
+            save_checkpoint(opt, model, optimizer, lr, epoch + 1, 0, samples_seen, options_json, label=str(epoch))
+    logger.close()
+    cleanup()
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(parse(TrainOptions, script="train.py")))

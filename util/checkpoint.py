@@ -1,0 +1,146 @@
+"""Saving and loading checkpoints, in the published layout and with strict checks.
+
+Published files, in <checkpoints_dir>/<dataset_mode>/: <label>_net_G.pth and <label>_net_Corr.pth (a plain
+state_dict each, CPU float32), optimizer.pth ({'G': optimizer state, 'lr': lr}) and iter.txt
+("epoch,iteration"). We also write <label>_resume.pth for 'latest': one dict with both networks, the
+optimizer, lr, epoch, iteration, RNG state and options, so --continue_train makes the next step identical.
+Every file is written to a temporary name and renamed, so an interrupted save never leaves a broken file.
+Every load uses torch.load(weights_only=True): no checkpoint can run code.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+# Published file suffix -> attribute of PoseTransferModel.
+NETWORK_FILES = {"G": "G", "Corr": "corr"}
+RESUME_KEYS = ("G", "Corr", "optimizer", "lr", "epoch", "iteration", "samples_seen", "torch_rng", "options")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename over path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write a small text file through a temporary file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def network_path(directory: Path, label: str, name: str) -> Path:
+    """<directory>/<label>_net_<name>.pth, e.g. checkpoints/human/latest_net_G.pth."""
+    return Path(directory) / f"{label}_net_{name}.pth"
+
+
+def cpu_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state_dict as detached CPU tensors (what the published files hold)."""
+    return {key: value.detach().cpu().clone() for key, value in network.state_dict().items()}
+
+
+def read_checkpoint(path: Path, what: str) -> Any:
+    """torch.load with weights_only=True; one-line errors for a missing or unreadable file.
+
+    Args:
+        path: the file.
+        what: how the user asked for it, for the message (e.g. "--which_epoch latest").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist ({what}); check --checkpoints_dir, "
+                                f"--dataset_mode and --which_epoch")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe files; report them as one
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path} cannot be loaded safely: {first_line}") from None
+
+
+def check_state_dict(network: nn.Module, state: Any, source: str) -> None:
+    """Raise RuntimeError listing missing, unexpected and mis-shaped keys (never a silent strict=False)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source} does not hold a state_dict of tensors")
+    expected = network.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    misshaped = [f"{key} {tuple(state[key].shape)} (expected {tuple(value.shape)})"
+                 for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            problems.append(f"{len(keys)} {label}: {shown}")
+    if problems:
+        raise RuntimeError(f"{source} does not fit the network ({'; '.join(problems)}); "
+                           f"is it a checkpoint of this model, --dataset_mode and --ngf?")
+
+
+def load_network_file(network: nn.Module, path: Path, what: str) -> None:
+    """Load one published <label>_net_<name>.pth into network, strictly."""
+    state = read_checkpoint(path, what)
+    check_state_dict(network, state, f"checkpoint {path}")
+    network.load_state_dict(state)
+
+
+def save_networks(model: nn.Module, directory: Path, label: str) -> None:
+    """Write <label>_net_G.pth and <label>_net_Corr.pth of a PoseTransferModel."""
+    for name, attribute in NETWORK_FILES.items():
+        atomic_save(cpu_state_dict(getattr(model, attribute)), network_path(directory, label, name))
+
+
+def load_networks(model: nn.Module, directory: Path, label: str) -> None:
+    """Load <label>_net_G.pth and <label>_net_Corr.pth into a PoseTransferModel, strictly."""
+    for name, attribute in NETWORK_FILES.items():
+        load_network_file(getattr(model, attribute), network_path(directory, label, name), f"--which_epoch {label}")
+
+
+def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float,
+                        epoch: int, iteration: int, samples_seen: int, options: dict[str, Any]) -> None:
+    """Write the one-file resume state (see module docstring)."""
+    state = {
+        "G": cpu_state_dict(model.G),
+        "Corr": cpu_state_dict(model.corr),
+        "optimizer": optimizer.state_dict(),
+        "lr": lr,
+        "epoch": epoch,
+        "iteration": iteration,
+        "samples_seen": samples_seen,
+        "torch_rng": torch.get_rng_state(),
+        "options": options,
+    }
+    atomic_save(state, path)
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore networks and optimizer from a resume file; return its lr, epoch, iteration and options."""
+    state = read_checkpoint(path, "--continue_train")
+    missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"resume file {path} lacks {', '.join(missing)}; it was not written by this train.py")
+    check_state_dict(model.G, state["G"], f"resume file {path} (G)")
+    check_state_dict(model.corr, state["Corr"], f"resume file {path} (Corr)")
+    model.G.load_state_dict(state["G"])
+    model.corr.load_state_dict(state["Corr"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return {key: state[key] for key in ("lr", "epoch", "iteration", "samples_seen", "options")}
