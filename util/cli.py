@@ -11,6 +11,16 @@ import sys
 from typing import Callable
 
 
+def user_message(err: BaseException) -> str:
+    """The one line to show for err. An error raised in a DataLoader worker arrives re-wrapped as
+    "Caught ValueError in DataLoader worker process 0. Original Traceback ..."; show the original line."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Call main(); on a user-facing error print 'error: <message>' and exit with status 2."""
     try:
@@ -18,8 +28,7 @@ def run_main(main: Callable[[], object]) -> None:
     except (ValueError, OSError, RuntimeError) as err:
         if os.environ.get("CORENET_TRACEBACK") == "1":
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,0 +1,57 @@
+"""Mesh IO: file order kept, round trips, and one-sentence errors for every malformed file."""
+import numpy as np
+import pytest
+
+from util.mesh_io import read_mesh, write_mesh
+
+
+@pytest.mark.parametrize("suffix", [".obj", ".ply", ".off"])
+def test_round_trip_keeps_vertex_order_and_faces(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    vertices = rng.normal(size=(37, 3)).astype(np.float32)
+    faces = np.stack([rng.permutation(37)[:3] for _ in range(50)])
+    write_mesh(tmp_path / f"m{suffix}", vertices, faces)
+    read_vertices, read_faces = read_mesh(tmp_path / f"m{suffix}")
+    assert read_vertices.dtype == np.float32 and read_faces.dtype == np.int64
+    np.testing.assert_allclose(read_vertices, vertices, atol=1e-6)
+    np.testing.assert_array_equal(read_faces, faces)
+
+
+def test_obj_with_texture_coordinates_keeps_file_order(tmp_path):
+    text = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nvt 0 0\nvt 1 0\nvt 0 1\nf 4/1 2/2 3/3\nf 1/1 2/2 4/3\n"
+    (tmp_path / "t.obj").write_text(text)
+    vertices, faces = read_mesh(tmp_path / "t.obj")
+    np.testing.assert_array_equal(vertices, [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(faces, [[3, 1, 2], [0, 1, 3]])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no vertices"),
+    ("# only a comment\n", "holds no vertices"),
+    ("v 0 0 nan\nv 1 0 0\nv 0 1 0\nf 1 2 3\n", "1 vertices with non-finite"),
+    ("v 0 0 inf\nv 1 0 0\nv 0 1 0\nf 1 2 3\n", "non-finite"),
+    ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 9\n", "could not be read|face indices"),
+])
+def test_malformed_files_raise_one_sentence(tmp_path, content, message):
+    path = tmp_path / "bad.obj"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        read_mesh(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.obj does not exist"):
+        read_mesh(tmp_path / "nope.obj")
+
+
+def test_binary_garbage_ply(tmp_path):
+    (tmp_path / "g.ply").write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 5\n" + b"\x00" * 7)
+    with pytest.raises(ValueError, match="g.ply"):
+        read_mesh(tmp_path / "g.ply")
+
+
+def test_write_rejects_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match=r"must have shape \(V, 3\)"):
+        write_mesh(tmp_path / "x.obj", np.zeros((4, 2)), np.zeros((1, 3), dtype=int))
+    assert not list(tmp_path.iterdir())
