@@ -6,13 +6,24 @@ learns which layout it reads (STYLE.md, "Before and after" 2).
 """
 from __future__ import annotations
 
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from data.pair_dataset import ANIMAL_LAYOUT, HUMAN_LAYOUT, MeshLayout, TestPairDataset, TrainPairDataset
 
 DATASETS = {"human": HUMAN_LAYOUT, "animal": ANIMAL_LAYOUT}
 
 __all__ = ["DATASETS", "MeshLayout", "TestPairDataset", "TrainPairDataset", "create_dataloader"]
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    """Stack samples into a batch; meshes of different sizes cannot share one, so say which and why."""
+    for key in ("identity_points", "pose_points", "identity_faces", "pose_faces"):
+        shapes = {tuple(sample[key].shape) for sample in samples}
+        if len(shapes) > 1:
+            names = ", ".join(sample[key.split("_")[0] + "_name"] for sample in samples)
+            raise ValueError(f"the meshes {names} have different sizes ({key} {sorted(shapes)}) and cannot share "
+                             f"a batch; use --batchSize 1")
+    return default_collate(samples)
 
 
 def create_dataloader(
@@ -61,6 +72,7 @@ def create_dataloader(
         sampler=sampler,
         num_workers=num_workers,
         drop_last=drop_last,
+        collate_fn=collate_samples,
         # Workers are re-created every epoch so that they copy the dataset after its set_epoch call.
         persistent_workers=False,
     )

@@ -358,3 +358,14 @@ def test_bad_mesh_file(human_root, text, message):
     dataset = _bad_mesh_dataset(root, "id0_202.obj", bad_text=text)
     with pytest.raises(ValueError, match=rf"id0_202\.obj .*{message}"):
         dataset[0]
+
+
+def test_meshes_of_different_sizes_in_one_batch_are_named(human_root):
+    root, _ = human_root
+    write_mesh(root / "small.obj", np.random.default_rng(1).normal(size=(12, 3)), np.array([[0, 1, 2]]))
+    test_list = _write_test_list(root.parent / "list", ["id0_200.obj id0_201.obj id0_201.obj",
+                                                        "id0_200.obj small.obj id0_201.obj"])
+    dataset = pair_dataset.TestPairDataset(root, test_list, seed=0)
+    with pytest.raises(ValueError, match="id0_201.obj, small.obj have different sizes .*use --batchSize 1"):
+        next(iter(create_dataloader(dataset, batch_size=2, num_workers=0)))
+    assert len(list(create_dataloader(dataset, batch_size=1, num_workers=0))) == 2
