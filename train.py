@@ -22,6 +22,7 @@ from models import create_model
 from options.base_options import options_dict, parse, save_options
 from options.train_options import TrainOptions
 from util import checkpoint
+from util.atomic import atomic_write_text
 from util.cli import run_main
 from util.distributed import barrier, cleanup, init_distributed, is_main_process, mean_over_processes
 from util.logger import TrainingLogger
@@ -74,7 +75,7 @@ def save_checkpoint(opt: TrainOptions, model, optimizer, lr: float, epoch: int, 
         directory = opt.checkpoint_dir
         checkpoint.save_networks(model, directory, label)
         checkpoint.atomic_save({"G": optimizer.state_dict(), "lr": lr}, directory / "optimizer.pth")
-        checkpoint.atomic_write_text(f"{epoch},{iteration * opt.batchSize * opt.world_size}\n", directory / "iter.txt")
+        atomic_write_text(f"{epoch},{iteration * opt.batchSize * opt.world_size}\n", directory / "iter.txt")
         if label == "latest":
             checkpoint.save_training_state(directory / "latest_resume.pth", model, optimizer, lr, epoch, iteration,
                                            samples_seen, options_json)

@@ -9,13 +9,13 @@ Every load uses torch.load(weights_only=True): no checkpoint can run code.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from util.atomic import atomic_write
 
 # Published file suffix -> attribute of PoseTransferModel.
 NETWORK_FILES = {"G": "G", "Corr": "corr"}
@@ -23,29 +23,9 @@ RESUME_KEYS = ("G", "Corr", "optimizer", "lr", "epoch", "iteration", "samples_se
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write a small text file through a temporary file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """torch.save through a temporary file renamed over path."""
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)
 
 
 def network_path(directory: Path, label: str, name: str) -> Path:
