@@ -243,3 +243,24 @@ def test_written_obj_matches_trimesh_export(tmp_path):
         trimesh.Trimesh(vertices.astype(np.float64), faces, process=False).export(expected, file_type="obj")
         write_mesh(tmp_path / "mesh.obj", vertices, faces)
         assert (tmp_path / "mesh.obj").read_bytes() == expected.getvalue()
+
+
+@pytest.mark.parametrize("source, dataset_mode", [("anny", "human"), ("quadruped", "animal")])
+def test_train_and_test_run_unchanged_on_a_generated_set(source, dataset_mode, anny_set, tmp_path):
+    import test as test_script
+    import train as train_script
+    from options.base_options import parse
+    from options.test_options import TestOptions
+    from options.train_options import TrainOptions
+
+    data = anny_set if source == "anny" else tmp_path / "set"
+    if source == "quadruped":
+        main(["--out", str(data), "--source", "quadruped", "--identities", "3", "--poses", "2"])
+    common = ["--gpu_ids", "-1", "--ngf", "8", "--nThreads", "0", "--batchSize", "2", "--dataset_mode",
+              dataset_mode, "--dataroot", str(data), "--checkpoints_dir", str(tmp_path / "ckpt")]
+    train_script.main(parse(TrainOptions, [*common, "--niter", "1", "--niter_decay", "0", "--epoch_size", "2",
+                                           "--output_dir", str(tmp_path / "out")]))
+    mean_pmd = test_script.main(parse(TestOptions, [*common, "--test_list", str(data / "test_list"),
+                                                    "--results_dir", str(tmp_path / "results")]))
+    assert np.isfinite(mean_pmd) and mean_pmd > 0
+    assert len(list((tmp_path / "results" / dataset_mode).glob("*.obj"))) > 0
