@@ -52,12 +52,11 @@ def main(opt: TestOptions) -> float:
     rows = []
     with torch.no_grad():
         for batch in tqdm(loader, desc="test", dynamic_ncols=True):
-            warp_out, fake_points = model.transfer(batch["identity_points"].to(device),
-                                                   batch["pose_points"].to(device))
+            outputs = model.transfer(batch["identity_points"].to(device), batch["pose_points"].to(device))
             gt_points = batch["gt_points"].to(device)
-            fake_points = center_bbox(fake_points)
+            fake_points = center_bbox(outputs["fake_points"])
             pmd = point_mesh_distance(fake_points, gt_points).tolist()
-            warp_pmd = point_mesh_distance(center_bbox(warp_out), gt_points).tolist()
+            warp_pmd = point_mesh_distance(center_bbox(outputs["warp_out"]), gt_points).tolist()
             for k in range(len(pmd)):
                 # Results keep the ground truth's name; animal results are written as OBJ, as published.
                 out_path = results_dir / Path(batch["gt_name"][k]).with_suffix(".obj")

@@ -27,8 +27,11 @@ class PoseTransferModel(nn.Module):
         self.lambda_rec = lambda_rec
         self.lambda_edge = lambda_edge
 
-    def transfer(self, identity_points: torch.Tensor,
-                 pose_points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def checkpoint_networks(self) -> dict[str, nn.Module]:
+        """The published checkpoint files: <label>_net_G.pth and <label>_net_Corr.pth."""
+        return {"G": self.G, "Corr": self.corr}
+
+    def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
         """Put the identity's body in the pose mesh's pose.
 
         Args:
@@ -41,7 +44,7 @@ class PoseTransferModel(nn.Module):
         warp_out, identity_features = self.corr(identity_points.transpose(1, 2),
                                                 pose_points.transpose(1, 2))  # (B, N, 3), (B, C, N)
         fake_points = self.G(warp_out.transpose(1, 2), identity_features).transpose(1, 2)  # (B, N, 3)
-        return warp_out, fake_points
+        return {"warp_out": warp_out, "fake_points": fake_points}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Run a batch from the data loaders and compute the weighted training losses.
@@ -50,16 +53,17 @@ class PoseTransferModel(nn.Module):
             batch: identity_points (B, N, 3), pose_points (B, M, 3), gt_points (B, N, 3),
                 identity_faces int64 (B, F, 3); moved to the parameters' device here.
         Returns:
-            outputs: warp_out and fake_points, float (B, N, 3).
+            outputs: as `transfer` returns them.
             losses: rec and edge (already multiplied by lambda_rec and lambda_edge), scalars.
         """
         device = self.G.conv4.weight.device
         identity_points = batch["identity_points"].to(device, non_blocking=True)
         gt_points = batch["gt_points"].to(device, non_blocking=True)
         faces = batch["identity_faces"].to(device, non_blocking=True)
-        warp_out, fake_points = self.transfer(identity_points, batch["pose_points"].to(device, non_blocking=True))
+        outputs = self.transfer(identity_points, batch["pose_points"].to(device, non_blocking=True))
+        fake_points = outputs["fake_points"]
         losses = {
             "rec": self.lambda_rec * reconstruction_loss(fake_points, gt_points),
             "edge": self.lambda_edge * edge_loss(fake_points, identity_points, faces),
         }
-        return {"warp_out": warp_out, "fake_points": fake_points}, losses
+        return outputs, losses

@@ -2,7 +2,7 @@
 
 Published files, in <checkpoints_dir>/<dataset_mode>/: <label>_net_G.pth and <label>_net_Corr.pth (a plain
 state_dict each, CPU float32), optimizer.pth ({'G': optimizer state, 'lr': lr}) and iter.txt
-("epoch,iteration"). We also write <label>_resume.pth for 'latest': one dict with both networks, the
+("epoch,iteration"). We also write latest_resume.pth: one dict with the networks, the
 optimizer, lr, epoch, iteration, RNG state and options, so --continue_train makes the next step identical.
 Every file is written to a temporary name and renamed, so an interrupted save never leaves a broken file.
 Every load uses torch.load(weights_only=True): no checkpoint can run code.
@@ -17,9 +17,7 @@ import torch.nn as nn
 
 from util.atomic import atomic_write
 
-# Published file suffix -> attribute of PoseTransferModel.
-NETWORK_FILES = {"G": "G", "Corr": "corr"}
-RESUME_KEYS = ("G", "Corr", "optimizer", "lr", "epoch", "iteration", "samples_seen", "torch_rng", "options")
+RESUME_KEYS = ("networks", "optimizer", "lr", "epoch", "iteration", "samples_seen", "torch_rng", "options")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -83,23 +81,22 @@ def load_network_file(network: nn.Module, path: Path, what: str) -> None:
 
 
 def save_networks(model: nn.Module, directory: Path, label: str) -> None:
-    """Write <label>_net_G.pth and <label>_net_Corr.pth of a PoseTransferModel."""
-    for name, attribute in NETWORK_FILES.items():
-        atomic_save(cpu_state_dict(getattr(model, attribute)), network_path(directory, label, name))
+    """Write <label>_net_<name>.pth for every network of model.checkpoint_networks() (G and Corr)."""
+    for name, network in model.checkpoint_networks().items():
+        atomic_save(cpu_state_dict(network), network_path(directory, label, name))
 
 
 def load_networks(model: nn.Module, directory: Path, label: str) -> None:
-    """Load <label>_net_G.pth and <label>_net_Corr.pth into a PoseTransferModel, strictly."""
-    for name, attribute in NETWORK_FILES.items():
-        load_network_file(getattr(model, attribute), network_path(directory, label, name), f"--which_epoch {label}")
+    """Load <label>_net_<name>.pth into every network of model.checkpoint_networks(), strictly."""
+    for name, network in model.checkpoint_networks().items():
+        load_network_file(network, network_path(directory, label, name), f"--which_epoch {label}")
 
 
 def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float,
                         epoch: int, iteration: int, samples_seen: int, options: dict[str, Any]) -> None:
     """Write the one-file resume state (see module docstring)."""
     state = {
-        "G": cpu_state_dict(model.G),
-        "Corr": cpu_state_dict(model.corr),
+        "networks": {name: cpu_state_dict(network) for name, network in model.checkpoint_networks().items()},
         "optimizer": optimizer.state_dict(),
         "lr": lr,
         "epoch": epoch,
@@ -117,10 +114,13 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"resume file {path} lacks {', '.join(missing)}; it was not written by this train.py")
-    check_state_dict(model.G, state["G"], f"resume file {path} (G)")
-    check_state_dict(model.corr, state["Corr"], f"resume file {path} (Corr)")
-    model.G.load_state_dict(state["G"])
-    model.corr.load_state_dict(state["Corr"])
+    networks = model.checkpoint_networks()
+    if not isinstance(state["networks"], dict) or set(state["networks"]) != set(networks):
+        raise ValueError(f"resume file {path} holds networks {sorted(state['networks'])}, this model has "
+                         f"{sorted(networks)}; is it a checkpoint of another --model?")
+    for name, network in networks.items():
+        check_state_dict(network, state["networks"][name], f"resume file {path} ({name})")
+        network.load_state_dict(state["networks"][name])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return {key: state[key] for key in ("lr", "epoch", "iteration", "samples_seen", "options")}
