@@ -9,9 +9,11 @@ Files follow the published layout in <checkpoints_dir>/<dataset_mode> (util/chec
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -26,7 +28,7 @@ from util.atomic import atomic_write_text
 from util.cli import run_main
 from util.distributed import barrier, cleanup, init_distributed, is_main_process, mean_over_processes
 from util.logger import TrainingLogger
-from util.mesh_io import write_mesh
+from util.mesh_io import read_mesh, write_mesh
 
 ADAM_EPS = 1e-3  # published optimizer setting (SPEC.md)
 
@@ -44,6 +46,15 @@ def build_train_dataset(opt: TrainOptions) -> TrainPairDataset:
     poses = parse_index_list(opt.train_poses) if opt.train_poses else list(defaults["train_poses"])
     epoch_size = opt.epoch_size or defaults["epoch_size"]
     return TrainPairDataset(opt.dataroot, layout, identities, poses, epoch_size, seed=opt.seed)
+
+
+def training_data_stats(dataset: TrainPairDataset, samples: int = 16) -> dict:
+    """Mean bounding-box size of a few training meshes, so transfer.py can warn about far-off scales."""
+    names = [dataset.layout.file_name(i, p) for i in dataset.identities for p in dataset.poses]
+    chosen = names[:: max(1, len(names) // samples)][:samples]
+    extents = [np.ptp(read_mesh(dataset.root / name)[0], axis=0) for name in chosen]
+    return {"bbox_size": np.mean(extents, axis=0).round(6).tolist(), "num_vertices": dataset.num_vertices,
+            "meshes_measured": len(chosen)}
 
 
 def learning_rate(opt: TrainOptions, epoch: int) -> float:
@@ -100,6 +111,8 @@ def main(opt: TrainOptions) -> None:
         print(f"training on {opt.device} x {opt.world_size}, {len(dataset)} pairs per epoch "
               f"from {opt.dataroot}, epochs {first_epoch}..{opt.niter + opt.niter_decay}")
         save_options(opt, opt.checkpoint_dir)
+        stats = {"model": opt.model, "dataset_mode": opt.dataset_mode, **training_data_stats(dataset)}
+        atomic_write_text(json.dumps(stats, indent=1) + "\n", opt.checkpoint_dir / "data_stats.json")
     network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if opt.distributed else model
     logger = TrainingLogger(opt.checkpoint_dir)

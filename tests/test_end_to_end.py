@@ -1,5 +1,6 @@
 """End to end on the CPU: train a few iterations on a tiny set, resume exactly, test, and run under torchrun."""
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -43,8 +44,10 @@ def test_train_writes_published_files_then_test_reports_pmd(data, tmp_path, caps
     train_script.main(parse(TrainOptions, train_args(data, checkpoints, "--niter", "1", "--niter_decay", "1")))
     run_dir = checkpoints / "human"
     for name in ("latest_net_G.pth", "latest_net_Corr.pth", "2_net_G.pth", "2_net_Corr.pth", "optimizer.pth",
-                 "iter.txt", "opt.txt", "opt.json", "loss_log.txt", "latest_resume.pth"):
+                 "iter.txt", "opt.txt", "opt.json", "loss_log.txt", "latest_resume.pth", "data_stats.json"):
         assert (run_dir / name).is_file(), name
+    stats = json.loads((run_dir / "data_stats.json").read_text())
+    assert stats["num_vertices"] == 42 and stats["dataset_mode"] == "human" and len(stats["bbox_size"]) == 3
     assert (run_dir / "iter.txt").read_text().strip() == "3,0"
     assert "rec:" in (run_dir / "loss_log.txt").read_text()
     assert any((run_dir / "tensorboard").iterdir())
