@@ -13,12 +13,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import DATASETS, TrainPairDataset, create_dataloader
+from data import DATASETS, FileBatches, TrainPairDataset
+from data.packed import PackedPairSampler, has_packed
 from data.split import parse_index_list, read_split_file
 from models import create_model
 from options.base_options import options_dict, parse, save_options
@@ -28,13 +28,12 @@ from util.atomic import atomic_write_text
 from util.cli import run_main
 from util.distributed import barrier, cleanup, init_distributed, is_main_process, mean_over_processes
 from util.logger import TrainingLogger
-from util.mesh_io import read_mesh, write_mesh
-
-ADAM_EPS = 1e-3  # published optimizer setting (SPEC.md)
+from util.mesh_io import write_mesh
 
 
-def build_train_dataset(opt: TrainOptions) -> TrainPairDataset:
-    """The training pairs: ranges from the flags, else <dataroot>/split.json, else the published layout."""
+def build_training_batches(opt: TrainOptions, device: torch.device) -> FileBatches | PackedPairSampler:
+    """The training pairs: ranges from the flags, else <dataroot>/split.json, else the published layout;
+    drawn on the device from <dataroot>/packed when it exists (--loader auto), else read from the files."""
     layout = DATASETS[opt.dataset_mode]
     split = read_split_file(opt.dataroot)
     if split is not None and split["dataset_mode"] != opt.dataset_mode:
@@ -45,16 +44,21 @@ def build_train_dataset(opt: TrainOptions) -> TrainPairDataset:
     identities = parse_index_list(opt.train_identities) if opt.train_identities else list(defaults["train_identities"])
     poses = parse_index_list(opt.train_poses) if opt.train_poses else list(defaults["train_poses"])
     epoch_size = opt.epoch_size or defaults["epoch_size"]
-    return TrainPairDataset(opt.dataroot, layout, identities, poses, epoch_size, seed=opt.seed)
+    if opt.loader == "packed" or (opt.loader == "auto" and has_packed(opt.dataroot)):
+        if not has_packed(opt.dataroot):
+            raise FileNotFoundError(f"--loader packed needs {opt.dataroot}/packed; make it with "
+                                    f"'python -m data.packed --dataroot {opt.dataroot} --dataset_mode {opt.dataset_mode}'")
+        return PackedPairSampler(opt.dataroot, layout, identities, poses, epoch_size, opt.batchSize, opt.seed, device,
+                                 rank=opt.rank, world_size=opt.world_size)
+    dataset = TrainPairDataset(opt.dataroot, layout, identities, poses, epoch_size, seed=opt.seed)
+    return FileBatches(dataset, opt.batchSize, opt.nThreads, opt.distributed)
 
 
-def training_data_stats(dataset: TrainPairDataset, samples: int = 16) -> dict:
-    """Mean bounding-box size of a few training meshes, so transfer.py can warn about far-off scales."""
-    names = [dataset.layout.file_name(i, p) for i in dataset.identities for p in dataset.poses]
-    chosen = names[:: max(1, len(names) // samples)][:samples]
-    extents = [np.ptp(read_mesh(dataset.root / name)[0], axis=0) for name in chosen]
-    return {"bbox_size": np.mean(extents, axis=0).round(6).tolist(), "num_vertices": dataset.num_vertices,
-            "meshes_measured": len(chosen)}
+def training_data_stats(meshes: list[torch.Tensor]) -> dict:
+    """Mean bounding-box size of some training meshes (V, 3), so transfer.py can warn about far-off scales."""
+    extents = torch.stack([mesh.amax(dim=0) - mesh.amin(dim=0) for mesh in meshes]).mean(dim=0)
+    return {"bbox_size": [round(value, 6) for value in extents.tolist()], "num_vertices": meshes[0].shape[0],
+            "meshes_measured": len(meshes)}
 
 
 def learning_rate(opt: TrainOptions, epoch: int) -> float:
@@ -70,16 +74,16 @@ def crossed(samples_seen: int, step: int, every: int) -> bool:
 
 def write_training_meshes(directory: Path, prefix: str, batch: dict, outputs: dict) -> None:
     """Identity, pose, warp and output of the first pair of a batch, as OBJ files."""
-    identity_faces = batch["identity_faces"][0].numpy()
+    identity_faces = batch["identity_faces"][0].cpu().numpy()
     meshes = {"id": (batch["identity_points"][0], identity_faces),
-              "pose": (batch["pose_points"][0], batch["pose_faces"][0].numpy()),
+              "pose": (batch["pose_points"][0], batch["pose_faces"][0].cpu().numpy()),
               "warp": (outputs["warp_out"][0], identity_faces),
               "out": (outputs["fake_points"][0], identity_faces)}
     for suffix, (points, faces) in meshes.items():
         write_mesh(directory / f"{prefix}_{suffix}.obj", points.detach().float().cpu().numpy(), faces)
 
 
-def save_checkpoint(opt: TrainOptions, model, optimizer, lr: float, epoch: int, iteration: int,
+def save_checkpoint(opt: TrainOptions, model, optimizer, scaler, lr: float, epoch: int, iteration: int,
                     samples_seen: int, options_json: dict, label: str = "latest") -> None:
     """Rank 0 writes the published files and the resume file; every rank waits for it."""
     if is_main_process():
@@ -88,8 +92,8 @@ def save_checkpoint(opt: TrainOptions, model, optimizer, lr: float, epoch: int, 
         checkpoint.atomic_save({"G": optimizer.state_dict(), "lr": lr}, directory / "optimizer.pth")
         atomic_write_text(f"{epoch},{iteration * opt.batchSize * opt.world_size}\n", directory / "iter.txt")
         if label == "latest":
-            checkpoint.save_training_state(directory / "latest_resume.pth", model, optimizer, lr, epoch, iteration,
-                                           samples_seen, options_json)
+            checkpoint.save_training_state(directory / "latest_resume.pth", model, optimizer, scaler, lr, epoch,
+                                           iteration, samples_seen, options_json)
     barrier()
 
 
@@ -97,21 +101,25 @@ def main(opt: TrainOptions) -> None:
     init_distributed(opt.device, opt.world_size)
     torch.manual_seed(opt.seed + opt.rank)
     device = torch.device(opt.device)
-    dataset = build_train_dataset(opt)
+    batches = build_training_batches(opt, device)
     model = create_model(opt).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=ADAM_EPS)
+    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                 eps=model.OPTIMIZER["eps"])
+    # Loss scaling only for fp16; bf16 and fp32 need none (nanoGPT's rule).
+    scaler = torch.amp.GradScaler(device.type, enabled=opt.precision == "fp16")
     options_json = options_dict(opt)
 
     first_epoch, start_iteration, samples_seen = 1, 0, 0
     if opt.continue_train:
-        state = checkpoint.load_training_state(opt.checkpoint_dir / f"{opt.which_epoch}_resume.pth", model, optimizer)
+        state = checkpoint.load_training_state(opt.checkpoint_dir / f"{opt.which_epoch}_resume.pth", model, optimizer,
+                                               scaler)
         first_epoch, start_iteration, samples_seen = state["epoch"], state["iteration"], state["samples_seen"]
         model.to(device)
     if is_main_process():
-        print(f"training on {opt.device} x {opt.world_size}, {len(dataset)} pairs per epoch "
-              f"from {opt.dataroot}, epochs {first_epoch}..{opt.niter + opt.niter_decay}")
+        print(f"training on {opt.device} x {opt.world_size}, {len(batches)} batches per epoch from {opt.dataroot} "
+              f"({type(batches).__name__}), epochs {first_epoch}..{opt.niter + opt.niter_decay}")
         save_options(opt, opt.checkpoint_dir)
-        stats = {"model": opt.model, "dataset_mode": opt.dataset_mode, **training_data_stats(dataset)}
+        stats = {"model": opt.model, "dataset_mode": opt.dataset_mode, **training_data_stats(batches.sample_meshes())}
         atomic_write_text(json.dumps(stats, indent=1) + "\n", opt.checkpoint_dir / "data_stats.json")
     network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if opt.distributed else model
@@ -124,17 +132,16 @@ def main(opt: TrainOptions) -> None:
         lr = learning_rate(opt, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        dataset.set_epoch(epoch)
-        loader = create_dataloader(dataset, opt.batchSize, opt.nThreads, distributed=opt.distributed,
-                                   start_batch=start_iteration)
-        progress = tqdm(loader, desc=f"epoch {epoch}/{total_epochs}", initial=start_iteration,
-                        total=start_iteration + len(loader), disable=not is_main_process(), dynamic_ncols=True)
+        progress = tqdm(batches.epoch_batches(epoch, start_iteration), desc=f"epoch {epoch}/{total_epochs}",
+                        initial=start_iteration, total=len(batches), disable=not is_main_process(),
+                        dynamic_ncols=True)
         started = time.perf_counter()
         for iteration, batch in enumerate(progress, start=start_iteration + 1):
             outputs, losses = network(batch)
             optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
+            scaler.scale(sum(losses.values())).backward()
+            scaler.step(optimizer)
+            scaler.update()
             samples_seen += global_batch
 
             if crossed(samples_seen, global_batch, opt.print_freq):
@@ -149,11 +156,11 @@ def main(opt: TrainOptions) -> None:
             if crossed(samples_seen, global_batch, opt.display_freq) and is_main_process():
                 write_training_meshes(mesh_dir, f"{epoch}_{samples_seen}", batch, outputs)
             if crossed(samples_seen, global_batch, opt.save_latest_freq):
-                save_checkpoint(opt, model, optimizer, lr, epoch, iteration, samples_seen, options_json)
+                save_checkpoint(opt, model, optimizer, scaler, lr, epoch, iteration, samples_seen, options_json)
         start_iteration = 0
-        save_checkpoint(opt, model, optimizer, lr, epoch + 1, 0, samples_seen, options_json)
+        save_checkpoint(opt, model, optimizer, scaler, lr, epoch + 1, 0, samples_seen, options_json)
         if epoch % opt.save_epoch_freq == 0 or epoch == total_epochs:
-            save_checkpoint(opt, model, optimizer, lr, epoch + 1, 0, samples_seen, options_json, label=str(epoch))
+            save_checkpoint(opt, model, optimizer, scaler, lr, epoch + 1, 0, samples_seen, options_json, label=str(epoch))
     logger.close()
     cleanup()
 

@@ -6,13 +6,15 @@ learns which layout it reads (STYLE.md, "Before and after" 2).
 """
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
+from util.mesh_io import read_mesh
 from data.pair_dataset import ANIMAL_LAYOUT, HUMAN_LAYOUT, MeshLayout, TestPairDataset, TrainPairDataset
 
 DATASETS = {"human": HUMAN_LAYOUT, "animal": ANIMAL_LAYOUT}
 
-__all__ = ["DATASETS", "MeshLayout", "TestPairDataset", "TrainPairDataset", "create_dataloader"]
+__all__ = ["DATASETS", "FileBatches", "MeshLayout", "TestPairDataset", "TrainPairDataset", "create_dataloader"]
 
 
 def collate_samples(samples: list[dict]) -> dict:
@@ -24,6 +26,28 @@ def collate_samples(samples: list[dict]) -> dict:
             raise ValueError(f"the meshes {names} have different sizes ({key} {sorted(shapes)}) and cannot share "
                              f"a batch; use --batchSize 1")
     return default_collate(samples)
+
+
+class FileBatches:
+    """Training batches read from mesh files by DataLoader workers; the same interface as PackedPairSampler."""
+
+    def __init__(self, dataset: TrainPairDataset, batch_size: int, num_workers: int, distributed: bool):
+        self.dataset, self.batch_size, self.num_workers, self.distributed = dataset, batch_size, num_workers, distributed
+
+    def __len__(self) -> int:
+        return len(create_dataloader(self.dataset, self.batch_size, 0, distributed=self.distributed))
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        """This rank's batches of an epoch from batch start_batch on (resume)."""
+        self.dataset.set_epoch(epoch)
+        return create_dataloader(self.dataset, self.batch_size, self.num_workers, distributed=self.distributed,
+                                 start_batch=start_batch)
+
+    def sample_meshes(self, count: int = 16) -> list[torch.Tensor]:
+        """A few training meshes (V, 3), spread over the set, for data statistics."""
+        names = [self.dataset.layout.file_name(i, p) for i in self.dataset.identities for p in self.dataset.poses]
+        return [torch.from_numpy(read_mesh(self.dataset.root / name)[0])
+                for name in names[:: max(1, len(names) // count)][:count]]
 
 
 def create_dataloader(

@@ -64,7 +64,7 @@ def _check_dataroot(dataroot: str | os.PathLike) -> Path:
     return root
 
 
-def _item_generator(*keys: int) -> torch.Generator:
+def seeded_generator(*keys: int) -> torch.Generator:
     """A generator seeded from the keys alone, so a sample does not depend on which worker draws it."""
     # SeedSequence mixes the keys, so nearby keys such as (seed, epoch, 7) and (seed, epoch, 8) give
     # unrelated streams; a sum or product of the keys would collide.
@@ -179,7 +179,7 @@ class TrainPairDataset(Dataset):
         """One sample; see _load_triple for the keys, shapes and dtypes."""
         if not 0 <= index < self.epoch_size:
             raise IndexError(f"index {index} is outside the epoch of {self.epoch_size} samples")
-        generator = _item_generator(self.seed, self.epoch, index)
+        generator = seeded_generator(self.seed, self.epoch, index)
         i, j = (self.identities[k] for k in torch.randint(len(self.identities), (2,), generator=generator).tolist())
         p1, p2 = (self.poses[k] for k in torch.randint(len(self.poses), (2,), generator=generator).tolist())
         return _load_triple(
@@ -244,5 +244,5 @@ class TestPairDataset(Dataset):
             raise IndexError(f"index {index} is outside the {len(self.triples)} samples of the test list")
         identity_name, pose_name, gt_name = self.triples[index]
         return _load_triple(
-            self.root, identity_name, pose_name, gt_name, _item_generator(self.seed, index), self.shuffle_points
+            self.root, identity_name, pose_name, gt_name, seeded_generator(self.seed, index), self.shuffle_points
         )

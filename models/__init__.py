@@ -13,6 +13,9 @@ def create_model(opt) -> PoseTransferModel:
     """
     model = PoseTransferModel(ngf=opt.ngf, netG=opt.netG,
                               lambda_rec=getattr(opt, "lambda_rec", 1000.0),
-                              lambda_edge=getattr(opt, "lambda_edge", 0.5))
+                              lambda_edge=getattr(opt, "lambda_edge", 0.5),
+                              ot=opt.ot, precision=opt.precision)
     init_weights(model, opt.init_type, opt.init_variance)
+    if opt.compile == "on":
+        model.G.compile()  # in place: the state_dict keys stay the published ones
     return model

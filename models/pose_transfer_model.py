@@ -3,6 +3,11 @@
 Data enters and leaves as (B, N, 3) point sets; the networks are channel-first (B, C, N) because the
 published Conv1d weights require it, and `forward` is the one place that transposes between the two.
 The model does no file I/O and holds no optimizer.
+
+Two switches select the fast path (issue 4); their reference settings reproduce the published numbers:
+- `ot`: how the optimal-transport warp is computed (networks/correspondence.py WARPS; "dense" = published).
+- `precision`: the generator's autocast dtype. The correspondence network always runs in float32: its
+  similarity C enters exp(C / 0.03), so its error would be magnified about 33 times.
 """
 from __future__ import annotations
 
@@ -10,22 +15,31 @@ import torch
 import torch.nn as nn
 
 from models.networks import GENERATORS, Correspondence
-from models.networks.correspondence import WarpFunction, dense_warp
+from models.networks.correspondence import WARPS
 from models.networks.losses import edge_loss, reconstruction_loss
+
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class PoseTransferModel(nn.Module):
     """Owns `corr` (the published net_Corr) and `G` (net_G)."""
 
+    # The published Adam settings and linear decay after --niter epochs (SPEC.md).
+    OPTIMIZER = {"lr": 1e-4, "betas": (0.0, 0.9), "eps": 1e-3}
+    LR_DECAY = True
+
     def __init__(self, ngf: int = 64, netG: str = "elain", lambda_rec: float = 1000.0,
-                 lambda_edge: float = 0.5, warp: WarpFunction = dense_warp):
+                 lambda_edge: float = 0.5, ot: str = "dense", precision: str = "fp32"):
         super().__init__()
-        if netG not in GENERATORS:
-            raise ValueError(f"unknown generator {netG!r}; choose one of {', '.join(GENERATORS)}")
-        self.corr = Correspondence(ngf=ngf, warp=warp)
+        for name, value, choices in (("netG", netG, GENERATORS), ("ot", ot, WARPS), ("precision", precision, PRECISIONS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        self.corr = Correspondence(ngf=ngf, warp=WARPS[ot])
         self.G = GENERATORS[netG](ngf=ngf)
         self.lambda_rec = lambda_rec
         self.lambda_edge = lambda_edge
+        self.generator_dtype = PRECISIONS[precision]
 
     def checkpoint_networks(self) -> dict[str, nn.Module]:
         """The published checkpoint files: <label>_net_G.pth and <label>_net_Corr.pth."""
@@ -43,8 +57,10 @@ class PoseTransferModel(nn.Module):
         """
         warp_out, identity_features = self.corr(identity_points.transpose(1, 2),
                                                 pose_points.transpose(1, 2))  # (B, N, 3), (B, C, N)
-        fake_points = self.G(warp_out.transpose(1, 2), identity_features).transpose(1, 2)  # (B, N, 3)
-        return {"warp_out": warp_out, "fake_points": fake_points}
+        with torch.autocast(identity_points.device.type, dtype=self.generator_dtype or torch.float32,
+                            enabled=self.generator_dtype is not None):
+            fake_points = self.G(warp_out.transpose(1, 2), identity_features)  # (B, 3, N)
+        return {"warp_out": warp_out, "fake_points": fake_points.float().transpose(1, 2)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Run a batch from the data loaders and compute the weighted training losses.

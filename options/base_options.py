@@ -19,6 +19,8 @@ import torch
 
 from data import DATASETS
 from models.networks import GENERATORS, INIT_TYPES
+from models.networks.correspondence import WARPS
+from models.pose_transfer_model import PRECISIONS
 
 MODELS = ("ver2ver",)
 
@@ -51,6 +53,13 @@ class BaseOptions:
     init_type: str = option("xavier", "network initialisation", choices=INIT_TYPES)
     init_variance: float = option(0.02, "gain (or std) of the initialisation")
     seed: int = option(0, "random seed for pair sampling and vertex permutations")
+    precision: str = option("auto", "generator arithmetic: fp32 (the published reference), fp16 or bf16 "
+                            "autocast; auto = fp16 on a GPU, fp32 on the CPU. The correspondence network "
+                            "always runs in fp32", choices=("auto", *PRECISIONS))
+    ot: str = option("auto", "optimal-transport warp: dense (published), chunked (memory linear in the vertex "
+                     "count); auto = chunked on a GPU, dense on the CPU", choices=("auto", *WARPS))
+    compile: str = option("auto", "torch.compile the generator: on, off, or auto (on for GPU training)",
+                          choices=("auto", "on", "off"))
     load_from_opt_file: bool = option(False, "take option defaults from <checkpoints_dir>/<dataset_mode>/opt.json; "
                                       "flags given on the command line still win")
     isTrain: ClassVar[bool] = False
@@ -148,8 +157,16 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     _check_launch(parsed.gpu_ids, world_size, script)
     values = vars(parsed)
-    values.update(rank=rank, local_rank=local_rank,
-                  world_size=world_size, device=_resolve_device(parsed.gpu_ids, local_rank))
+    device = _resolve_device(parsed.gpu_ids, local_rank)
+    on_gpu = device.startswith("cuda")
+    values.update(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    # "auto" picks the fast path on a GPU and the reference path on the CPU, once, here.
+    if values["precision"] == "auto":
+        values["precision"] = "fp16" if on_gpu else "fp32"
+    if values["ot"] == "auto":
+        values["ot"] = "chunked" if on_gpu else "dense"
+    if values["compile"] == "auto":
+        values["compile"] = "on" if on_gpu and options_class.isTrain else "off"
     options = options_class(**values)
     options.validate()
     return options

@@ -32,6 +32,9 @@ class TrainOptions(BaseOptions):
                                    "split.json, else the published range of --dataset_mode)")
     train_poses: str = option("", "pose indices to train on, e.g. '200-599' (default as --train_identities)")
     epoch_size: int = option(0, "random pairs per epoch (0: split.json, else published 4000 human / 11600 animal)")
+    loader: str = option("auto", "training data: files (OBJ/PLY via loader workers), packed (<dataroot>/packed, "
+                         "drawn on the device; make it with python -m data.packed), auto = packed when it exists",
+                         choices=("auto", "files", "packed"))
     output_dir: str = option("./output", "training meshes go to <output_dir>/<dataset_mode>")
 
     def validate(self) -> None:

@@ -3,7 +3,7 @@
 Published files, in <checkpoints_dir>/<dataset_mode>/: <label>_net_G.pth and <label>_net_Corr.pth (a plain
 state_dict each, CPU float32), optimizer.pth ({'G': optimizer state, 'lr': lr}) and iter.txt
 ("epoch,iteration"). We also write latest_resume.pth: one dict with the networks, the
-optimizer, lr, epoch, iteration, RNG state and options, so --continue_train makes the next step identical.
+optimizer, fp16 loss scaler, lr, epoch, iteration, RNG state and options, so --continue_train makes the next step identical.
 Every file is written to a temporary name and renamed, so an interrupted save never leaves a broken file.
 Every load uses torch.load(weights_only=True): no checkpoint can run code.
 """
@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from util.atomic import atomic_write
 
-RESUME_KEYS = ("networks", "optimizer", "lr", "epoch", "iteration", "samples_seen", "torch_rng", "options")
+RESUME_KEYS = ("networks", "optimizer", "scaler", "lr", "epoch", "iteration", "samples_seen", "torch_rng", "options")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -92,12 +92,14 @@ def load_networks(model: nn.Module, directory: Path, label: str) -> None:
         load_network_file(network, network_path(directory, label, name), f"--which_epoch {label}")
 
 
-def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float,
-                        epoch: int, iteration: int, samples_seen: int, options: dict[str, Any]) -> None:
+def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler, lr: float, epoch: int, iteration: int, samples_seen: int,
+                        options: dict[str, Any]) -> None:
     """Write the one-file resume state (see module docstring)."""
     state = {
         "networks": {name: cpu_state_dict(network) for name, network in model.checkpoint_networks().items()},
         "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
         "lr": lr,
         "epoch": epoch,
         "iteration": iteration,
@@ -108,8 +110,10 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     atomic_save(state, path)
 
 
-def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore networks and optimizer from a resume file; return its lr, epoch, iteration and options."""
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """Restore networks, optimizer and loss scaler from a resume file; return its lr, epoch, iteration and
+    options."""
     state = read_checkpoint(path, "--continue_train")
     missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
@@ -122,5 +126,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         check_state_dict(network, state["networks"][name], f"resume file {path} ({name})")
         network.load_state_dict(state["networks"][name])
     optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     return {key: state[key] for key in ("lr", "epoch", "iteration", "samples_seen", "options")}

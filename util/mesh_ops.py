@@ -75,6 +75,17 @@ def permute_mesh(
     identity = torch.arange(num_vertices, device=permutation.device).expand_as(permutation)  # (..., V)
     if not torch.equal(permutation.sort(dim=-1).values, identity):
         raise ValueError("permutation must hold every vertex index 0..V-1 exactly once per mesh")
+    return permute_mesh_unchecked(vertices, faces, permutation)
+
+
+def permute_mesh_unchecked(
+    vertices: torch.Tensor, faces: torch.Tensor, permutation: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """permute_mesh without its input checks, for hot paths whose permutations come from argsort.
+
+    Same arguments and returns as permute_mesh; no host synchronisation on a GPU.
+    """
+    identity = torch.arange(permutation.shape[-1], device=permutation.device).expand_as(permutation)  # (..., V)
     permuted_vertices = torch.gather(vertices, -2, permutation.unsqueeze(-1).expand_as(vertices))  # (..., V, 3)
     inverse = torch.empty_like(permutation).scatter_(-1, permutation, identity)  # (..., V)
     permuted_faces = torch.gather(inverse, -1, faces.flatten(-2)).view_as(faces)  # (..., F, 3)

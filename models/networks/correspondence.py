@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.networks.ot import sinkhorn_warp_dense
+from models.networks.ot import sinkhorn_warp_chunked, sinkhorn_warp_dense
 
 # numpy.finfo(float).eps, the published normaliser's epsilon (kept for parity).
 FEATURE_NORM_EPS = 2.220446049250313e-16
@@ -77,6 +77,15 @@ def dense_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points
     """
     similarity = identity_theta.transpose(1, 2) @ pose_phi  # (B, N, M)
     return sinkhorn_warp_dense(similarity, pose_points)
+
+
+def chunked_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
+    """Memory-linear warp: C is recomputed block by block and never held whole (same arguments)."""
+    return sinkhorn_warp_chunked(identity_theta, pose_phi, pose_points)
+
+
+# --ot choices. "dense" is the published computation and the reference the others are tested against.
+WARPS: dict[str, WarpFunction] = {"dense": dense_warp, "chunked": chunked_warp}
 
 
 class Correspondence(nn.Module):

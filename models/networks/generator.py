@@ -33,12 +33,15 @@ class ElaIN(nn.Module):
             float (B, C, N).
         """
         condition = self.mlp_same(identity_features)  # (B, C, N)
-        gamma_id = self.mlp_gamma(condition)
-        beta_id = self.mlp_beta(condition)
+        gamma_id = self.mlp_gamma(condition).float()
+        beta_id = self.mlp_beta(condition).float()
+        # Statistics and the affine map in float32 even under mixed precision: a sum over N vertices in
+        # half precision loses the mean. A no-op on the float32 (reference) path.
+        x = x.float()
         mean = x.mean(dim=2, keepdim=True)  # (B, C, 1)
         # Unbiased variance, unlike the InstanceNorm1d layers of Corr (SPEC.md; parity depends on it).
         std = torch.sqrt(x.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
-        weight = self.mlp_weight(torch.cat([condition.mean(dim=2, keepdim=True), mean], dim=1))  # (B, C, 1)
+        weight = self.mlp_weight(torch.cat([condition.float().mean(dim=2, keepdim=True), mean], dim=1)).float()  # (B, C, 1)
         gamma = gamma_id * weight + std * (1 - weight)
         beta = beta_id * weight + mean * (1 - weight)
         return (x - mean) / std * (1 + gamma) + beta
