@@ -61,10 +61,12 @@ def training_data_stats(meshes: list[torch.Tensor]) -> dict:
             "meshes_measured": len(meshes)}
 
 
-def learning_rate(opt: TrainOptions, epoch: int) -> float:
-    """lr for a 1-based epoch: constant for niter epochs, then down by lr/niter_decay after each epoch."""
-    decayed_epochs = max(0, epoch - opt.niter - 1)
-    return opt.lr - opt.lr / max(opt.niter_decay, 1) * decayed_epochs if opt.niter_decay else opt.lr
+def learning_rate(opt: TrainOptions, epoch: int, decay: bool = True) -> float:
+    """lr for a 1-based epoch: constant for niter epochs, then down by lr/niter_decay after each epoch
+    (SPEC.md); constant throughout when decay is off (NPT's schedule)."""
+    if not decay or not opt.niter_decay:
+        return opt.lr
+    return opt.lr - opt.lr / opt.niter_decay * max(0, epoch - opt.niter - 1)
 
 
 def crossed(samples_seen: int, step: int, every: int) -> bool:
@@ -73,12 +75,13 @@ def crossed(samples_seen: int, step: int, every: int) -> bool:
 
 
 def write_training_meshes(directory: Path, prefix: str, batch: dict, outputs: dict) -> None:
-    """Identity, pose, warp and output of the first pair of a batch, as OBJ files."""
+    """Identity, pose, warp (3D-CoreNet only) and output of the first pair of a batch, as OBJ files."""
     identity_faces = batch["identity_faces"][0].cpu().numpy()
     meshes = {"id": (batch["identity_points"][0], identity_faces),
               "pose": (batch["pose_points"][0], batch["pose_faces"][0].cpu().numpy()),
-              "warp": (outputs["warp_out"][0], identity_faces),
               "out": (outputs["fake_points"][0], identity_faces)}
+    if "warp_out" in outputs:
+        meshes["warp"] = (outputs["warp_out"][0], identity_faces)
     for suffix, (points, faces) in meshes.items():
         write_mesh(directory / f"{prefix}_{suffix}.obj", points.detach().float().cpu().numpy(), faces)
 
@@ -129,7 +132,7 @@ def main(opt: TrainOptions) -> None:
     total_epochs = opt.niter + opt.niter_decay
 
     for epoch in range(first_epoch, total_epochs + 1):
-        lr = learning_rate(opt, epoch)
+        lr = learning_rate(opt, epoch, decay=model.LR_DECAY)
         for group in optimizer.param_groups:
             group["lr"] = lr
         progress = tqdm(batches.epoch_batches(epoch, start_iteration), desc=f"epoch {epoch}/{total_epochs}",

@@ -18,11 +18,11 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from data import DATASETS
+from models import MODELS
 from models.networks import GENERATORS, INIT_TYPES
+from models.networks.npt import NPT_VARIANTS
 from models.networks.correspondence import WARPS
 from models.pose_transfer_model import PRECISIONS
-
-MODELS = ("ver2ver",)
 
 
 def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -42,7 +42,10 @@ class BaseOptions:
                           "torchrun (see README).")
     checkpoints_dir: str = option("./checkpoints", "models are saved in <checkpoints_dir>/<dataset_mode>")
     batchSize: int = option(8, "input batch size (per process under torchrun)")
-    model: str = option("ver2ver", "which model to use", choices=MODELS)
+    model: str = option("ver2ver", "which model: ver2ver (3D-CoreNet) or npt (the NPT baseline)",
+                        choices=tuple(MODELS))
+    npt_variant: str = option("original", "NPT variant: original (per-vertex pose features; needs equal vertex "
+                              "counts) or maxpool (any counts)", choices=NPT_VARIANTS)
     dataroot: str = option("./npt-data", "folder holding the mesh files")
     dataset_mode: str = option("human", "data layout: human (id{i}_{p}.obj) or animal (toy_{i}_{p}.ply)",
                                choices=tuple(DATASETS))
@@ -67,6 +70,10 @@ class BaseOptions:
     rank: int = derived()
     local_rank: int = derived()
     world_size: int = derived()
+
+    def published_defaults(self) -> dict:
+        """Values for flags left at None, which depend on --model; none here."""
+        return {}
 
     def validate(self) -> None:
         """Reject values no run can use, with one line each."""
@@ -168,6 +175,9 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     if values["compile"] == "auto":
         values["compile"] = "on" if on_gpu and options_class.isTrain else "off"
     options = options_class(**values)
+    unset = {name: value for name, value in options.published_defaults().items() if getattr(options, name) is None}
+    if unset:
+        options = dataclasses.replace(options, **unset)
     options.validate()
     return options
 

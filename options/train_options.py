@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from models import MODELS
 from options.base_options import BaseOptions, option
 
 
@@ -23,11 +24,15 @@ class TrainOptions(BaseOptions):
     which_epoch: str = option("latest", "checkpoint to resume from with --continue_train")
     niter: int = option(100, "epochs at the initial learning rate")
     niter_decay: int = option(100, "epochs over which the learning rate decays linearly to zero")
-    beta1: float = option(0.0, "Adam beta1")
-    beta2: float = option(0.9, "Adam beta2")
-    lr: float = option(0.0001, "initial learning rate for Adam")
-    lambda_edge: float = option(0.5, "weight of the edge loss")
-    lambda_rec: float = option(1000.0, "weight of the reconstruction loss")
+    beta1: float = option(None, "Adam beta1 (default: the model's published value, 0 for ver2ver, 0.9 for npt)",
+                          type=float)
+    beta2: float = option(None, "Adam beta2 (default: 0.9 for ver2ver, 0.999 for npt)", type=float)
+    lr: float = option(None, "initial learning rate for Adam (default: 1e-4 for ver2ver, 5e-5 for npt, which "
+                       "keeps it constant)", type=float)
+    lambda_edge: float = option(None, "weight of the edge loss (default: 0.5 for ver2ver, 0.0005 for npt)",
+                                type=float)
+    lambda_rec: float = option(None, "weight of the reconstruction loss (default: 1000 for ver2ver, 1 for npt)",
+                               type=float)
     train_identities: str = option("", "identity indices to train on, e.g. '0-14' (default: the data folder's "
                                    "split.json, else the published range of --dataset_mode)")
     train_poses: str = option("", "pose indices to train on, e.g. '200-599' (default as --train_identities)")
@@ -36,6 +41,12 @@ class TrainOptions(BaseOptions):
                          "drawn on the device; make it with python -m data.packed), auto = packed when it exists",
                          choices=("auto", "files", "packed"))
     output_dir: str = option("./output", "training meshes go to <output_dir>/<dataset_mode>")
+
+    def published_defaults(self) -> dict:
+        """Values for the flags left at None: the chosen model's published settings."""
+        model_class = MODELS[self.model]
+        beta1, beta2 = model_class.OPTIMIZER["betas"]
+        return {"lr": model_class.OPTIMIZER["lr"], "beta1": beta1, "beta2": beta2, **model_class.LOSS_WEIGHTS}
 
     def validate(self) -> None:
         super().validate()

@@ -146,3 +146,23 @@ def test_torchrun_two_processes_match_one_process_on_the_whole_batch(data, tmp_p
     assert len(compared) > 0.8 * len(one)
     # One checkpoint, written by rank 0 alone: no stray temporary files from a second writer.
     assert not list((tmp_path / "ddp" / "human").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("variant", ["original", "maxpool"])
+def test_npt_trains_and_tests_with_its_own_settings_and_files(data, tmp_path, variant):
+    checkpoints = tmp_path / "ckpt"
+    opt = parse(TrainOptions, train_args(data, checkpoints, "--model", "npt", "--npt_variant", variant,
+                                         "--niter", "1", "--niter_decay", "1"))
+    assert (opt.lr, opt.beta1, opt.beta2, opt.lambda_rec, opt.lambda_edge) == (5e-5, 0.9, 0.999, 1.0, 0.0005)
+    train_script.main(opt)
+    run_dir = checkpoints / "human"
+    assert (run_dir / "latest_net_NPT.pth").is_file() and not (run_dir / "latest_net_G.pth").exists()
+    resume = torch.load(run_dir / "latest_resume.pth", weights_only=True)
+    assert resume["lr"] == 5e-5  # constant: NPT does not decay
+    mean_pmd = test_script.main(parse(TestOptions, [*SMALL, "--model", "npt", "--npt_variant", variant,
+                                                    "--dataroot", str(data), "--checkpoints_dir", str(checkpoints),
+                                                    "--results_dir", str(tmp_path / "res"),
+                                                    "--test_list", str(data / "test_list")]))
+    assert torch.isfinite(torch.tensor(mean_pmd))
+    with open(tmp_path / "res" / "human" / "pmd.csv") as handle:
+        assert "warp_pmd" not in handle.readline()

@@ -1,0 +1,69 @@
+"""NPTModel: the NPT baseline (Wang et al., CVPR 2020) behind the same interface as PoseTransferModel.
+
+It owns one network, `npt` (models/networks/npt.py), saved as <label>_net_NPT.pth holding exactly the
+published NPT state_dict. Its losses are NPT's: rec + 0.0005 * edge, with the same reconstruction and edge
+definitions as 3D-CoreNet (models/networks/losses.py). OPTIMIZER and LR_DECAY carry NPT's published
+training settings (Adam, lr 5e-5, constant) for train.py; the published initialisation is
+models.networks.npt.init_npt_weights. Data enters and leaves as (B, N, 3); `transfer` is the one place
+that transposes to the network's channel-first layout. No file I/O, no optimizer held.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models.networks.losses import edge_loss, reconstruction_loss
+from models.networks.npt import NPT
+
+
+class NPTModel(nn.Module):
+    """Owns `npt` (the published NPT network, either variant)."""
+
+    # NPT's train.py: Adam with default betas and eps, no weight decay, and a constant learning rate.
+    OPTIMIZER = {"lr": 5e-5, "betas": (0.9, 0.999), "eps": 1e-8}
+    LR_DECAY = False
+    LOSS_WEIGHTS = {"lambda_rec": 1.0, "lambda_edge": 0.0005}
+
+    def __init__(self, variant: str = "original", lambda_rec: float = 1.0, lambda_edge: float = 0.0005):
+        super().__init__()
+        self.npt = NPT(variant)
+        self.lambda_rec = lambda_rec
+        self.lambda_edge = lambda_edge
+
+    def checkpoint_networks(self) -> dict[str, nn.Module]:
+        """The checkpoint file: <label>_net_NPT.pth, loadable from NPT's released weights."""
+        return {"NPT": self.npt}
+
+    def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Put the identity's body in the pose mesh's pose.
+
+        Args:
+            identity_points: float (B, N, 3).
+            pose_points: float (B, M, 3); the "original" variant needs M == N.
+        Returns:
+            fake_points: float (B, N, 3) in (-2, 2), in the identity's vertex order.
+        """
+        fake_points = self.npt(pose_points.transpose(1, 2), identity_points.transpose(1, 2))  # (B, 3, N)
+        return {"fake_points": fake_points.transpose(1, 2)}  # (B, N, 3)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Run a batch from the data loaders and compute the weighted training losses.
+
+        Args:
+            batch: identity_points (B, N, 3), pose_points (B, M, 3), gt_points (B, N, 3),
+                identity_faces int64 (B, F, 3); moved to the parameters' device here.
+        Returns:
+            outputs: as `transfer` returns them.
+            losses: rec and edge (already multiplied by lambda_rec and lambda_edge), scalars.
+        """
+        device = self.npt.decoder.conv4.weight.device
+        identity_points, pose_points, gt_points, faces = (
+            batch[key].to(device, non_blocking=True)
+            for key in ("identity_points", "pose_points", "gt_points", "identity_faces"))
+        outputs = self.transfer(identity_points, pose_points)
+        fake_points = outputs["fake_points"]
+        losses = {
+            "rec": self.lambda_rec * reconstruction_loss(fake_points, gt_points),
+            "edge": self.lambda_edge * edge_loss(fake_points, identity_points, faces),
+        }
+        return outputs, losses
