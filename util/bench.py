@@ -1,42 +1,71 @@
-"""Benchmark: training-step and inference time, throughput and peak memory of the model on one device.
+"""Benchmark the reference (published) path against the fast path on one device, in one call.
 
-    python -m util.bench --device cuda --batch 8 --vertices 6890 --out bench.json
+    python -m util.bench --out bench.json                 # everything, on the GPU
+    python -m util.bench --device cpu --vertices 500 --sweep "" --loader_pairs 0   # a quick CPU check
 
-Inputs are random points with random faces (timing does not depend on the values), made on the device.
-Times are medians over --repeats after --warmup steps, measured with CUDA events (or a synchronised wall
-clock on the CPU). The FLOP count per pair at 6890 vertices is the issue's figure: about 256 GFLOP forward,
-3x that for a training step.
+Tables printed (and written as JSON with --out):
+- training step (forward, losses, backward, Adam) at --batch and --vertices: ms, pairs/s, peak GiB, the
+  ratio to the reference and model FLOP utilisation, for the reference (fp32, dense OT) and fast variants;
+- inference: one pair and a batch, per variant;
+- an inference sweep over vertex counts for the memory-linear path (and the reference until it runs out);
+- the data path: pairs/s of the packed sampler on the device and of the OBJ loader with --workers.
+Inputs are random points with random faces, made on the device; timing does not depend on their values.
+Times are medians over --repeats after --warmup steps, with CUDA events (a synchronised clock on the CPU).
+Work per pair at 6890 vertices is about 256 GFLOP forward and 3x that for a training step (issue 4), and
+scales linearly with the vertex count for the generator; MFU divides by --peak_tflops (the H100's
+measured bf16 matrix rate).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from models.pose_transfer_model import PoseTransferModel
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
 
+# name -> (ot, precision, compile, tf32). The first is the faithful reference every ratio is against:
+# exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with
+# PyTorch's default TF32 convolutions, as the published code ran on this GPU.
+VARIANTS = {
+    "reference": ("dense", "fp32", False, False),
+    "reference-tf32": ("dense", "fp32", False, True),
+    "fast-fp32": ("stored", "fp32", False, False),
+    "fast-fp16": ("stored", "fp16", False, False),
+    "fast-fp16-compiled": ("stored", "fp16", True, False),
+    "fast-bf16-compiled": ("stored", "bf16", True, False),
+    "chunked-fp16-compiled": ("chunked", "fp16", True, False),
+}
+
 
 def synthetic_batch(batch: int, vertices: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random identity/pose/gt points (B, N, 3) and faces (B, 2N, 3) of distinct corners."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    points = lambda: torch.rand(batch, vertices, 3, generator=generator).sub_(0.5)  # noqa: E731
-    corners = torch.stack([torch.randperm(vertices, generator=generator)[:3] for _ in range(2 * vertices)])
-    faces = corners.expand(batch, -1, -1).contiguous()
-    sample = {"identity_points": points(), "pose_points": points(), "gt_points": points(), "identity_faces": faces}
+    points = [torch.rand(batch, vertices, 3, generator=generator) - 0.5 for _ in range(3)]
+    corners = torch.rand(2 * vertices, vertices, generator=generator).argsort(dim=1)[:, :3]  # (2N, 3) distinct
+    sample = {"identity_points": points[0], "pose_points": points[1], "gt_points": points[2],
+              "identity_faces": corners.expand(batch, -1, -1).contiguous()}
     return {key: value.to(device) for key, value in sample.items()}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_median(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     """Median milliseconds of step() after warm-up."""
     for _ in range(warmup):
         step()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -53,10 +82,6 @@ def time_median(step: Callable[[], object], device: torch.device, warmup: int, r
     return statistics.median(times)
 
 
-def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -64,17 +89,34 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def build(variant: str, device: torch.device) -> PoseTransferModel:
+    """The variant's model; also sets the process-wide TF32 switches it runs under."""
+    ot, precision, compiled, tf32 = VARIANTS[variant]
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.manual_seed(0)
+    model = PoseTransferModel(ot=ot, precision=precision).to(device)
+    if compiled:
+        model.G.compile()
+    return model
+
+
 def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, warmup: int,
                    repeats: int) -> dict[str, float]:
-    """One full step: forward, both losses, backward, Adam (published settings)."""
+    """One full step with the published Adam settings, fp16 loss scaling as train.py does it."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.0, 0.9), eps=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER)
+    scaler = torch.amp.GradScaler(device.type, enabled=model.generator_dtype == torch.float16)
 
     def step():
         _, losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
     reset_peak(device)
     ms = time_median(step, device, warmup, repeats)
     return {"ms": ms, "peak_gib": peak_gib(device)}
@@ -92,34 +134,134 @@ def bench_inference(model: PoseTransferModel, batch: dict, device: torch.device,
     return {"ms": ms, "peak_gib": peak_gib(device)}
 
 
+def out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
+
+
+def bench_loaders(device: torch.device, vertices: int, batch: int, pairs: int, workers: int) -> dict:
+    """Pairs/s of the packed sampler (on device) and of the OBJ file loader, on a written random set."""
+    from data import DATASETS, FileBatches, TrainPairDataset
+    from data.packed import PackedPairSampler, pack_dataset
+    from util.mesh_io import write_mesh
+    layout = DATASETS["human"]
+    identities, poses = list(range(4)), list(range(8))
+    faces = synthetic_batch(1, vertices, torch.device("cpu"))["identity_faces"][0].numpy()
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        rng = np.random.default_rng(0)
+        for i in identities:
+            for p in poses:
+                write_mesh(Path(folder) / layout.file_name(i, p), rng.random((vertices, 3)), faces)
+        pack_dataset(folder, layout, workers=workers)
+        sampler = PackedPairSampler(folder, layout, identities, poses, pairs, batch, 0, device)
+        iterations = max(1, pairs // batch)
+        ms = time_median(lambda: [sampler.batch(1, k) for k in range(iterations)], device, 1, 3)
+        results["packed"] = {"pairs_per_s": iterations * batch / ms * 1e3}
+        files = FileBatches(TrainPairDataset(folder, layout, identities, poses, pairs, seed=0), batch, workers, False)
+        started = time.perf_counter()
+        count = sum(len(b["identity_name"]) for b in files.epoch_batches(1))
+        results["files"] = {"pairs_per_s": count / (time.perf_counter() - started), "workers": workers}
+    return results
+
+
+def golden_check(device: torch.device) -> dict:
+    """Every variant on the golden fixture (tests/golden.py): max |diff| and relative L2 of warp_out and
+    the output against the published code's, and the output's relative L2 to our reference path."""
+    from tests.golden import GOLDEN_DIR, golden_inputs, load_golden_model
+    batch = {key: value.to(device) for key, value in golden_inputs().items()}
+    expected = {name: torch.from_numpy(np.load(GOLDEN_DIR / f"expected_{name}.npy")).double().to(device)
+                for name in ("warp_out", "fake_points")}
+    results, reference_output = {}, None
+    for name in VARIANTS:
+        model = load_golden_model(build(name, device)).eval()
+        with torch.no_grad():
+            outputs = model.transfer(batch["identity_points"], batch["pose_points"])
+        row = {}
+        for key, target in expected.items():
+            actual = outputs[key][0].double()
+            row[key] = {"max_diff": (actual - target).abs().max().item(),
+                        "relative_l2": (torch.linalg.norm(actual - target) / torch.linalg.norm(target)).item()}
+        reference_output = outputs["fake_points"].double() if reference_output is None else reference_output
+        row["output_relative_l2_to_reference"] = (torch.linalg.norm(outputs["fake_points"].double() - reference_output)
+                                                  / torch.linalg.norm(reference_output)).item()
+        results[name] = row
+        print(f"golden {name:24} warp max {row['warp_out']['max_diff']:.2e} rel {row['warp_out']['relative_l2']:.2e} | "
+              f"out max {row['fake_points']['max_diff']:.2e} rel {row['fake_points']['relative_l2']:.2e} | "
+              f"out vs reference {row['output_relative_l2_to_reference']:.2e}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vertices", type=int, default=6890)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sweep", default="6890,13780,27560,55120,110240,220480",
+                        help="vertex counts for the one-pair inference sweep ('' to skip)")
+    parser.add_argument("--sweep_variant", default="chunked-fp16-compiled")
+    parser.add_argument("--loader_pairs", type=int, default=256, help="pairs for the data-path test (0 to skip)")
+    parser.add_argument("--workers", type=int, default=8, help="OBJ loader worker processes")
+    parser.add_argument("--peak_tflops", type=float, default=800.0)
+    parser.add_argument("--golden", action="store_true", help="only check every variant on the golden fixture")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = PoseTransferModel().to(device)
-    batch = synthetic_batch(args.batch, args.vertices, device)
-    flop_scale = args.vertices / 6890  # the generator dominates and is linear in N
+    if args.golden:
+        results = golden_check(device)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "batch": args.batch, "vertices": args.vertices,
-               "date": time.strftime("%Y-%m-%d")}
-    train = bench_training(model, batch, device, args.warmup, args.repeats)
-    results["train_reference"] = {**train, "pairs_per_s": args.batch / train["ms"] * 1e3,
-                                  "tflops": 3 * FORWARD_GFLOP_PER_PAIR_6890 * flop_scale * args.batch / train["ms"]}
+               "date": time.strftime("%Y-%m-%d"), "train": {}, "infer_one": {}, "infer_batch": {}, "sweep": {}}
+    step_gflop = 3 * FORWARD_GFLOP_PER_PAIR_6890 * args.vertices / 6890 * args.batch
+    batch = synthetic_batch(args.batch, args.vertices, device)
     one = {key: value[:1] for key, value in batch.items()}
-    results["infer_reference_one_pair"] = bench_inference(model, one, device, args.warmup, args.repeats)
-    infer = bench_inference(model, batch, device, args.warmup, args.repeats)
-    results["infer_reference_batch"] = {**infer, "pairs_per_s": args.batch / infer["ms"] * 1e3}
-    print(f"{'case':28} {'ms':>9} {'pairs/s':>9} {'peak GiB':>9}")
-    for name, row in results.items():
-        if isinstance(row, dict):
-            print(f"{name:28} {row['ms']:9.2f} {row.get('pairs_per_s', float('nan')):9.1f} {row['peak_gib']:9.2f}")
+    for name in args.variants.split(","):
+        model = build(name, device)
+        train = bench_training(model, batch, device, args.warmup, args.repeats)
+        train.update(pairs_per_s=args.batch / train["ms"] * 1e3, mfu=step_gflop / train["ms"] / args.peak_tflops)
+        results["train"][name] = train
+        results["infer_one"][name] = bench_inference(model, one, device, args.warmup, args.repeats)
+        infer = bench_inference(model, batch, device, args.warmup, args.repeats)
+        results["infer_batch"][name] = {**infer, "pairs_per_s": args.batch / infer["ms"] * 1e3}
+        del model
+        print(f"{name:24} train {train['ms']:8.2f} ms {train['pairs_per_s']:8.1f} pairs/s {train['peak_gib']:6.2f} GiB "
+              f"| infer 1 {results['infer_one'][name]['ms']:7.2f} ms | batch {infer['pairs_per_s']:8.1f} pairs/s",
+              flush=True)
+    for name in ("reference", args.sweep_variant):
+        for vertices in [int(v) for v in args.sweep.split(",") if v]:
+            try:
+                pair = synthetic_batch(1, vertices, device)
+                model = build(name, device)
+                results["sweep"].setdefault(name, {})[vertices] = bench_inference(model, pair, device, 1, 3)
+            except (RuntimeError, torch.OutOfMemoryError) as err:
+                if not out_of_memory(err):
+                    raise
+                results["sweep"].setdefault(name, {})[vertices] = {"ms": None, "peak_gib": None, "oom": True}
+                break
+            finally:
+                model = pair = None
+                reset_peak(device)
+            row = results["sweep"][name][vertices]
+            print(f"sweep {name:24} N={vertices:7d} {row['ms']:9.2f} ms {row['peak_gib']:7.2f} GiB", flush=True)
+    if args.loader_pairs:
+        results["loaders"] = bench_loaders(device, args.vertices, args.batch, args.loader_pairs, args.workers)
+    reference = results["train"].get("reference")
+    print(f"\n{'training step':24} {'ms':>8} {'pairs/s':>8} {'peak GiB':>9} {'ratio':>6} {'MFU':>6}")
+    for name, row in results["train"].items():
+        ratio = row["pairs_per_s"] / reference["pairs_per_s"] if reference else float("nan")
+        print(f"{name:24} {row['ms']:8.2f} {row['pairs_per_s']:8.1f} {row['peak_gib']:9.2f} {ratio:6.2f} {row['mfu']:6.1%}")
+    print(f"\n{'inference':24} {'1 pair ms':>10} {'batch pairs/s':>14} {'peak GiB':>9}")
+    for name in results["infer_one"]:
+        print(f"{name:24} {results['infer_one'][name]['ms']:10.2f} {results['infer_batch'][name]['pairs_per_s']:14.1f} "
+              f"{results['infer_batch'][name]['peak_gib']:9.2f}")
+    if "loaders" in results:
+        print(f"\ndata path: packed {results['loaders']['packed']['pairs_per_s']:.0f} pairs/s, OBJ files "
+              f"{results['loaders']['files']['pairs_per_s']:.0f} pairs/s with {args.workers} workers")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
