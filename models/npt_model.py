@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.networks.losses import edge_loss, reconstruction_loss
+from models.networks.losses import weighted_losses
 from models.networks.npt import NPT
 
 
@@ -47,23 +47,12 @@ class NPTModel(nn.Module):
         return {"fake_points": fake_points.transpose(1, 2)}  # (B, N, 3)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Run a batch from the data loaders and compute the weighted training losses.
-
-        Args:
-            batch: identity_points (B, N, 3), pose_points (B, M, 3), gt_points (B, N, 3),
-                identity_faces int64 (B, F, 3); moved to the parameters' device here.
-        Returns:
-            outputs: as `transfer` returns them.
-            losses: rec and edge (already multiplied by lambda_rec and lambda_edge), scalars.
-        """
+        """The same contract as PoseTransferModel.forward: (transfer's outputs, weighted rec and edge losses)."""
         device = self.npt.decoder.conv4.weight.device
         identity_points, pose_points, gt_points, faces = (
             batch[key].to(device, non_blocking=True)
             for key in ("identity_points", "pose_points", "gt_points", "identity_faces"))
         outputs = self.transfer(identity_points, pose_points)
-        fake_points = outputs["fake_points"]
-        losses = {
-            "rec": self.lambda_rec * reconstruction_loss(fake_points, gt_points),
-            "edge": self.lambda_edge * edge_loss(fake_points, identity_points, faces),
-        }
+        losses = weighted_losses(outputs["fake_points"], gt_points, identity_points, faces, self.lambda_rec,
+                                 self.lambda_edge)
         return outputs, losses

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from models.networks import GENERATORS, Correspondence
 from models.networks.correspondence import WARPS
-from models.networks.losses import edge_loss, reconstruction_loss
+from models.networks.losses import weighted_losses
 
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,6 +28,7 @@ class PoseTransferModel(nn.Module):
     # The published Adam settings and linear decay after --niter epochs (SPEC.md).
     OPTIMIZER = {"lr": 1e-4, "betas": (0.0, 0.9), "eps": 1e-3}
     LR_DECAY = True
+    LOSS_WEIGHTS = {"lambda_rec": 1000.0, "lambda_edge": 0.5}
 
     def __init__(self, ngf: int = 64, netG: str = "elain", lambda_rec: float = 1000.0,
                  lambda_edge: float = 0.5, ot: str = "dense", precision: str = "fp32"):
@@ -77,9 +78,6 @@ class PoseTransferModel(nn.Module):
         gt_points = batch["gt_points"].to(device, non_blocking=True)
         faces = batch["identity_faces"].to(device, non_blocking=True)
         outputs = self.transfer(identity_points, batch["pose_points"].to(device, non_blocking=True))
-        fake_points = outputs["fake_points"]
-        losses = {
-            "rec": self.lambda_rec * reconstruction_loss(fake_points, gt_points),
-            "edge": self.lambda_edge * edge_loss(fake_points, identity_points, faces),
-        }
+        losses = weighted_losses(outputs["fake_points"], gt_points, identity_points, faces, self.lambda_rec,
+                                 self.lambda_edge)
         return outputs, losses

@@ -48,3 +48,15 @@ def edge_loss(fake_points: torch.Tensor, identity_points: torch.Tensor, faces: t
     """
     ratio = face_edge_lengths(fake_points, faces) / face_edge_lengths(identity_points, faces)  # (B, F, 3)
     return (ratio - 1).abs().sum(dim=-1).mean()
+
+
+def weighted_losses(fake_points: torch.Tensor, gt_points: torch.Tensor, identity_points: torch.Tensor,
+                    faces: torch.Tensor, lambda_rec: float, lambda_edge: float) -> dict[str, torch.Tensor]:
+    """The named training losses, already weighted: {"rec": lambda_rec * MSE, "edge": lambda_edge * edge}.
+
+    Args:
+        fake_points, gt_points, identity_points: float (B, N, 3), one vertex order.
+        faces: int64 (B, F, 3), the identity's faces in that order.
+    """
+    return {"rec": lambda_rec * reconstruction_loss(fake_points, gt_points),
+            "edge": lambda_edge * edge_loss(fake_points, identity_points, faces)}
