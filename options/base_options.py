@@ -59,8 +59,9 @@ class BaseOptions:
     precision: str = option("auto", "generator arithmetic: fp32 (the published reference), fp16 or bf16 "
                             "autocast; auto = fp16 on a GPU, fp32 on the CPU. The correspondence network "
                             "always runs in fp32", choices=("auto", *PRECISIONS))
-    ot: str = option("auto", "optimal-transport warp: dense (published), chunked (memory linear in the vertex "
-                     "count); auto = chunked on a GPU, dense on the CPU", choices=("auto", *WARPS))
+    ot: str = option("auto", "optimal-transport warp: dense (published), stored (C kept once, compiled "
+                     "log-domain passes), chunked (memory linear in the vertex count); auto = stored or, when C "
+                     "would not fit, chunked on a GPU, dense on the CPU", choices=tuple(WARPS))
     compile: str = option("auto", "torch.compile the generator: on, off, or auto (on for GPU training)",
                           choices=("auto", "on", "off"))
     load_from_opt_file: bool = option(False, "take option defaults from <checkpoints_dir>/<dataset_mode>/opt.json; "
@@ -170,8 +171,8 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     # "auto" picks the fast path on a GPU and the reference path on the CPU, once, here.
     if values["precision"] == "auto":
         values["precision"] = "fp16" if on_gpu else "fp32"
-    if values["ot"] == "auto":
-        values["ot"] = "chunked" if on_gpu else "dense"
+    if values["ot"] == "auto" and not on_gpu:
+        values["ot"] = "dense"
     if values["compile"] == "auto":
         values["compile"] = "on" if on_gpu and options_class.isTrain else "off"
     options = options_class(**values)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.networks.ot import sinkhorn_warp_chunked, sinkhorn_warp_dense
+from models.networks.ot import sinkhorn_warp_chunked, sinkhorn_warp_dense, sinkhorn_warp_stored
 
 # numpy.finfo(float).eps, the published normaliser's epsilon (kept for parity).
 FEATURE_NORM_EPS = 2.220446049250313e-16
@@ -84,8 +84,28 @@ def chunked_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_poin
     return sinkhorn_warp_chunked(identity_theta, pose_phi, pose_points)
 
 
+def stored_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
+    """C materialised once in float32; Sinkhorn as compiled log-sum-exp passes over it that keep nothing
+    else N x M for backward (same arguments)."""
+    similarity = identity_theta.float().transpose(1, 2) @ pose_phi.float()  # (B, N, M)
+    return sinkhorn_warp_stored(similarity, pose_points, compiled=True)
+
+
+# "auto" stores C (and its gradient) while both fit in this many bytes, else recomputes it in blocks.
+STORED_WARP_MAX_BYTES = 8 * 2**30
+
+
+def auto_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
+    """stored_warp for moderate sizes (fastest), chunked_warp when C would not fit (memory linear)."""
+    batch, _, num_identity = identity_theta.shape
+    stored_bytes = 2 * 4 * batch * num_identity * pose_phi.shape[2]  # C and dC, float32
+    warp = stored_warp if stored_bytes <= STORED_WARP_MAX_BYTES else chunked_warp
+    return warp(identity_theta, pose_phi, pose_points)
+
+
 # --ot choices. "dense" is the published computation and the reference the others are tested against.
-WARPS: dict[str, WarpFunction] = {"dense": dense_warp, "chunked": chunked_warp}
+WARPS: dict[str, WarpFunction] = {"dense": dense_warp, "stored": stored_warp, "chunked": chunked_warp,
+                                  "auto": auto_warp}
 
 
 class Correspondence(nn.Module):

@@ -6,17 +6,23 @@ is the faithful reference: it materialises the (B, N, M) kernel and runs the pub
 Sinkhorn iterations, including the +1e-8 in every division, which is part of the method (SPEC.md: it
 dominates columns where K^T a is tiny; dropping it changes warp_out by about 30%).
 
-Two equivalent forms follow (issue 4, the fast path):
+Three equivalent forms follow (issue 4, the fast path):
 - `sinkhorn_warp_logdomain` runs the same updates as log-sum-exps on a materialised C, with plain autograd.
   Since the final row normalisation cancels a, warp_out = softmax_m(log K + log b_T) @ pose_points.
 - `sinkhorn_warp_chunked` never materialises C: every pass recomputes C = theta^T phi for a block of
   identity rows, so memory grows linearly with N and M, and a hand-written backward recomputes the blocks
   again instead of saving N x M intermediates. Its derivation is in `_ChunkedSinkhornWarp`.
-Both compute in at least float32: C enters exp(C / epsilon) with epsilon = 0.03, so any error in C is
+- `sinkhorn_warp_stored` takes a materialised C (training at moderate N) and saves nothing N x M but C
+  itself: each Sinkhorn half-step is one read pass over C, the backward's vectors come from read passes
+  too and dL/dC from one elementwise pass, each pass a small function that torch.compile fuses into one
+  kernel. Its derivation is in `_StoredSinkhornWarp`.
+All compute in at least float32: C enters exp(C / epsilon) with epsilon = 0.03, so any error in C is
 magnified about 33 times (keep TF32 matmuls off on GPUs for the same reason).
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import torch
@@ -74,6 +80,19 @@ def _validate_pose_points(pose_points: torch.Tensor, batch: int, num_pose: int) 
                          f"got {tuple(pose_points.shape)}")
 
 
+def _validate_similarity_inputs(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float,
+                                iterations: int) -> None:
+    if similarity.dim() != 3:
+        raise ValueError(f"similarity must have shape (B, N, M), got {tuple(similarity.shape)}")
+    _validate_pose_points(pose_points, similarity.shape[0], similarity.shape[2])
+    _validate_schedule(epsilon, iterations)
+
+
+def _validate_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"Sinkhorn chunk_size must be a positive int, got {chunk_size!r}")
+
+
 def _working_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float32 or wider: bf16/fp16 inputs are upcast before C is scaled by 1 / epsilon."""
     dtype = torch.float32
@@ -82,6 +101,11 @@ def _working_dtype(*tensors: torch.Tensor) -> torch.dtype:
             raise ValueError(f"Sinkhorn inputs must be floating point, got {tensor.dtype}")
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
+
+
+def _log_kernel(similarity: torch.Tensor, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
+    """log K = (C - 1) / epsilon, computed in `dtype`."""
+    return (similarity.to(dtype) - 1.0) / epsilon
 
 
 def _log_marginal_update(log_mass: torch.Tensor, count: int) -> torch.Tensor:
@@ -109,13 +133,10 @@ def sinkhorn_warp_logdomain(similarity: torch.Tensor, pose_points: torch.Tensor,
     Returns:
         warp_out: float32 or wider (B, N, 3), each row a convex combination of pose points.
     """
-    if similarity.dim() != 3:
-        raise ValueError(f"similarity must have shape (B, N, M), got {tuple(similarity.shape)}")
+    _validate_similarity_inputs(similarity, pose_points, epsilon, iterations)
     batch, num_identity, num_pose = similarity.shape
-    _validate_pose_points(pose_points, batch, num_pose)
-    _validate_schedule(epsilon, iterations)
     dtype = _working_dtype(similarity, pose_points)
-    log_kernel = (similarity.to(dtype) - 1.0) / epsilon  # (B, N, M)
+    log_kernel = _log_kernel(similarity, epsilon, dtype)  # (B, N, M)
     log_a = log_kernel.new_full((batch, num_identity, 1), -math.log(num_identity))
     log_b = log_kernel.new_full((batch, 1, num_pose), -math.log(num_pose))
     for step in range(iterations):
@@ -324,8 +345,353 @@ def sinkhorn_warp_chunked(identity_features: torch.Tensor, pose_features: torch.
                          f"and C, got {tuple(identity_features.shape)} and {tuple(pose_features.shape)}")
     _validate_pose_points(pose_points, pose_features.shape[0], pose_features.shape[2])
     _validate_schedule(epsilon, iterations)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"Sinkhorn chunk_size must be a positive int, got {chunk_size!r}")
+    _validate_chunk_size(chunk_size)
     dtype = _working_dtype(identity_features, pose_features, pose_points)
     return _ChunkedSinkhornWarp.apply(identity_features.to(dtype), pose_features.to(dtype), pose_points.to(dtype),
                                       float(epsilon), iterations, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Materialised similarity, saved once, with fused recomputing passes
+# ----------------------------------------------------------------------------------------------------
+
+def _weighted_sums(weights: torch.Tensor, vectors: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums over identity (dim 1) or pose (dim 2) vertices of weights times each column of vectors.
+
+    Eager mode uses a matmul. Under torch.compile one reduction per column is written instead: Inductor
+    fuses those reductions with the pointwise code that forms `weights` into one read of C, whereas a
+    matmul would first write `weights` out as an N x M tensor.
+
+    Args:
+        weights: (B, N, M).
+        vectors: (B, N, K) for dim 1, (B, M, K) for dim 2.
+    Returns:
+        (B, M, K) for dim 1, (B, N, K) for dim 2.
+    """
+    if torch.compiler.is_compiling():
+        return torch.stack([(weights * vectors[..., k].unsqueeze(3 - dim)).sum(dim) for k in range(vectors.shape[2])],
+                           dim=2)
+    return (weights.transpose(1, 2) if dim == 1 else weights) @ vectors  # (B, M or N, K)
+
+
+def _outer_sum(row_vectors: torch.Tensor, column_vectors: torch.Tensor) -> torch.Tensor:
+    """row_vectors @ column_vectors^T for a small K, as a broadcast sum under torch.compile (see above).
+
+    Args:
+        row_vectors: (B, N, K); column_vectors: (B, M, K).
+    Returns:
+        (B, N, M).
+    """
+    if torch.compiler.is_compiling():
+        return sum(row_vectors[..., k].unsqueeze(2) * column_vectors[..., k].unsqueeze(1)
+                   for k in range(row_vectors.shape[2]))
+    return row_vectors @ column_vectors.transpose(1, 2)  # (B, N, M)
+
+
+def _softmax_parts(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The maximum over `dim`, the weights exp(logits - maximum) and their sum over `dim`.
+
+    The pair (maximum, sum) is what the stored form keeps of a log-sum-exp: backward recomputes
+    exp(logits - maximum) / sum exactly as the forward formed it, so the recomputed softmax weights still
+    sum to 1 to rounding. Recomputing them as exp(logits - logsumexp) instead would carry the rounding of
+    logsumexp, which the float32 ulp at |logsumexp| ~ 20 makes about 1e-6 relative, into every weight.
+    """
+    maximum = logits.amax(dim, keepdim=True)
+    weights = torch.exp(logits - maximum)
+    return maximum.squeeze(dim), weights, weights.sum(dim)
+
+
+def _column_logits(similarity: torch.Tensor, log_a: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """log K[n, m] + log a[n], whose log-sum-exp over identity rows is u = log (K^T a): (B, k, M), (B, k)."""
+    return _log_kernel(similarity, epsilon, log_a.dtype) + log_a.unsqueeze(2)  # (B, k, M)
+
+
+def _row_logits(similarity: torch.Tensor, log_b: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """log K[n, m] + log b[m], whose log-sum-exp over pose columns is v = log (K b): (B, k, M), (B, M)."""
+    return _log_kernel(similarity, epsilon, log_b.dtype) + log_b.unsqueeze(1)  # (B, k, M)
+
+
+def _column_weights(similarity: torch.Tensor, log_a: torch.Tensor, column_max: torch.Tensor,
+                    epsilon: float) -> torch.Tensor:
+    """exp(column logits - maximum) as `_softmax_parts` formed them: (B, k, M), (B, k), (B, M) -> (B, k, M)."""
+    return torch.exp(_column_logits(similarity, log_a, epsilon) - column_max.unsqueeze(1))
+
+
+def _row_weights(similarity: torch.Tensor, log_b: torch.Tensor, row_max: torch.Tensor,
+                 epsilon: float) -> torch.Tensor:
+    """exp(row logits - maximum) as `_softmax_parts` formed them: (B, k, M), (B, M), (B, k) -> (B, k, M)."""
+    return torch.exp(_row_logits(similarity, log_b, epsilon) - row_max.unsqueeze(2))
+
+
+def _column_normaliser(similarity: torch.Tensor, log_a: torch.Tensor,
+                       epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maximum, sum) of the column logits over identity rows, two (B, M) tensors; u = maximum + log sum."""
+    maximum, _, total = _softmax_parts(_column_logits(similarity, log_a, epsilon), dim=1)
+    return maximum, total
+
+
+def _row_normaliser(similarity: torch.Tensor, log_b: torch.Tensor,
+                    epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maximum, sum) of the row logits over pose columns, two (B, k) tensors; v = maximum + log sum."""
+    maximum, _, total = _softmax_parts(_row_logits(similarity, log_b, epsilon), dim=2)
+    return maximum, total
+
+
+def _plan_warp(similarity: torch.Tensor, log_b: torch.Tensor, pose_points: torch.Tensor,
+               epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax_m(log K + log b) @ pose_points, with the softmax's (maximum, sum), for k identity rows.
+
+    Args:
+        similarity: (B, k, M); log_b: (B, M); pose_points: (B, M, 3).
+    Returns:
+        warp (B, k, 3), maximum (B, k), sum (B, k).
+    """
+    maximum, weights, total = _softmax_parts(_row_logits(similarity, log_b, epsilon), dim=2)
+    return _weighted_sums(weights, pose_points, dim=2) / total.unsqueeze(2), maximum, total  # (B, k, 3)
+
+
+def _plan_column_sums(similarity: torch.Tensor, log_b: torch.Tensor, plan_max: torch.Tensor,
+                      row_weights: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """sum_n exp(s + log b_T[m] - plan_max[n]) row_weights[n] over k identity rows: (B, M, K)."""
+    return _weighted_sums(_row_weights(similarity, log_b, plan_max, epsilon), row_weights, dim=1)
+
+
+def _log_a_gradient(similarity: torch.Tensor, log_a: torch.Tensor, column_max: torch.Tensor,
+                    column_coefficient: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """sum_m exp(s + log a_{t-1}[n] - column_max[m]) column_coefficient[m] for k identity rows: (B, k)."""
+    return _weighted_sums(_column_weights(similarity, log_a, column_max, epsilon), column_coefficient.unsqueeze(2),
+                          dim=2).squeeze(2)
+
+
+def _log_b_gradient(similarity: torch.Tensor, log_b: torch.Tensor, row_max: torch.Tensor,
+                    row_coefficient: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """sum_n exp(s + log b_t[m] - row_max[n]) row_coefficient[n] over k identity rows: (B, M)."""
+    return _weighted_sums(_row_weights(similarity, log_b, row_max, epsilon), row_coefficient.unsqueeze(2),
+                          dim=1).squeeze(2)
+
+
+def _similarity_gradient(similarity: torch.Tensor, log_b: torch.Tensor, plan_max: torch.Tensor,
+                         row_weights: torch.Tensor, column_weights: torch.Tensor,
+                         column_terms: list[tuple[torch.Tensor, ...]], row_terms: list[tuple[torch.Tensor, ...]],
+                         epsilon: float) -> torch.Tensor:
+    """dL/dC for k identity rows: one elementwise pass over C that sums every step's term.
+
+    Args:
+        similarity: (B, k, M); log_b: log b_T (B, M); plan_max: (B, k).
+        row_weights: (B, k, 4); column_weights: (B, M, 4): the softmax term's factors.
+        column_terms: (log a_{t-1} (B, k), column maximum (B, M), coefficient (B, M)) for each step.
+        row_terms: (log b_t (B, M), row maximum (B, k), coefficient (B, k)) for each step but the last.
+    Returns:
+        dL/dC, (B, k, M) in the dtype of `similarity`.
+    """
+    grad = _row_weights(similarity, log_b, plan_max, epsilon) * _outer_sum(row_weights, column_weights)
+    for log_a, column_max, coefficient in column_terms:
+        grad = grad + _column_weights(similarity, log_a, column_max, epsilon) * coefficient.unsqueeze(1)
+    for log_b_step, row_max, coefficient in row_terms:
+        grad = grad + _row_weights(similarity, log_b_step, row_max, epsilon) * coefficient.unsqueeze(2)
+    return (grad / epsilon).to(similarity.dtype)
+
+
+def _concatenate_rows(parts: list) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Per-block results of a row pass joined along the identity rows (tuples element by element)."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts, dim=1)
+    return tuple(torch.cat(column, dim=1) for column in zip(*parts))
+
+
+def _add_parts(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(parts).sum(0)
+
+
+def _merge_column_normalisers(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maximum, sum) of a column log-sum-exp from those of blocks of identity rows."""
+    maxima = torch.stack([maximum for maximum, _ in parts])  # (blocks, B, M)
+    maximum = maxima.amax(0)
+    return maximum, (torch.stack([total for _, total in parts]) * torch.exp(maxima - maximum)).sum(0)
+
+
+def _over_row_blocks(blocks: list[slice], row_pass, combine):
+    """row_pass(rows) for every block of identity rows, the results joined by `combine`.
+
+    A single block (the default) is returned as it is.
+    """
+    parts = [row_pass(rows) for rows in blocks]
+    return parts[0] if len(parts) == 1 else combine(parts)
+
+
+@functools.cache
+def _compiled_pass(read_pass):
+    """`read_pass` as its own torch.compile graph, which Inductor turns into one kernel reading C once.
+
+    Each pass is compiled alone, with its vectors as graph inputs (so they are materialised): traced
+    together, AOTAutograd would merge the backward's recomputations with forward intermediates, keep an
+    N x M one for backward, and inline small vector arithmetic into every N x M loop.
+    """
+    return torch.compile(read_pass, fullgraph=True)
+
+
+def _run_pass(compiled: bool, read_pass, *args):
+    return (_compiled_pass(read_pass) if compiled else read_pass)(*args)
+
+
+def _log_sum(maximum: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return maximum + total.log()
+
+
+def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
+                    blocks: list[slice], compiled: bool) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """warp_out and the vectors backward needs, one read pass over C per Sinkhorn half-step.
+
+    Returns warp (B, N, 3) and the lists [log a_0..a_{T-1} (B, N); log b_0..b_T (B, M); (maximum, sum) of
+    the column log-sum-exps u_1..u_T (B, M); those of the row log-sum-exps v_1..v_{T-1} (B, N); those of
+    the final softmax (B, N)]. v_T is not formed: it is the final softmax's normaliser, and log a_T cancels.
+    """
+    batch, num_identity, num_pose = similarity.shape
+    run = functools.partial(_run_pass, compiled)
+    log_a = [pose_points.new_full((batch, num_identity), -math.log(num_identity))]
+    log_b = [pose_points.new_full((batch, num_pose), -math.log(num_pose))]
+    column_max, column_sum, row_max, row_sum = [], [], [], []
+    for step in range(iterations):
+        maximum, total = _over_row_blocks(blocks, lambda rows: run(
+            _column_normaliser, similarity[:, rows], log_a[-1][:, rows], epsilon), _merge_column_normalisers)
+        column_max.append(maximum)
+        column_sum.append(total)
+        log_b.append(_log_marginal_update(_log_sum(maximum, total), num_pose))
+        if step < iterations - 1:
+            maximum, total = _over_row_blocks(blocks, lambda rows: run(
+                _row_normaliser, similarity[:, rows], log_b[-1], epsilon), _concatenate_rows)
+            row_max.append(maximum)
+            row_sum.append(total)
+            log_a.append(_log_marginal_update(_log_sum(maximum, total), num_identity))
+    warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
+        _plan_warp, similarity[:, rows], log_b[-1], pose_points, epsilon), _concatenate_rows)
+    return warp, [log_a[:iterations], log_b, column_max, column_sum, row_max, row_sum, [plan_max, plan_sum]]
+
+
+class _StoredSinkhornWarp(torch.autograd.Function):
+    """warp_out from a materialised similarity C, saving only C and O(B * (N + M)) vectors per step.
+
+    Notation: s = log K = (C - 1) / epsilon, L = log 1e-8, a_0 = 1 / N. For t = 1..T the forward forms
+    u_t = logsumexp_n(s + log a_{t-1}), log b_t = -log M - logaddexp(u_t, L),
+    v_t = logsumexp_m(s + log b_t), log a_t = -log N - logaddexp(v_t, L) (t < T),
+    and out = P x with P = softmax_m(s + log b_T).
+    Reverse mode, g = dL/dout:
+    - softmax: dL/ds += P (g[n].x[m] - g[n].out[n]); dL/dx = P^T g; dL/dlog b_T is the column sum of that
+      term (one pass reads C for both).
+    - d logaddexp(z, L) / dz = sigmoid(z - L) and d logsumexp / d its argument = the softmax weights, so for
+      t = T..1: du_t = -sigmoid(u_t - L) dlog b_t adds du_t[m] exp(s + log a_{t-1}[n] - u_t[m]) to dL/ds,
+      whose row sums are dlog a_{t-1} (one pass, t > 1); dv_{t-1} = -sigmoid(v_{t-1} - L) dlog a_{t-1} adds
+      dv_{t-1}[n] exp(s + log b_{t-1}[m] - v_{t-1}[n]), whose column sums are dlog b_{t-1} (one pass).
+    Every exponent is a log-softmax weight, so each term is bounded by its vector coefficient; each weight
+    is recomputed as exp(. - maximum) / sum from the saved pair (see `_softmax_parts`), the 1 / sum folded
+    into the coefficient. The 2T - 1 reduction passes give all vectors; one elementwise pass then sums
+    the 2T terms of dL/dC = dL/ds / epsilon.
+    """
+
+    @staticmethod
+    def forward(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled):
+        blocks = _row_blocks(similarity.shape[1], chunk_size or similarity.shape[1])
+        with torch.autocast(similarity.device.type, enabled=False):
+            warp, vectors = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled)
+        # save_for_backward takes a flat list; the group lengths (T, T + 1, T, T, T - 1, T - 1, 2) split it again.
+        ctx.save_for_backward(similarity, pose_points, warp, *itertools.chain(*vectors))
+        ctx.group_lengths = [len(group) for group in vectors]
+        ctx.epsilon, ctx.chunk_size, ctx.compiled = epsilon, chunk_size, compiled
+        return warp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_warp):
+        similarity, pose_points, warp, *flat_vectors = ctx.saved_tensors
+        ends = list(itertools.accumulate(ctx.group_lengths))
+        vectors = [flat_vectors[end - length:end] for end, length in zip(ends, ctx.group_lengths)]
+        blocks = _row_blocks(similarity.shape[1], ctx.chunk_size or similarity.shape[1])
+        with torch.autocast(similarity.device.type, enabled=False):
+            grad_similarity, grad_points = _stored_backward(
+                similarity, pose_points, warp, grad_warp.to(warp.dtype), vectors, ctx.epsilon, blocks, ctx.compiled,
+                ctx.needs_input_grad[0])
+        return grad_similarity, grad_points, None, None, None, None
+
+
+def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: torch.Tensor,
+                     grad_warp: torch.Tensor, vectors: list[list[torch.Tensor]], epsilon: float,
+                     blocks: list[slice], compiled: bool,
+                     similarity_needs_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients (similarity, pose_points) of <grad_warp, warp_out>; see `_StoredSinkhornWarp`."""
+    log_a, log_b, column_max, column_sum, row_max, row_sum, (plan_max, plan_sum) = vectors
+    run = functools.partial(_run_pass, compiled)
+    # Softmax term: P (g.x[m] - g.out[n]) = exp(s + log b_T - plan_max) * ([g, -g.out] / plan_sum @ [x, 1]^T).
+    row_weights = torch.cat([grad_warp, -(grad_warp * warp).sum(2, keepdim=True)], dim=2) / plan_sum.unsqueeze(2)
+    column_weights = torch.cat([pose_points, torch.ones_like(pose_points[..., :1])], dim=2)  # (B, M, 4)
+    column_sums = _over_row_blocks(blocks, lambda rows: run(
+        _plan_column_sums, similarity[:, rows], log_b[-1], plan_max[:, rows], row_weights[:, rows], epsilon),
+        _add_parts)  # (B, M, 4)
+    grad_points = column_sums[..., :3]
+    if not similarity_needs_grad:
+        return None, grad_points
+    grad_log_b = (column_sums * column_weights).sum(2)  # dL/dlog b_T, (B, M)
+    column_coefficients, row_coefficients = [], []  # du_t / sum for t = T..1, dv_t / sum for t = T-1..1
+    for step in range(len(log_a), 0, -1):
+        column_lse = _log_sum(column_max[step - 1], column_sum[step - 1])  # u_t
+        column_coefficients.append(
+            -torch.sigmoid(column_lse - LOG_DIVISION_EPS) * grad_log_b / column_sum[step - 1])
+        if step == 1:  # log a_0 is a constant
+            break
+        grad_log_a = _over_row_blocks(blocks, lambda rows: run(
+            _log_a_gradient, similarity[:, rows], log_a[step - 1][:, rows], column_max[step - 1],
+            column_coefficients[-1], epsilon), _concatenate_rows)  # dL/dlog a_{t-1}, (B, N)
+        row_lse = _log_sum(row_max[step - 2], row_sum[step - 2])  # v_{t-1}
+        row_coefficients.append(-torch.sigmoid(row_lse - LOG_DIVISION_EPS) * grad_log_a / row_sum[step - 2])
+        grad_log_b = _over_row_blocks(blocks, lambda rows: run(
+            _log_b_gradient, similarity[:, rows], log_b[step - 1], row_max[step - 2][:, rows],
+            row_coefficients[-1][:, rows], epsilon), _add_parts)  # dL/dlog b_{t-1}, (B, M)
+    column_terms = list(zip(log_a[::-1], column_max[::-1], column_coefficients))
+    row_terms = list(zip(log_b[-2:0:-1], row_max[::-1], row_coefficients))
+
+    def gradient_rows(rows: slice) -> torch.Tensor:
+        return run(_similarity_gradient, similarity[:, rows], log_b[-1], plan_max[:, rows], row_weights[:, rows],
+                   column_weights, [(log_a_step[:, rows], maximum, coefficient)
+                                    for log_a_step, maximum, coefficient in column_terms],
+                   [(log_b_step, maximum[:, rows], coefficient[:, rows])
+                    for log_b_step, maximum, coefficient in row_terms], epsilon)
+
+    if len(blocks) == 1:
+        return gradient_rows(blocks[0]), grad_points
+    grad_similarity = torch.empty_like(similarity)
+    for rows in blocks:
+        grad_similarity[:, rows] = gradient_rows(rows)
+    return grad_similarity, grad_points
+
+
+@torch.compiler.disable
+def sinkhorn_warp_stored(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float = SINKHORN_EPSILON,
+                         iterations: int = SINKHORN_ITERATIONS, chunk_size: int | None = None,
+                         compiled: bool = False) -> torch.Tensor:
+    """`sinkhorn_warp_dense(similarity, pose_points)` that keeps no N x M tensor but C for backward.
+
+    Meant for training at moderate N, where C fits in memory: the forward makes 2T read passes over C
+    (T column and T - 1 row log-sum-exps, then the warp with its own row normaliser), the backward 2T - 1
+    read passes for its vectors and one pass that writes dL/dC, its only N x M output. Each pass is a
+    small pure function of C and vectors: with `compiled`, torch.compile turns each into one fused kernel
+    (for GPUs); in eager mode a pass allocates N x M temporaries that are freed at once, which `chunk_size`
+    bounds. A torch.compile of the caller does not trace into this function (it breaks the graph here);
+    pass `compiled` instead. Derivation in `_StoredSinkhornWarp`. Gradients reach similarity and
+    pose_points; double backward is not supported.
+
+    Args:
+        similarity: C, float (B, N, M), kept as it is (bf16/fp16 are read and upcast pass by pass, so no
+            float32 copy is kept).
+        pose_points: float (B, M, 3).
+        epsilon: entropic temperature; log K = (C - 1) / epsilon.
+        iterations: number of (b, a) update pairs.
+        chunk_size: identity vertices per block inside each pass, or None for one block.
+        compiled: run each pass as a torch.compile'd kernel (compiled once per pass, shape and dtype).
+    Returns:
+        warp_out: float32 or wider (B, N, 3), each row a convex combination of pose points.
+    """
+    _validate_similarity_inputs(similarity, pose_points, epsilon, iterations)
+    if chunk_size is not None:
+        _validate_chunk_size(chunk_size)
+    dtype = _working_dtype(similarity, pose_points)
+    return _StoredSinkhornWarp.apply(similarity, pose_points.to(dtype), float(epsilon), iterations, chunk_size,
+                                     compiled)

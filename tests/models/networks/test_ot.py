@@ -1,7 +1,7 @@
-"""Tests for models/networks/ot.py: the log-domain and chunked Sinkhorn warps against the dense reference.
+"""Tests for models/networks/ot.py: the log-domain, chunked and stored Sinkhorn warps against the dense reference.
 
 `sinkhorn_warp_dense` (the published multiplicative iterations, autograd through them) is the naive
-reference; both other forms must equal it in value and gradient over a product of sizes.
+reference; every other form must equal it in value and gradient over a product of sizes.
 """
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ import pytest
 import torch
 
 from models.networks import ot
-from models.networks.ot import sinkhorn_warp_chunked, sinkhorn_warp_dense, sinkhorn_warp_logdomain
+from models.networks.ot import (sinkhorn_warp_chunked, sinkhorn_warp_dense, sinkhorn_warp_logdomain,
+                                sinkhorn_warp_stored)
 
 # (N, M): square, more identity than pose vertices, fewer; none divisible by the chunk sizes below.
 SIZES = [(7, 7), (13, 9), (9, 20)]
 # Several blocks with a partial last one, and one block larger than N.
 CHUNK_SIZES = [3, 4, 64]
+# One block (the default) and several with a partial last one.
+STORED_CHUNK_SIZES = [None, 4]
 ITERATIONS = [0, 1, 5]
 # Relative L2 error allowed against the dense reference in the same dtype.
 VALUE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -42,6 +45,13 @@ def _random_problem(batch: int, num_identity: int, num_pose: int, dtype: torch.d
     phi = _unit_features(batch, channels, num_pose, generator)
     points = torch.randn(batch, num_pose, 3, generator=generator, dtype=torch.float64)
     return theta.to(dtype), phi.to(dtype), points.to(dtype)
+
+
+def _random_similarity(batch: int, num_identity: int, num_pose: int, dtype: torch.dtype,
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities (B, N, M) of random 4-channel unit features, and pose points (B, M, 3)."""
+    theta, phi, points = _random_problem(batch, num_identity, num_pose, torch.float64, seed)
+    return (theta.transpose(1, 2) @ phi).to(dtype), points.to(dtype)  # (B, N, M)
 
 
 def _cap_directions(count: int, min_degrees: float, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
@@ -71,9 +81,9 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-def _warp_and_gradients(warp_function, theta, phi, points, seed: int = 1):
-    """warp_out and the gradients of <w, warp_out> (fixed random w) in theta, phi and pose points."""
-    leaves = [tensor.detach().clone().requires_grad_() for tensor in (theta, phi, points)]
+def _warp_and_gradients(warp_function, *inputs, seed: int = 1):
+    """warp_out and the gradients of <w, warp_out> (fixed random w) in every input."""
+    leaves = [tensor.detach().clone().requires_grad_() for tensor in inputs]
     warp = warp_function(*leaves)
     generator = torch.Generator().manual_seed(seed)
     weights = torch.randn(warp.shape, generator=generator, dtype=torch.float64).to(warp.dtype)
@@ -81,14 +91,17 @@ def _warp_and_gradients(warp_function, theta, phi, points, seed: int = 1):
     return warp.detach(), gradients
 
 
+def _from_features(warp_function, **options):
+    """A warp of (similarity, pose points) as a warp of (theta, phi, pose points): C = theta^T phi."""
+    return lambda theta, phi, points: warp_function(theta.transpose(1, 2) @ phi, points, **options)  # (B, N, M)
+
+
 def _dense_from_features(iterations: int = ot.SINKHORN_ITERATIONS):
-    return lambda theta, phi, points: sinkhorn_warp_dense(theta.transpose(1, 2) @ phi, points,  # (B, N, M)
-                                                         iterations=iterations)
+    return _from_features(sinkhorn_warp_dense, iterations=iterations)
 
 
 def _logdomain_from_features(iterations: int = ot.SINKHORN_ITERATIONS):
-    return lambda theta, phi, points: sinkhorn_warp_logdomain(theta.transpose(1, 2) @ phi, points,  # (B, N, M)
-                                                             iterations=iterations)
+    return _from_features(sinkhorn_warp_logdomain, iterations=iterations)
 
 
 def _assert_matches_dense(warp_function, theta, phi, points, iterations: int = ot.SINKHORN_ITERATIONS):
@@ -126,13 +139,15 @@ def test_chunked_gradcheck(iterations):
         functools.partial(sinkhorn_warp_chunked, iterations=iterations, chunk_size=2), inputs)
 
 
-def test_chunked_gradient_of_points_alone_matches_dense():
-    """With features that need no gradient, backward stops after the pass that gives dL/dpose_points."""
+@pytest.mark.parametrize("warp_function", [functools.partial(sinkhorn_warp_chunked, chunk_size=4),
+                                           _from_features(sinkhorn_warp_stored)], ids=["chunked", "stored"])
+def test_gradient_of_points_alone_matches_dense(warp_function):
+    """With a similarity that needs no gradient, backward stops after the pass that gives dL/dpose_points."""
     theta, phi, points = _random_problem(2, 11, 8, torch.float64, seed=4)
     gradients = []
-    for warp_function in (_dense_from_features(), functools.partial(sinkhorn_warp_chunked, chunk_size=4)):
+    for function in (_dense_from_features(), warp_function):
         leaf = points.clone().requires_grad_()
-        warp = warp_function(theta, phi, leaf)
+        warp = function(theta, phi, leaf)
         gradients.append(torch.autograd.grad(warp.square().sum(), leaf)[0])
     expected, gradient = gradients
     assert _relative_error(gradient, expected) < 1e-10
@@ -146,6 +161,8 @@ def test_division_eps_is_kept(dtype, monkeypatch):
     theta, phi, points = theta.to(dtype), phi.to(dtype), points.to(dtype)
     _assert_matches_dense(functools.partial(sinkhorn_warp_chunked, chunk_size=5), theta, phi, points)
     _assert_matches_dense(_logdomain_from_features(), theta, phi, points)
+    _assert_matches_dense(_from_features(sinkhorn_warp_stored, chunk_size=7), theta, phi, points)
+    _assert_similarity_warp_matches_dense(sinkhorn_warp_stored, theta.transpose(1, 2) @ phi, points)  # (B, N, M)
     reference = sinkhorn_warp_dense(theta.transpose(1, 2) @ phi, points)
     for changed_eps in (0.0, 1e-7):
         monkeypatch.setattr(ot, "SINKHORN_DIVISION_EPS", changed_eps)
@@ -157,8 +174,9 @@ def test_warp_rows_are_convex_combinations():
     theta, phi, points = _random_problem(2, 50, 40, torch.float32, seed=5, channels=8)
     points = points * torch.tensor([1.0, 5.0, 0.2])
     lower, upper = points.amin(dim=1, keepdim=True), points.amax(dim=1, keepdim=True)  # (B, 1, 3)
+    similarity = theta.transpose(1, 2) @ phi  # (B, N, M)
     for warp in (sinkhorn_warp_chunked(theta, phi, points, chunk_size=16),
-                 sinkhorn_warp_logdomain(theta.transpose(1, 2) @ phi, points)):
+                 sinkhorn_warp_logdomain(similarity, points), sinkhorn_warp_stored(similarity, points)):
         slack = 1e-5 * (upper - lower)
         assert torch.all(warp >= lower - slack) and torch.all(warp <= upper + slack)
 
@@ -174,11 +192,14 @@ def test_chunked_upcasts_half_precision_inputs():
     assert all(tensor.grad.dtype == torch.bfloat16 for tensor in half_inputs)
 
 
-def test_chunked_ignores_autocast():
-    theta, phi, points = _random_problem(1, 10, 10, torch.float32, seed=7)
-    expected = sinkhorn_warp_chunked(theta, phi, points, chunk_size=4)
+@pytest.mark.parametrize("warp_function, inputs", [
+    (functools.partial(sinkhorn_warp_chunked, chunk_size=4), _random_problem(1, 10, 10, torch.float32, seed=7)),
+    (sinkhorn_warp_stored, _random_similarity(1, 10, 10, torch.float32, seed=7)),
+], ids=["chunked", "stored"])
+def test_ignores_autocast(warp_function, inputs):
+    expected = warp_function(*inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        warp = sinkhorn_warp_chunked(theta, phi, points, chunk_size=4)
+        warp = warp_function(*inputs)
     torch.testing.assert_close(warp, expected, rtol=0, atol=0)
 
 
@@ -214,15 +235,130 @@ def test_chunked_rejects_bad_inputs(arguments, message):
         sinkhorn_warp_chunked(**{**inputs, **arguments})
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (dict(similarity=torch.zeros(5, 6)), "similarity"),
-    (dict(pose_points=torch.zeros(1, 6, 2)), "pose_points"),
-    (dict(epsilon=-0.03), "epsilon"),
+@pytest.mark.parametrize("warp_function, arguments, message", [
+    *itertools.product([sinkhorn_warp_logdomain, sinkhorn_warp_stored], [dict(similarity=torch.zeros(5, 6))],
+                       ["similarity"]),
+    *itertools.product([sinkhorn_warp_logdomain, sinkhorn_warp_stored], [dict(pose_points=torch.zeros(1, 6, 2))],
+                       ["pose_points"]),
+    *itertools.product([sinkhorn_warp_logdomain, sinkhorn_warp_stored], [dict(epsilon=-0.03)], ["epsilon"]),
+    (sinkhorn_warp_stored, dict(iterations=1.5), "iterations"),
+    (sinkhorn_warp_stored, dict(chunk_size=0), "chunk_size"),
+    (sinkhorn_warp_stored, dict(chunk_size=True), "chunk_size"),
+    (sinkhorn_warp_stored, dict(similarity=torch.zeros(1, 5, 6, dtype=torch.int64)), "floating point"),
 ])
-def test_logdomain_rejects_bad_inputs(arguments, message):
+def test_similarity_warps_reject_bad_inputs(warp_function, arguments, message):
     inputs = dict(similarity=torch.zeros(1, 5, 6), pose_points=torch.zeros(1, 6, 3))
     with pytest.raises(ValueError, match=message):
-        sinkhorn_warp_logdomain(**{**inputs, **arguments})
+        warp_function(**{**inputs, **arguments})
+
+
+# ----------------------------------------------------------------------------------------------------
+# sinkhorn_warp_stored
+# ----------------------------------------------------------------------------------------------------
+
+# With C itself as the leaf, warp_out and its gradients are compared with dense run in float64 on the same
+# inputs: float32 dense is itself up to 3e-6 away from that in dL/dC, the stored form up to 7e-6.
+SIMILARITY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _assert_similarity_warp_matches_dense(warp_function, similarity, points,
+                                          iterations: int = ot.SINKHORN_ITERATIONS):
+    expected = _warp_and_gradients(functools.partial(sinkhorn_warp_dense, iterations=iterations),
+                                   similarity.double(), points.double())
+    warp, gradients = _warp_and_gradients(warp_function, similarity, points)
+    assert warp.dtype == similarity.dtype and warp.shape == expected[0].shape
+    for name, actual, reference in zip(("warp_out", "dL/dsimilarity", "dL/dpose_points"), (warp, *gradients),
+                                       (expected[0], *expected[1])):
+        error = _relative_error(actual, reference)
+        assert error < SIMILARITY_TOLERANCE[similarity.dtype], f"{name} differs by {error:.3g} relative"
+
+
+@pytest.mark.parametrize("dtype, batch, sizes, chunk_size, iterations",
+                         list(itertools.product([torch.float64, torch.float32], [1, 2], SIZES, STORED_CHUNK_SIZES,
+                                                ITERATIONS)))
+def test_stored_matches_dense(dtype, batch, sizes, chunk_size, iterations):
+    seed = 1000 * batch + 10 * (chunk_size or 0) + iterations
+    similarity, points = _random_similarity(batch, *sizes, dtype, seed)
+    stored = functools.partial(sinkhorn_warp_stored, iterations=iterations, chunk_size=chunk_size)
+    _assert_similarity_warp_matches_dense(stored, similarity, points, iterations)
+    theta, phi, points = _random_problem(batch, *sizes, dtype, seed + 1)
+    _assert_matches_dense(_from_features(sinkhorn_warp_stored, iterations=iterations, chunk_size=chunk_size),
+                          theta, phi, points, iterations)
+
+
+@pytest.mark.parametrize("iterations, chunk_size", [(0, None), (1, 2), (5, None), (5, 2)])
+def test_stored_gradcheck(iterations, chunk_size):
+    similarity, points = _random_similarity(2, 5, 7, torch.float64, seed=11)
+    inputs = (similarity.requires_grad_(), points.requires_grad_())
+    assert torch.autograd.gradcheck(
+        functools.partial(sinkhorn_warp_stored, iterations=iterations, chunk_size=chunk_size), inputs)
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+def test_stored_compiled_forms_match_dense(sizes, monkeypatch):
+    """The broadcast reductions written for torch.compile, run eagerly, give the same warp and gradients."""
+    similarity, points = _random_similarity(2, *sizes, torch.float64, seed=12)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    _assert_similarity_warp_matches_dense(sinkhorn_warp_stored, similarity, points)
+
+
+def _saved_tensors(function):
+    """Every tensor autograd saves while `function()` runs, and its result."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = function()
+    return saved, result
+
+
+@pytest.mark.parametrize("chunk_size", STORED_CHUNK_SIZES)
+def test_stored_saves_no_other_similarity_sized_tensor(chunk_size):
+    theta, phi, points = _random_problem(2, 40, 30, torch.float32, seed=13)
+    theta.requires_grad_()
+    similarity = theta.transpose(1, 2) @ phi  # (B, N, M)
+    saved, warp = _saved_tensors(lambda: sinkhorn_warp_stored(similarity, points, chunk_size=chunk_size))
+    large = [tensor for tensor in saved if tensor.numel() >= similarity.numel()]
+    assert len(large) == 1 and large[0].data_ptr() == similarity.data_ptr(), "only C itself may be saved"
+    assert max(tensor.numel() for tensor in saved if tensor is not large[0]) <= 2 * 40 * 3
+    warp.sum().backward()
+    assert theta.grad is not None and torch.isfinite(theta.grad).all()
+
+
+def test_stored_reads_half_precision_similarity_without_a_copy():
+    similarity, points = _random_similarity(2, 9, 12, torch.float32, seed=14)
+    half_similarity = similarity.to(torch.bfloat16).requires_grad_()
+    saved, warp = _saved_tensors(lambda: sinkhorn_warp_stored(half_similarity, points, chunk_size=4))
+    large = [tensor for tensor in saved if tensor.numel() >= similarity.numel()]
+    assert [tensor.dtype for tensor in large] == [torch.bfloat16] and large[0].data_ptr() == half_similarity.data_ptr()
+    expected = sinkhorn_warp_stored(half_similarity.detach().float(), points, chunk_size=4)
+    assert warp.dtype == torch.float32
+    torch.testing.assert_close(warp, expected, rtol=0, atol=0)
+    warp.sum().backward()
+    assert half_similarity.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_stored_compiled_passes_match_dense_and_save_only_similarity():
+    """compiled=True runs each pass through torch.compile; an enclosing torch.compile breaks the graph at it."""
+    from torch._dynamo.testing import CompileCounter  # imported here: dynamo is slow to import
+
+    theta, phi, points = _random_problem(2, 24, 20, torch.float32, seed=15)
+    compiled = _from_features(sinkhorn_warp_stored, compiled=True)
+    _assert_matches_dense(compiled, theta, phi, points)
+
+    def caller(theta, phi, points):
+        return 2 * compiled(theta, phi, points)
+
+    counter = CompileCounter()
+    torch.testing.assert_close(torch.compile(caller, backend=counter)(theta, phi, points), caller(theta, phi, points))
+    assert counter.frame_count == 2, "the caller's graph must break around the warp (one graph each side)"
+    similarity = (theta.transpose(1, 2) @ phi).requires_grad_()  # (B, N, M)
+    saved, _ = _saved_tensors(lambda: sinkhorn_warp_stored(similarity, points, compiled=True))
+    assert [tensor.data_ptr() for tensor in saved if tensor.numel() >= similarity.numel()] == [similarity.data_ptr()]
 
 
 _PEAK_MEMORY_SCRIPT = """
