@@ -50,7 +50,8 @@ def synthetic_batch(batch: int, vertices: int, device: torch.device, seed: int =
     """Random identity/pose/gt points (B, N, 3) and faces (B, 2N, 3) of distinct corners."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     points = [torch.rand(batch, vertices, 3, generator=generator) - 0.5 for _ in range(3)]
-    corners = torch.rand(2 * vertices, vertices, generator=generator).argsort(dim=1)[:, :3]  # (2N, 3) distinct
+    order = torch.randperm(vertices, generator=generator)
+    corners = order[(torch.arange(2 * vertices)[:, None] + torch.arange(3)) % vertices]  # (2N, 3) distinct
     sample = {"identity_points": points[0], "pose_points": points[1], "gt_points": points[2],
               "identity_faces": corners.expand(batch, -1, -1).contiguous()}
     return {key: value.to(device) for key, value in sample.items()}
@@ -97,6 +98,7 @@ def build(variant: str, device: torch.device) -> PoseTransferModel:
     """The variant's model; also sets the process-wide TF32 switches it runs under."""
     ot, precision, compiled, tf32 = VARIANTS[variant]
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch._dynamo.reset()  # compiled graphs of the previous variant must not be reused under other settings
     torch.manual_seed(0)
     model = PoseTransferModel(ot=ot, precision=precision).to(device)
     if compiled:
@@ -108,7 +110,7 @@ def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, 
                    repeats: int) -> dict[str, float]:
     """One full step with the published Adam settings, fp16 loss scaling as train.py does it."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER)
+    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=model.generator_dtype == torch.float16)
 
     def step():
@@ -164,6 +166,27 @@ def bench_loaders(device: torch.device, vertices: int, batch: int, pairs: int, w
     return results
 
 
+def profile_training(variant: str, batch: dict, device: torch.device, steps: int = 3) -> str:
+    """torch.profiler table of a few training steps after warm-up: where the time of a step goes."""
+    model = build(variant, device)
+    bench_training(model, batch, device, warmup=2, repeats=1)
+    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER)
+    scaler = torch.amp.GradScaler(device.type, enabled=model.generator_dtype == torch.float16)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            with torch.profiler.record_function("forward"):
+                _, losses = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.profiler.record_function("backward"):
+                scaler.scale(sum(losses.values())).backward()
+            with torch.profiler.record_function("adam"):
+                scaler.step(optimizer)
+                scaler.update()
+        synchronize(device)
+    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+
+
 def golden_check(device: torch.device) -> dict:
     """Every variant on the golden fixture (tests/golden.py): max |diff| and relative L2 of warp_out and
     the output against the published code's, and the output's relative L2 to our reference path."""
@@ -206,9 +229,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8, help="OBJ loader worker processes")
     parser.add_argument("--peak_tflops", type=float, default=800.0)
     parser.add_argument("--golden", action="store_true", help="only check every variant on the golden fixture")
+    parser.add_argument("--profile", default="", help="only print a profile of this variant's training step")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.profile:
+        print(profile_training(args.profile, synthetic_batch(args.batch, args.vertices, device), device))
+        return
     if args.golden:
         results = golden_check(device)
         if args.out:
@@ -227,7 +254,8 @@ def main() -> None:
         results["train"][name] = train
         results["infer_one"][name] = bench_inference(model, one, device, args.warmup, args.repeats)
         infer = bench_inference(model, batch, device, args.warmup, args.repeats)
-        results["infer_batch"][name] = {**infer, "pairs_per_s": args.batch / infer["ms"] * 1e3}
+        infer["pairs_per_s"] = args.batch / infer["ms"] * 1e3
+        results["infer_batch"][name] = infer
         del model
         print(f"{name:24} train {train['ms']:8.2f} ms {train['pairs_per_s']:8.1f} pairs/s {train['peak_gib']:6.2f} GiB "
               f"| infer 1 {results['infer_one'][name]['ms']:7.2f} ms | batch {infer['pairs_per_s']:8.1f} pairs/s",

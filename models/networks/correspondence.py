@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.networks.layers import PointwiseConv1d
+
 from models.networks.ot import sinkhorn_warp_chunked, sinkhorn_warp_dense, sinkhorn_warp_stored
 
 # numpy.finfo(float).eps, the published normaliser's epsilon (kept for parity).
@@ -35,9 +37,9 @@ class PointFeature(nn.Module):
 
     def __init__(self, ngf: int = 64):
         super().__init__()
-        self.layer1 = nn.Conv1d(3, ngf, 1)
-        self.layer2 = nn.Conv1d(ngf, 2 * ngf, 1)
-        self.layer3 = nn.Conv1d(2 * ngf, 4 * ngf, 1)
+        self.layer1 = PointwiseConv1d(3, ngf)
+        self.layer2 = PointwiseConv1d(ngf, 2 * ngf)
+        self.layer3 = PointwiseConv1d(2 * ngf, 4 * ngf)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """points: (B, 3, N) -> features (B, 4ngf, N)."""
@@ -51,9 +53,9 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv1 = nn.Conv1d(channels, channels, 1)
+        self.conv1 = PointwiseConv1d(channels, channels)
         self.prelu = nn.PReLU()
-        self.conv2 = nn.Conv1d(channels, channels, 1)
+        self.conv2 = PointwiseConv1d(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, N) -> (B, C, N)."""
@@ -117,8 +119,8 @@ class Correspondence(nn.Module):
         self.adaptive_feature = PointFeature(ngf)
         self.layer = nn.Sequential(*[ResidualBlock(channels) for _ in range(4)])
         # phi is registered before theta: the published state_dict lists them in this order.
-        self.phi = nn.Conv1d(channels, channels, 1)
-        self.theta = nn.Conv1d(channels, channels, 1)
+        self.phi = PointwiseConv1d(channels, channels)
+        self.theta = PointwiseConv1d(channels, channels)
         self.warp = warp
 
     def features(self, points: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 
+from models.networks.layers import PointwiseConv1d
+
 ELAIN_EPS = 1e-5
 
 
@@ -19,10 +21,10 @@ class ElaIN(nn.Module):
 
     def __init__(self, channels: int, identity_channels: int = 256):
         super().__init__()
-        self.mlp_same = nn.Conv1d(identity_channels, channels, 1)
-        self.mlp_gamma = nn.Conv1d(channels, channels, 1)
-        self.mlp_beta = nn.Conv1d(channels, channels, 1)
-        self.mlp_weight = nn.Conv1d(2 * channels, channels, 1)
+        self.mlp_same = PointwiseConv1d(identity_channels, channels)
+        self.mlp_gamma = PointwiseConv1d(channels, channels)
+        self.mlp_beta = PointwiseConv1d(channels, channels)
+        self.mlp_weight = PointwiseConv1d(2 * channels, channels)
 
     def forward(self, x: torch.Tensor, identity_features: torch.Tensor) -> torch.Tensor:
         """
@@ -52,9 +54,9 @@ class ElaINBlock(nn.Module):
 
     def __init__(self, channels: int, identity_channels: int = 256):
         super().__init__()
-        self.conv_0 = spectral_norm(nn.Conv1d(channels, channels, 1))
-        self.conv_1 = spectral_norm(nn.Conv1d(channels, channels, 1))
-        self.conv_s = spectral_norm(nn.Conv1d(channels, channels, 1, bias=False))
+        self.conv_0 = spectral_norm(PointwiseConv1d(channels, channels))
+        self.conv_1 = spectral_norm(PointwiseConv1d(channels, channels))
+        self.conv_s = spectral_norm(PointwiseConv1d(channels, channels, bias=False))
         self.norm_0 = ElaIN(channels, identity_channels)
         self.norm_1 = ElaIN(channels, identity_channels)
         self.norm_s = ElaIN(channels, identity_channels)
@@ -75,10 +77,10 @@ class ElaINGenerator(nn.Module):
         identity_channels = 4 * ngf
         # Kernel 3 along the vertex axis: the output depends on vertex order (why inputs are shuffled).
         self.fc = nn.Conv1d(3, 16 * ngf, kernel_size=3, padding=1)
-        self.conv1 = nn.Conv1d(16 * ngf, 16 * ngf, 1)
-        self.conv2 = nn.Conv1d(16 * ngf, 8 * ngf, 1)
-        self.conv3 = nn.Conv1d(8 * ngf, 4 * ngf, 1)
-        self.conv4 = nn.Conv1d(4 * ngf, 3, 1)
+        self.conv1 = PointwiseConv1d(16 * ngf, 16 * ngf)
+        self.conv2 = PointwiseConv1d(16 * ngf, 8 * ngf)
+        self.conv3 = PointwiseConv1d(8 * ngf, 4 * ngf)
+        self.conv4 = PointwiseConv1d(4 * ngf, 3)
         self.elain_block1 = ElaINBlock(16 * ngf, identity_channels)
         self.elain_block2 = ElaINBlock(8 * ngf, identity_channels)
         self.elain_block3 = ElaINBlock(4 * ngf, identity_channels)
