@@ -27,7 +27,7 @@ import multiprocessing
 import re
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,14 @@ from data.split import SPLIT_FILE_NAME
 from util.atomic import atomic_write_text
 from util.cli import run_main
 from util.mesh_io import write_mesh
+
+def _installed_version(package: str) -> str | None:
+    """The installed version of package, or None (anny is only needed by the anny source)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
 
 METADATA_FILE_NAME = "metadata.json"
 TEST_LIST_FILE_NAME = "test_list"
@@ -307,7 +315,7 @@ def generate(args: argparse.Namespace) -> dict:
     metadata = {
         "parameters": parameters,
         "run": {"model_file": args.model_file, "device": args.device, "batch_size": args.batch_size,
-                "packages": {name: version(name) for name in _RECORDED_PACKAGES}},
+                "packages": {name: _installed_version(name) for name in _RECORDED_PACKAGES}},
         "dataset_mode": layout,
         "vertices": num_vertices,
         "faces": len(faces),

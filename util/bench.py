@@ -214,6 +214,27 @@ def golden_check(device: torch.device) -> dict:
     return results
 
 
+def golden_gradients(device: torch.device) -> dict:
+    """Every variant's training-mode losses and gradient norms on the golden fixture (expected.json)."""
+    import math
+    from tests.golden import GOLDEN_DIR, golden_inputs, load_golden_model
+    expected = json.loads((GOLDEN_DIR / "expected.json").read_text())
+    batch = {key: value.to(device) for key, value in golden_inputs().items()}
+    results = {}
+    for name in VARIANTS:
+        model = load_golden_model(build(name, device).cpu()).to(device).train()
+        _, losses = model(batch)
+        sum(losses.values()).backward()
+        norms = {network: math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in module.parameters()))
+                 for network, module in model.checkpoint_networks().items()}
+        results[name] = {"rec": losses["rec"].item() / expected["train_mode_rec_loss_x1000"] - 1,
+                         "edge": losses["edge"].item() / expected["train_mode_edge_loss_x0.5"] - 1,
+                         "grad_G": norms["G"] / expected["grad_norm_G"] - 1,
+                         "grad_Corr": norms["Corr"] / expected["grad_norm_Corr"] - 1}
+        print(f"golden train {name:24} " + " ".join(f"{k} {v:+.2e}" for k, v in results[name].items()), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -237,7 +258,7 @@ def main() -> None:
         print(profile_training(args.profile, synthetic_batch(args.batch, args.vertices, device), device))
         return
     if args.golden:
-        results = golden_check(device)
+        results = {"eval": golden_check(device), "train": golden_gradients(device)}
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return

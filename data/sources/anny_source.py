@@ -21,9 +21,7 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
-import anny
 import numpy as np
-import roma
 import torch
 
 from data.sources.base import BodySource
@@ -81,6 +79,10 @@ class AnnySource(BodySource):
 
     def __init__(self, device: torch.device | str = "cpu"):
         """Build the model; the first build in a fresh ANNY_CACHE_DIR parses the assets (minutes)."""
+        import anny  # imported here so that the other sources work where anny is not installed
+        import roma
+
+        self._rotvec_to_rotmat = roma.rotvec_to_rotmat
         self.model = anny.Anny(skinning_method="lbs").to(dtype=torch.float32)
         if list(self.model.phenotype_labels) != self.shape_labels:
             raise RuntimeError(
@@ -194,7 +196,7 @@ class AnnySource(BodySource):
         batch = shape.shape[0]
         rotvecs = pose.to(device=self.device, dtype=torch.float32).reshape(batch, -1, 3)  # (B, K, 3)
         transforms = torch.eye(4, device=self.device).repeat(batch, self.model.bone_count, 1, 1)  # (B, J, 4, 4)
-        transforms[:, self._bone_index, :3, :3] = roma.rotvec_to_rotmat(rotvecs)  # (B, K, 3, 3)
+        transforms[:, self._bone_index, :3, :3] = self._rotvec_to_rotmat(rotvecs)  # (B, K, 3, 3)
         # The rest body (blend shapes and a Procrustes fit per bone) is about half of Anny's forward
         # pass; a batch holds few identities, so it is computed once per distinct identity, then the
         # same two steps as anny's forward pose it.
