@@ -198,10 +198,12 @@ def read_options_json(path: Path) -> dict[str, Any]:
 
 def options_text(options: BaseOptions) -> str:
     """One line per option, '[default: x]' after every value that differs from its default."""
+    defaults = {f.name: f.default for f in _user_fields(type(options))}
+    defaults.update(options.published_defaults())  # flags whose default is the model's published value
     lines = ["----------------- Options ---------------"]
     for f in _user_fields(type(options)):
         value = getattr(options, f.name)
-        mark = f"\t[default: {f.default}]" if value != f.default else ""
+        mark = f"\t[default: {defaults[f.name]}]" if value != defaults[f.name] else ""
         lines.append(f"{f.name:>25}: {value!s:<30}{mark}")
     lines.append("----------------- End -------------------")
     return "\n".join(lines)

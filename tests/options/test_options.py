@@ -34,7 +34,9 @@ def test_saved_json_is_read_back_and_command_line_wins(tmp_path):
     save_options(opt, opt.checkpoint_dir)
     saved = json.loads((tmp_path / "human" / "opt.json").read_text())
     assert saved["ngf"] == 16 and "device" not in saved
-    assert "[default: 64]" in (tmp_path / "human" / "opt.txt").read_text()
+    text = (tmp_path / "human" / "opt.txt").read_text()
+    assert "[default: 64]" in text and "[default: 0.0001]" in text  # --lr 0.5 against ver2ver's published 1e-4
+    assert "beta1" in text and "[default: 0.0]" not in text  # beta1 left at the published value: not marked
     loaded = parse(TrainOptions, ["--checkpoints_dir", str(tmp_path), "--load_from_opt_file", "--lr", "0.25"])
     assert loaded.ngf == 16 and loaded.lr == 0.25 and loaded.gpu_ids == "-1"
 
