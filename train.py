@@ -118,7 +118,6 @@ def main(opt: TrainOptions) -> None:
         state = checkpoint.load_training_state(opt.checkpoint_dir / f"{opt.which_epoch}_resume.pth", model, optimizer,
                                                scaler)
         first_epoch, start_iteration, samples_seen = state["epoch"], state["iteration"], state["samples_seen"]
-        model.to(device)
     if is_main_process():
         print(f"training on {opt.device} x {opt.world_size}, {len(batches)} batches per epoch from {opt.dataroot} "
               f"({type(batches).__name__}), epochs {first_epoch}..{opt.niter + opt.niter_decay}")

@@ -1,31 +1,20 @@
 """Bad input through the real command lines: one 'error:' line, exit status 2, no traceback, nothing lost."""
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.cli import assert_one_line_error as check_one_line_error
+from tests.cli import run_script
 from tests.tiny_data import write_tiny_dataset
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    env.pop("CORENET_TRACEBACK", None)
-    return subprocess.run([sys.executable, script, *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                          env=env, timeout=300)
+    return run_script(script, *args)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert "Traceback" not in result.stderr and errors == lines[-1:], result.stderr  # progress bars may precede it
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+    check_one_line_error(result.returncode, result.stderr, *fragments)
 
 
 @pytest.fixture(scope="module")

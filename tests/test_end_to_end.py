@@ -1,10 +1,6 @@
 """End to end on the CPU: train a few iterations on a tiny set, resume exactly, test, and run under torchrun."""
 import csv
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +11,9 @@ import train as train_script
 from options.base_options import parse
 from options.test_options import TestOptions
 from options.train_options import TrainOptions
+from tests.cli import run_script
 from tests.tiny_data import write_tiny_dataset
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--gpu_ids", "-1", "--ngf", "8", "--nThreads", "0", "--batchSize", "2", "--dataset_mode", "human"]
 
 
@@ -113,11 +109,6 @@ def test_continue_train_resumes_exactly_mid_epoch(data, tmp_path, monkeypatch):
     assert log.count("(epoch: 3,") == (straight / "human" / "loss_log.txt").read_text().count("(epoch: 3,")
 
 
-def run_cli(args: list[str], cwd: Path = PROJECT_ROOT, **env) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env}
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=environment, timeout=300)
-
-
 def is_bias_before_instance_norm(key: str) -> bool:
     """Corr conv biases that feed an InstanceNorm: their gradient is zero in exact arithmetic, so Adam
     (eps 1e-3) turns float round-off of the batch reduction into updates of any sign; not comparable."""
@@ -125,7 +116,6 @@ def is_bias_before_instance_norm(key: str) -> bool:
 
 
 def test_torchrun_two_processes_match_one_process_on_the_whole_batch(data, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     flags = ["--niter", "1", "--niter_decay", "0", "--epoch_size", "4", "--seed", "3"]
     base = [a for a in train_args(data, tmp_path / "x", *flags)]
 
@@ -135,9 +125,11 @@ def test_torchrun_two_processes_match_one_process_on_the_whole_batch(data, tmp_p
         args[args.index("--batchSize") + 1] = str(batch)
         return args
 
-    single = run_cli([sys.executable, "train.py", *with_dirs(base, "single", 4)])
+    single = run_script("train.py", *with_dirs(base, "single", 4))
     assert single.returncode == 0, single.stderr
-    double = run_cli([torchrun, "--standalone", "--nproc_per_node=2", "train.py", *with_dirs(base, "ddp", 2)])
+    # `python -m torch.distributed.run` is the torchrun command.
+    double = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *with_dirs(base, "ddp", 2))
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = load_weights(tmp_path / "single"), load_weights(tmp_path / "ddp")
     compared = [key for key in one if not is_bias_before_instance_norm(key)]

@@ -3,10 +3,7 @@ trained for two steps: placement, vertex order, --rescale, the render, the batch
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from models.pose_transfer_model import PoseTransferModel
 from options.base_options import parse
 from options.train_options import TrainOptions
 from options.transfer_options import TransferOptions
+from tests.cli import assert_one_line_error, run_script
 from tests.tiny_data import posed_ellipsoid, write_tiny_dataset
 from util import checkpoint
 from util.cli import run_main
@@ -28,7 +26,6 @@ from util.mesh_io import read_mesh, write_mesh
 from util.mesh_ops import center_bbox
 from util.render import DEFAULT_SIZE, TITLE_HEIGHT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OFFSET = np.array([5.0, -3.0, 2.0])  # the identity sits far from the origin, so placement is visible
 
 
@@ -229,18 +226,13 @@ def cli(args: list[str], capsys, monkeypatch, through: str = "process") -> list[
     subprocess in the current folder; check exit status 2 and one last 'error:' line; return stderr's lines."""
     monkeypatch.delenv("CORENET_TRACEBACK", raising=False)
     if through == "subprocess":
-        result = subprocess.run([sys.executable, str(PROJECT_ROOT / "transfer.py"), *args], capture_output=True,
-                                text=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, timeout=300)
+        result = run_script("transfer.py", *args)
         status, stderr = result.returncode, result.stderr
     else:
         with pytest.raises(SystemExit) as exit_info:
             run_main(lambda: transfer.main(parse(TransferOptions, args, script="transfer.py")))
         status, stderr = exit_info.value.code, capsys.readouterr().err
-    assert status == 2, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr and lines[-1].startswith("error: "), stderr
-    assert not any(line.startswith("error: ") for line in lines[:-1]), stderr
-    return lines
+    return assert_one_line_error(status, stderr)
 
 
 def _input_text(role: str, name: str, text: str):

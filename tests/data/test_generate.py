@@ -11,8 +11,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +22,11 @@ from data import DATASETS
 from data.generate import PUBLISHED_SPLITS, _template_resampling, main, make_split, make_test_list
 from data.sources import AnnySource
 from data.split import read_split_file
+from tests.cli import run_script
 from util.mesh_io import read_mesh, write_mesh
 
 # Two chunks of 4, so that the writer processes take part.
 SMALL = ["--identities", "2", "--poses", "4", "--vertices", "500", "--seed", "3", "--batch_size", "4"]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
@@ -215,8 +213,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, arguments, er
 
 
 def test_command_line_error_is_one_line_and_exit_status_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "data.generate", "--out", str(tmp_path / "set"), "--identities", "1"],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = run_script("-m", "data.generate", "--out", str(tmp_path / "set"), "--identities", "1")
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "split" in result.stderr
     assert not (tmp_path / "set").exists()
