@@ -10,7 +10,9 @@ meshes it writes
 - split.json: the train/test split the loaders read (data/split.py), the published one for the published
   counts and the same proportions for other counts;
 - test_list: up to 400 "identity pose ground-truth" lines drawn from the test split with a fixed seed,
-  identity (i, p1), pose (j, p2), ground truth (i, p2), like the published test lists.
+  identity (i, p1), pose (j, p2), ground truth (i, p2), like the published test lists: identities and
+  poses both unseen in training;
+- test_list_seen_poses: the same for test identities in training poses (NPT's "seen poses" test).
 
 The output is a function of the parameters alone: the same command writes byte-identical files. Meshes
 are computed in fixed chunks of the (identity, pose) grid, each file is written atomically, and a rerun
@@ -53,6 +55,7 @@ def _installed_version(package: str) -> str | None:
 
 METADATA_FILE_NAME = "metadata.json"
 TEST_LIST_FILE_NAME = "test_list"
+SEEN_POSES_TEST_LIST_FILE_NAME = "test_list_seen_poses"
 MODEL_FILE_SOURCES = ("smpl", "smal")
 # Anny is resampled to SMPL's vertex count so that an Anny set can stand in for the published one.
 DEFAULT_VERTICES = {"anny": 6890, "smpl": 0, "smal": 0, "quadruped": 0}
@@ -123,12 +126,13 @@ def make_split(layout: str, identities: int, poses: int) -> dict:
     return split
 
 
-def make_test_list(split: dict) -> list[tuple[int, int, int, int]]:
-    """Distinct test quadruples (i, j, p1, p2), at most 400, drawn with a fixed seed from the test split.
+def make_test_list(split: dict, poses_key: str = "test_poses") -> list[tuple[int, int, int, int]]:
+    """Distinct test quadruples (i, j, p1, p2), at most 400, drawn with a fixed seed from the test identities
+    and the poses split[poses_key] ("test_poses", or "train_poses" for poses seen in training).
 
     A line reads: identity mesh (i, p1), pose mesh (j, p2), ground truth (i, p2).
     """
-    identities, poses = split["test_identities"], split["test_poses"]
+    identities, poses = split["test_identities"], split[poses_key]
     grid = (len(identities), len(identities), len(poses), len(poses))
     total = int(np.prod(grid))
     drawn = np.random.default_rng(_TEST_LIST_SEED).choice(total, size=min(TEST_LIST_LINES, total), replace=False)
@@ -175,10 +179,10 @@ def _clear_folder(out: Path, whole_set: bool) -> None:
     """Remove interrupted writes and, when whole_set, every file of the set in out.
 
     Only files this generator writes are ever removed: meshes named like a layout's files, their
-    temporaries, metadata.json, split.json and test_list.
+    temporaries, metadata.json, split.json and the test lists.
     """
     out.mkdir(parents=True, exist_ok=True)
-    generated = {METADATA_FILE_NAME, SPLIT_FILE_NAME, TEST_LIST_FILE_NAME}
+    generated = {METADATA_FILE_NAME, SPLIT_FILE_NAME, TEST_LIST_FILE_NAME, SEEN_POSES_TEST_LIST_FILE_NAME}
     for path in out.iterdir():
         of_set = _GENERATED_NAME.fullmatch(path.name) or path.name in generated
         if (whole_set and of_set) or _INTERRUPTED_WRITE.fullmatch(path.name):
@@ -332,15 +336,17 @@ def generate(args: argparse.Namespace) -> dict:
     split_file = {**split, "vertices": num_vertices, "faces": len(faces)}
     atomic_write_text(json.dumps(split_file) + "\n", out / SPLIT_FILE_NAME)
     file_name = DATASETS[layout].file_name
-    lines = [f"{file_name(i, p1)} {file_name(j, p2)} {file_name(i, p2)}" for i, j, p1, p2 in make_test_list(split)]
-    atomic_write_text("\n".join(lines) + "\n", out / TEST_LIST_FILE_NAME)
+    for list_name, poses_key in ((TEST_LIST_FILE_NAME, "test_poses"), (SEEN_POSES_TEST_LIST_FILE_NAME, "train_poses")):
+        lines = [f"{file_name(i, p1)} {file_name(j, p2)} {file_name(i, p2)}"
+                 for i, j, p1, p2 in make_test_list(split, poses_key)]
+        atomic_write_text("\n".join(lines) + "\n", out / list_name)
     return split_file
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data.generate",
-        description="Write a pose-transfer data set (meshes, split.json, test_list, metadata.json) from a body model.")
+        description="Write a pose-transfer data set (meshes, split.json, test lists, metadata.json) from a body model.")
     parser.add_argument("--out", required=True, help="output folder; an interrupted run continues in it")
     parser.add_argument("--source", default="anny", choices=tuple(SOURCES),
                         help="anny: Anny humans (human layout); smpl / smal: from --model_file; quadruped: "

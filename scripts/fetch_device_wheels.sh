@@ -2,14 +2,23 @@
 # Run here (not on the device): download the wheels the device machine lacks into .whl/ (git-ignored via
 # .git/info/exclude), for its Python 3.12. Also copy ../shared into .shared_copy/ for the golden check.
 # Then carry [".whl", ".shared_copy"] in every device call of scripts/device_*.sh.
+# With --anny, also anny and roma into .whl_anny/ (48 MB) for scripts/device_reproduce.sh, which carries
+# [".whl", ".whl_anny"]: together they just fit the device tool's 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx "/.whl/" .git/info/exclude || echo "/.whl/" >> .git/info/exclude
-grep -qx "/.shared_copy/" .git/info/exclude || echo "/.shared_copy/" >> .git/info/exclude
-for package in trimesh==5.2.0 tqdm==4.70.1 tensorboard==2.21.0 tensorboard-data-server==0.7.2 absl-py==2.5.1 \
-    Markdown==3.11.3 Werkzeug==3.1.9 grpcio==1.85.3 protobuf==7.36.2 fast-simplification==0.2.0; do
+for folder in .whl .shared_copy .whl_anny; do
+  grep -qx "/$folder/" .git/info/exclude || echo "/$folder/" >> .git/info/exclude
+done
+download() {  # folder, package==version
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d .whl "$package"
+    --platform manylinux2014_x86_64 -d "$1" "$2"
+}
+for package in trimesh==5.2.0 tqdm==4.70.1 tensorboard==2.21.0 tensorboard-data-server==0.7.2 absl-py==2.5.1 \
+    Markdown==3.11.3 Werkzeug==3.1.9 grpcio==1.85.3 protobuf==7.36.2 fast-simplification==0.2.0; do
+  download .whl "$package"
 done
+if [ "${1:-}" = --anny ]; then
+  for package in anny==0.6.2 roma==1.8.0; do download .whl_anny "$package"; done
+fi
 rm -rf .shared_copy && mkdir -p .shared_copy && cp -r ../shared/reference .shared_copy/

@@ -109,7 +109,7 @@ def face_colours(points: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 def _validate_meshes(meshes: list[tuple[np.ndarray, np.ndarray]], titles: list[str]) -> None:
     if not meshes or len(meshes) != len(titles):
-        raise ValueError(f"render_side_by_side needs one title per mesh and at least one mesh, got "
+        raise ValueError(f"rendering needs one title per mesh and at least one mesh, got "
                          f"{len(meshes)} meshes and {len(titles)} titles")
     for title, (vertices, faces) in zip(titles, meshes):
         vertices, faces = np.asarray(vertices), np.asarray(faces)
@@ -168,6 +168,20 @@ def render_side_by_side(meshes: list[tuple[np.ndarray, np.ndarray]], titles: lis
         size: (width, height) of one panel in pixels; the picture is len(meshes) x width by height.
         view_axis: "x", "y" or "z" (see CAMERAS), or None to choose from the meshes' extents.
     """
+    render_grid([meshes], [titles], path, size, view_axis)
+
+
+def render_grid(rows: list[list[tuple[np.ndarray, np.ndarray]]], titles: list[list[str]],
+                path: str | os.PathLike, size: tuple[int, int] = DEFAULT_SIZE,
+                view_axis: str | None = None) -> None:
+    """Draw rows of meshes, each row left to right as in render_side_by_side, one PNG, one view for all.
+
+    Args:
+        rows: per row, (vertices (V, 3), faces (F, 3)) per panel; rows may differ in length.
+        titles: per row, one line per panel.
+        path, size, view_axis: as in render_side_by_side; the picture is the longest row's panels wide
+            and len(rows) panels high.
+    """
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"render path {path} must end in .png")
@@ -176,12 +190,17 @@ def render_side_by_side(meshes: list[tuple[np.ndarray, np.ndarray]], titles: lis
                          f"pixels, got {size}")
     if view_axis is not None and view_axis not in CAMERAS:
         raise ValueError(f"view_axis must be one of {', '.join(CAMERAS)} or None, got {view_axis!r}")
-    _validate_meshes(meshes, titles)
-    camera = CAMERAS[view_axis or choose_view(meshes)]
+    if not rows or len(rows) != len(titles):
+        raise ValueError(f"render_grid needs one title row per mesh row and at least one row, got "
+                         f"{len(rows)} mesh rows and {len(titles)} title rows")
+    for meshes, row_titles in zip(rows, titles):
+        _validate_meshes(meshes, row_titles)
+    camera = CAMERAS[view_axis or choose_view([mesh for meshes in rows for mesh in meshes])]
     font = ImageFont.load_default(size=TITLE_HEIGHT * 0.6)
-    picture = Image.new("RGB", (size[0] * len(meshes), size[1]), BACKGROUND)
-    for k, ((vertices, faces), title) in enumerate(zip(meshes, titles)):
-        panel = _draw_panel(np.asarray(vertices), np.asarray(faces, dtype=np.int64), title, camera, size, font)
-        picture.paste(panel, (k * size[0], 0))
+    picture = Image.new("RGB", (size[0] * max(map(len, rows)), size[1] * len(rows)), BACKGROUND)
+    for row, (meshes, row_titles) in enumerate(zip(rows, titles)):
+        for column, ((vertices, faces), title) in enumerate(zip(meshes, row_titles)):
+            panel = _draw_panel(np.asarray(vertices), np.asarray(faces, dtype=np.int64), title, camera, size, font)
+            picture.paste(panel, (column * size[0], row * size[1]))
     with atomic_write(path) as handle:
         picture.save(handle, format="PNG")

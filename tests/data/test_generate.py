@@ -107,6 +107,15 @@ def test_test_list_draws_distinct_test_pairs(identities, poses):
     assert make_test_list(split) == quadruples
 
 
+def test_seen_poses_test_list_takes_test_identities_in_training_poses():
+    split = make_split("human", 30, 800)
+    quadruples = make_test_list(split, "train_poses")
+    assert len(quadruples) == 400 and len(set(quadruples)) == 400
+    for i, j, p1, p2 in quadruples:
+        assert {i, j} <= set(split["test_identities"]) and {p1, p2} <= set(split["train_poses"])
+    assert not set(split["test_identities"]) & set(split["train_identities"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Generated sets
 # ----------------------------------------------------------------------------------------------------
@@ -116,12 +125,15 @@ def test_small_set_has_the_layout_split_and_test_list(anny_set):
     assert read_split_file(anny_set)["dataset_mode"] == "human"
     assert split["identities"] == 2 and split["poses"] == 4
     names = {DATASETS["human"].file_name(i, p) for i in range(2) for p in range(4)}
-    assert {path.name for path in anny_set.iterdir()} == names | {"split.json", "test_list", "metadata.json"}
-    lines = (anny_set / "test_list").read_text().splitlines()
-    assert lines and all(set(line.split()) <= names for line in lines)
-    for line in lines:
-        identity, pose, truth = (re.fullmatch(r"id(\d+)_(\d+)\.obj", name).groups() for name in line.split())
-        assert truth == (identity[0], pose[1])
+    assert {path.name for path in anny_set.iterdir()} == names | {
+        "split.json", "test_list", "test_list_seen_poses", "metadata.json"}
+    for list_name, poses_key in (("test_list", "test_poses"), ("test_list_seen_poses", "train_poses")):
+        lines = (anny_set / list_name).read_text().splitlines()
+        assert lines and all(set(line.split()) <= names for line in lines)
+        for line in lines:
+            identity, pose, truth = (re.fullmatch(r"id(\d+)_(\d+)\.obj", name).groups() for name in line.split())
+            assert truth == (identity[0], pose[1])
+            assert {int(identity[1]), int(pose[1])} <= set(split[poses_key])
 
 
 def test_every_mesh_shares_one_topology_of_the_requested_size(anny_set):
@@ -170,7 +182,7 @@ def test_rerun_rewrites_only_the_missing_file(anny_set, tmp_path):
     after = _mtimes(folder)
     assert _contents(folder) == _contents(anny_set)
     rewritten = {name for name in after if after[name] != before.get(name)}
-    assert rewritten == {"id1_2.obj", "metadata.json", "split.json", "test_list"}
+    assert rewritten == {"id1_2.obj", "metadata.json", "split.json", "test_list", "test_list_seen_poses"}
 
 
 def test_folder_with_another_set_is_refused_and_kept(anny_set, tmp_path):
@@ -196,7 +208,7 @@ def test_overwrite_replaces_the_whole_set(anny_set, tmp_path):
     main(["--out", str(folder), "--identities", "3", "--poses", "2", "--vertices", "500", "--overwrite"])
     names = {path.name for path in folder.iterdir()}
     assert names == {f"id{i}_{p}.obj" for i in range(3) for p in range(2)} | {
-        "split.json", "test_list", "metadata.json", "notes.txt"}
+        "split.json", "test_list", "test_list_seen_poses", "metadata.json", "notes.txt"}
 
 
 @pytest.mark.parametrize("arguments, error, message", [

@@ -9,7 +9,7 @@ from PIL import Image, ImageFont
 
 from tests.tiny_data import posed_ellipsoid
 from util.render import (AMBIENT, BASE_COLOUR, CAMERAS, LIGHT, TITLE_HEIGHT, choose_view, fit_title,
-                         project_to_panel, render_side_by_side)
+                         project_to_panel, render_grid, render_side_by_side)
 
 SIZE = (160, 200)
 WHITE_LIMIT = 250  # a pixel with every channel above this counts as background
@@ -141,6 +141,21 @@ def test_picture_has_one_titled_panel_per_mesh(tmp_path):
         assert _drawn(panel).sum() > 200, k
         assert (panel[:TITLE_HEIGHT].max(axis=-1) < 128).any(), k  # dark title text
     assert [p.name for p in path.parent.iterdir()] == ["side.png"]  # no temporary file left
+
+
+def test_grid_has_rows_of_panels_and_leaves_short_rows_blank(tmp_path):
+    rows = [[posed_ellipsoid(0, 0, 2), posed_ellipsoid(1, 1, 2)], [posed_ellipsoid(2, 2, 2)]]
+    path = tmp_path / "grid.png"
+    render_grid(rows, [["a", "b"], ["c"]], path, size=SIZE)
+    pixels = _read(path)
+    assert pixels.shape == (2 * SIZE[1], 2 * SIZE[0], 3)
+    panels = {(r, c): pixels[r * SIZE[1]:(r + 1) * SIZE[1], c * SIZE[0]:(c + 1) * SIZE[0]]
+              for r in range(2) for c in range(2)}
+    for key in ((0, 0), (0, 1), (1, 0)):
+        assert _drawn(panels[key]).sum() > 200, key
+    assert not _drawn(panels[1, 1]).any()
+    with pytest.raises(ValueError, match="one title row per mesh row"):
+        render_grid(rows, [["a", "b"]], tmp_path / "bad.png", size=SIZE)
 
 
 def test_long_titles_are_shortened_to_the_panel():

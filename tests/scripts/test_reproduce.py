@@ -1,0 +1,45 @@
+"""The reproduction pipeline end to end on the CPU at toy size: two tiny sets, six one-epoch trainings, tests,
+report (slow: about two minutes on two cores)."""
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts import reproduce
+
+
+@pytest.mark.slow
+def test_start_finish_and_report_on_tiny_sets(tmp_path):
+    root, out = tmp_path / "repro", tmp_path / "out"
+    reproduce.main(["start", "--root", str(root), "--gpu", "-1", "--epochs", "2", "--epoch_size", "16",
+                    "--print_freq", "8", "--identities", "4", "--poses", "8", "--vertices", "300", "--workers", "2"])
+    reproduce.main(["finish", "--root", str(root), "--out", str(out), "--seconds", "600"])
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["pairs_seen"] == 32
+    assert {(run["set"], run["model"]) for run in results["runs"]} == {
+        (set_name, label) for set_name in reproduce.SETS for label, _ in reproduce.MODELS.values()}
+    for run in results["runs"]:
+        assert run["state"] == "done" and run["wall_s"] > 0
+        for which in ("unseen", "seen"):
+            assert run[which]["pairs"] > 0 and math.isfinite(run[which]["pmd"]) and run[which]["pmd"] > 0
+            assert ("warp_pmd" in run[which]) == (run["model"] == "3D-CoreNet")
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 6 and table[2].startswith("| human | 3D-CoreNet | ")
+
+    pairs, losses = reproduce.loss_curve(reproduce.run_dir(root, "human", "corenet"), "human", 16)
+    assert pairs == [8, 16, 24, 32] and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    for name, panels in (("test_pairs_human.png", (6, 4)), ("test_pairs_animal.png", (6, 4))):
+        picture = np.asarray(Image.open(out / name))
+        assert picture.shape[1] == panels[0] * 240 and picture.shape[0] == panels[1] * 300
+        assert (picture < 200).any()  # shaded meshes on the white background
+    assert Image.open(out / "loss_curves.png").size[0] > 0
+
+    # A second start keeps the finished runs; another schedule in the same root is refused.
+    reproduce.main(["start", "--root", str(root), "--gpu", "-1", "--epochs", "2", "--epoch_size", "16",
+                    "--print_freq", "8", "--identities", "4", "--poses", "8", "--vertices", "300", "--workers", "2"])
+    assert reproduce.run_state(reproduce.run_dir(root, "animal", "npt")) == "done"
+    with pytest.raises(ValueError, match="another schedule"):
+        reproduce.main(["start", "--root", str(root), "--gpu", "-1", "--epochs", "3"])
