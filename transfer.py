@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import create_model
+from models import create_model, inference_transfer
+from models.cuda_graphs import TransferFunction
 from options.base_options import parse, read_options_json
 from options.transfer_options import TransferOptions
 from util import checkpoint
@@ -215,12 +216,12 @@ def load_input(path: Path, role: str, training_size: np.ndarray | None, rescale:
 # Transfer
 # ---------------------------------------------------------------------------------------------------
 
-def transfer_pair(model: torch.nn.Module, identity: InputMesh, pose: InputMesh,
+def transfer_pair(transfer: TransferFunction, identity: InputMesh, pose: InputMesh,
                   device: torch.device) -> dict[str, np.ndarray]:
     """Run the model on one centred (and maybe rescaled) pair; return its outputs in the identity's frame.
 
     Args:
-        model: in eval mode on device, with `transfer(identity (B, N, 3), pose (B, M, 3)) -> dict`.
+        transfer: the model's transfer(identity (B, N, 3), pose (B, M, 3)) -> dict, on device, in eval mode.
         identity, pose: the inputs, N and M vertices.
         device: where the model is.
     Returns:
@@ -230,7 +231,7 @@ def transfer_pair(model: torch.nn.Module, identity: InputMesh, pose: InputMesh,
     identity_points = center_bbox(torch.from_numpy(identity.vertices).to(device)) * identity.scale  # (N, 3)
     pose_points = center_bbox(torch.from_numpy(pose.vertices).to(device)) * pose.scale  # (M, 3)
     with torch.no_grad():
-        outputs = model.transfer(identity_points[None], pose_points[None])  # a batch of one: (1, N, 3), (1, M, 3)
+        outputs = transfer(identity_points[None], pose_points[None])  # a batch of one: (1, N, 3), (1, M, 3)
     return {name: center_bbox(outputs[name][0]).double().cpu().numpy() / identity.scale + identity.centre
             for name in ("fake_points", "warp_out") if name in outputs}
 
@@ -260,12 +261,13 @@ def main(opt: TransferOptions) -> list[Path]:
     model = create_model(opt)
     checkpoint.load_networks(model, opt.checkpoint_dir, opt.which_epoch)
     model.to(device).eval()
+    transfer = inference_transfer(model, opt)
     wanted = dict.fromkeys([("identity", job.identity) for job in jobs] + [("pose", job.pose) for job in jobs])
     inputs = {(role, path): load_input(path, role, training_size, opt.rescale) for role, path in wanted}
 
     for job in jobs:
         identity, pose = inputs["identity", job.identity], inputs["pose", job.pose]
-        outputs = transfer_pair(model, identity, pose, device)
+        outputs = transfer_pair(transfer, identity, pose, device)
         write_mesh(job.out, outputs["fake_points"], identity.faces)
         if job.render:
             render_pair(job.render, identity, pose, outputs, job.out.name)

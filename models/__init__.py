@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from models.cuda_graphs import GraphedTransfer, TransferFunction
 from models.networks import init_weights
 from models.networks.npt import init_npt_weights
 from models.npt_model import NPTModel
@@ -48,3 +49,13 @@ def create_model(opt) -> nn.Module:
     if opt.compile == "on":
         compiled.compile()  # in place: the state_dict keys stay the published ones
     return model
+
+
+def inference_transfer(model: nn.Module, opt) -> TransferFunction:
+    """model.transfer for test.py and transfer.py: replayed from CUDA graphs when --cuda_graphs is on.
+
+    Args:
+        model: in eval mode, on the device of opt.
+        opt: parsed options with cuda_graphs resolved to "on" or "off".
+    """
+    return GraphedTransfer(model) if opt.cuda_graphs == "on" else model.transfer

@@ -64,6 +64,8 @@ class BaseOptions:
                      "would not fit, chunked on a GPU, dense on the CPU", choices=tuple(WARPS))
     compile: str = option("auto", "torch.compile the generator: on, off, or auto (on for GPU training)",
                           choices=("auto", "on", "off"))
+    cuda_graphs: str = option("off", "inference on a GPU (test.py, transfer.py): replay input shapes met before "
+                              "from CUDA graphs, which removes most kernel-launch cost", choices=("on", "off"))
     load_from_opt_file: bool = option(False, "take option defaults from <checkpoints_dir>/<dataset_mode>/opt.json; "
                                       "flags given on the command line still win")
     isTrain: ClassVar[bool] = False
@@ -83,6 +85,11 @@ class BaseOptions:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.nThreads < 0:
             raise ValueError(f"--nThreads must be 0 or more, got {self.nThreads}")
+        if self.cuda_graphs == "on" and self.isTrain:
+            raise ValueError("--cuda_graphs is for inference (test.py, transfer.py); training runs without it")
+        if self.cuda_graphs == "on" and not self.device.startswith("cuda"):
+            raise ValueError(f"--cuda_graphs on needs a GPU, but this run is on {self.device}; "
+                             f"drop the flag or choose a GPU with --gpu_ids")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -16,10 +16,19 @@ case "${PHASE:?set PHASE=1, 2 or 3}" in
     python3 -m scripts.reproduce wait --root "$root" --seconds $((570 - (SECONDS - started)))
     ;;
   3)
-    python3 -m scripts.reproduce finish --root "$root" --out "$OUT" --seconds "${FINISH_WAIT:-300}" 2>&1 \
-      | tr "\r" "\n" | grep -v -E "it/s\]" | grep -v "^meshes and the per-pair"
+    timeout 510 python3 -m scripts.reproduce finish --root "$root" --out "$OUT" --seconds "${FINISH_WAIT:-240}" 2>&1 \
+      | tr "\r" "\n" | grep -v -E "it/s\]" | grep -v "^meshes and the per-pair" || true
+    [ -f "$OUT/results.json" ] || python3 -m scripts.reproduce report --root "$root" --out "$OUT"
+    # Everything `python -m scripts.reproduce report` reads except the meshes (the figures are made here).
     tar -czf "$OUT/logs.tar.gz" -C "$root" schedule.json $(cd "$root" && ls -d runs/*/*/loss_log.txt \
-      runs/*/*/opt.txt runs/*/*/data_stats.json runs/*/status.json runs/*/train.log data/*/metadata.json \
-      data/*/split.json 2>/dev/null)
+      runs/*/*/opt.txt runs/*/*/opt.json runs/*/*/data_stats.json runs/*/status.json runs/*/test_*/*/pmd.csv \
+      data/*/metadata.json data/*/split.json 2>/dev/null)
+    # Time left in this call (the machine is already up): check and time CUDA-graph inference (issue 4).
+    if [ $((SECONDS - started)) -lt "${EXTRA_BEFORE:-240}" ]; then
+      timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/models/test_cuda_graphs.py 2>&1 \
+        | tail -5 | tee "$OUT/cuda_graphs_test.txt" || true
+      timeout 170 python3 -m util.bench --skip_train --variants reference,fast-fp16-compiled,fast-bf16-compiled \
+        --sweep "" --loader_pairs 0 --out "$OUT/bench_inference_graphs.json" 2>&1 | tail -12 || true
+    fi
     ;;
 esac

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ MODELS = {  # name -> (label, model flags)
 }
 TEST_LISTS = {"unseen": "test_list", "seen": "test_list_seen_poses"}  # poses unseen / seen in training
 FIGURE_PAIRS = 4
+TEST_PROCESSES = 6
 SMOOTHING = 10  # logged steps per point of the loss curves
 LOSS_LINE = re.compile(r"\(epoch: (\d+), iters: (\d+),.*?\) (.*) lr:")
 STATUS_FILE = "status.json"
@@ -188,7 +190,7 @@ def test_run(root: Path, set_name: str, model: str, which: str) -> Path:
     dataset_mode = SETS[set_name]["dataset_mode"]
     table = results / dataset_mode / "pmd.csv"
     if not table.is_file():
-        subprocess.run([sys.executable, "test.py", "--dataset_mode", dataset_mode, "--dataroot", str(data),
+        subprocess.run([sys.executable, "test.py", "--nThreads", "2", "--dataset_mode", dataset_mode, "--dataroot", str(data),
                         "--gpu_ids", schedule["gpu"], "--checkpoints_dir", str(directory),
                         "--test_list", str(data / TEST_LISTS[which]), "--results_dir", str(results),
                         "--precision", "fp32", "--ot", "dense", *MODELS[model][1]], cwd=PROJECT_ROOT, check=True)
@@ -198,7 +200,8 @@ def test_run(root: Path, set_name: str, model: str, which: str) -> Path:
 def read_table(table: Path) -> dict:
     with open(table, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    summary = {"pairs": len(rows), "pmd": statistics.fmean(float(row["pmd"]) for row in rows)}
+    summary = {"pairs": len(rows), **{key: statistics.fmean(float(row[key]) for row in rows)
+                                      for key in ("pmd", "pmd_x", "pmd_y", "pmd_z")}}
     if "warp_pmd" in rows[0]:
         summary["warp_pmd"] = statistics.fmean(float(row["warp_pmd"]) for row in rows)
     return summary
@@ -274,8 +277,12 @@ def report(root: Path, out: Path) -> dict:
             status = read_json(directory / STATUS_FILE)
             if status is None:
                 continue
+            log = directory / SETS[set_name]["dataset_mode"] / "loss_log.txt"
+            pairs = loss_curve(directory, SETS[set_name]["dataset_mode"], schedule["epoch_size"])[0] \
+                if log.is_file() else []
             entry = {"set": set_name, "model": label, "state": run_state(directory),
-                     "wall_s": round(status.get("wall_s", float("nan")), 1)}
+                     "pairs_trained": pairs[-1] if pairs else 0,
+                     "wall_s": round(status["wall_s"], 1) if "wall_s" in status else None}
             for which in TEST_LISTS:
                 table = directory / f"test_{which}" / SETS[set_name]["dataset_mode"] / "pmd.csv"
                 if table.is_file():
@@ -295,23 +302,25 @@ def results_table(results: dict) -> str:
     def cell(entry: dict, which: str, key: str) -> str:
         return f"{entry[which][key] / 1e-4:.3f}" if key in entry.get(which, {}) else "-"
 
-    lines = ["| set | model | PMD unseen poses | PMD seen poses | warp alone, unseen | warp alone, seen | "
-             "training wall (s) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| set | model | pairs trained | PMD unseen poses | PMD seen poses | warp alone, unseen | "
+             "warp alone, seen | training wall (s) |", "|---|---|---|---|---|---|---|---|"]
     for entry in results["runs"]:
-        lines.append(f"| {entry['set']} | {entry['model']} | {cell(entry, 'unseen', 'pmd')} | "
-                     f"{cell(entry, 'seen', 'pmd')} | {cell(entry, 'unseen', 'warp_pmd')} | "
-                     f"{cell(entry, 'seen', 'warp_pmd')} | {entry['wall_s']} |")
+        wall = entry["wall_s"] if entry["wall_s"] is not None else entry["state"]
+        lines.append(f"| {entry['set']} | {entry['model']} | {entry['pairs_trained']:,} | "
+                     f"{cell(entry, 'unseen', 'pmd')} | {cell(entry, 'seen', 'pmd')} | "
+                     f"{cell(entry, 'unseen', 'warp_pmd')} | {cell(entry, 'seen', 'warp_pmd')} | {wall} |")
     return "\n".join(lines) + "\n"
 
 
 def finish(args: argparse.Namespace) -> None:
     root = Path(args.root)
     wait(root, args.seconds)
-    for set_name in SETS:
-        for model in MODELS:
-            if run_state(run_dir(root, set_name, model)) == "done":
-                for which in TEST_LISTS:
-                    test_run(root, set_name, model, which)
+    tests = [(set_name, model, which) for set_name in SETS for model in MODELS for which in TEST_LISTS
+             if run_state(run_dir(root, set_name, model)) == "done"]
+    # Several test processes at once: each spends most of its time starting up and writing meshes.
+    with ThreadPoolExecutor(max_workers=TEST_PROCESSES) as pool:
+        for table in pool.map(lambda test: test_run(root, *test), tests):
+            print(f"tested: {table}", flush=True)
     results = report(root, Path(args.out))
     print(results_table(results), end="")
 

@@ -60,6 +60,8 @@ def test_train_writes_published_files_then_test_reports_pmd(data, tmp_path, caps
         rows = list(csv.DictReader(handle))
     assert len(rows) == len((data / "test_list").read_text().split("\n")) - 1
     assert sum(float(r["pmd"]) for r in rows) / len(rows) == pytest.approx(mean_pmd)
+    for row in rows:  # the per-axis columns average to the PMD
+        assert (float(row["pmd_x"]) + float(row["pmd_y"]) + float(row["pmd_z"])) / 3 == pytest.approx(float(row["pmd"]))
     assert (results / "human" / rows[0]["ground_truth"]).is_file()
 
 

@@ -6,7 +6,7 @@
 Tables printed (and written as JSON with --out):
 - training step (forward, losses, backward, Adam) at --batch and --vertices: ms, pairs/s, peak GiB, the
   ratio to the reference and model FLOP utilisation, for the reference (fp32, dense OT) and fast variants;
-- inference: one pair and a batch, per variant;
+- inference: one pair, a batch and a --big_batch, per variant, eager and (on a GPU) replayed from CUDA graphs;
 - an inference sweep over vertex counts for the memory-linear path (and the reference until it runs out);
 - the data path: pairs/s of the packed sampler on the device and of the OBJ loader with --workers.
 Inputs are random points with random faces, made on the device; timing does not depend on their values.
@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from models.cuda_graphs import GraphedTransfer, TransferFunction
 from models.pose_transfer_model import PoseTransferModel
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
@@ -124,13 +125,12 @@ def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, 
     return {"ms": ms, "peak_gib": peak_gib(device)}
 
 
-def bench_inference(model: PoseTransferModel, batch: dict, device: torch.device, warmup: int,
+def bench_inference(transfer: TransferFunction, batch: dict, device: torch.device, warmup: int,
                     repeats: int) -> dict[str, float]:
-    model.eval()
-
+    """transfer (a model's, in eval mode, or a GraphedTransfer) on the batch; warmup >= 2 lets a graph be captured."""
     def step():
         with torch.no_grad():
-            model.transfer(batch["identity_points"], batch["pose_points"])
+            transfer(batch["identity_points"], batch["pose_points"])
     reset_peak(device)
     ms = time_median(step, device, warmup, repeats)
     return {"ms": ms, "peak_gib": peak_gib(device)}
@@ -241,6 +241,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vertices", type=int, default=6890)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--big_batch", type=int, default=32, help="a larger inference batch (0 to skip)")
+    parser.add_argument("--skip_train", action="store_true", help="inference, sweep and loaders only")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sweep", default="6890,13780,27560,55120,110240,220480",
@@ -268,25 +270,36 @@ def main() -> None:
     step_gflop = 3 * FORWARD_GFLOP_PER_PAIR_6890 * args.vertices / 6890 * args.batch
     batch = synthetic_batch(args.batch, args.vertices, device)
     one = {key: value[:1] for key, value in batch.items()}
+    big = synthetic_batch(args.big_batch, args.vertices, device) if args.big_batch else None
     for name in args.variants.split(","):
         model = build(name, device)
-        train = bench_training(model, batch, device, args.warmup, args.repeats)
-        train.update(pairs_per_s=args.batch / train["ms"] * 1e3, mfu=step_gflop / train["ms"] / args.peak_tflops)
-        results["train"][name] = train
-        results["infer_one"][name] = bench_inference(model, one, device, args.warmup, args.repeats)
-        infer = bench_inference(model, batch, device, args.warmup, args.repeats)
-        infer["pairs_per_s"] = args.batch / infer["ms"] * 1e3
-        results["infer_batch"][name] = infer
-        del model
-        print(f"{name:24} train {train['ms']:8.2f} ms {train['pairs_per_s']:8.1f} pairs/s {train['peak_gib']:6.2f} GiB "
-              f"| infer 1 {results['infer_one'][name]['ms']:7.2f} ms | batch {infer['pairs_per_s']:8.1f} pairs/s",
-              flush=True)
+        if not args.skip_train:
+            train = bench_training(model, batch, device, args.warmup, args.repeats)
+            train.update(pairs_per_s=args.batch / train["ms"] * 1e3, mfu=step_gflop / train["ms"] / args.peak_tflops)
+            results["train"][name] = train
+            print(f"{name:24} train {train['ms']:8.2f} ms {train['pairs_per_s']:8.1f} pairs/s "
+                  f"{train['peak_gib']:6.2f} GiB", flush=True)
+        model.eval()
+        transfers = {name: model.transfer}
+        if device.type == "cuda":
+            transfers[f"{name}+graphs"] = GraphedTransfer(model)
+        for label, transfer in transfers.items():
+            results["infer_one"][label] = bench_inference(transfer, one, device, args.warmup, args.repeats)
+            for key, inputs in (("infer_batch", batch), ("infer_big_batch", big)):
+                if inputs is not None:
+                    infer = bench_inference(transfer, inputs, device, args.warmup, args.repeats)
+                    infer["pairs_per_s"] = len(inputs["identity_points"]) / infer["ms"] * 1e3
+                    results.setdefault(key, {})[label] = infer
+            print(f"{label:24} infer 1 pair {results['infer_one'][label]['ms']:7.2f} ms | batch "
+                  f"{results['infer_batch'][label]['pairs_per_s']:8.1f} pairs/s", flush=True)
+        del model, transfers
     for name in ("reference", args.sweep_variant):
         for vertices in [int(v) for v in args.sweep.split(",") if v]:
             try:
                 pair = synthetic_batch(1, vertices, device)
                 model = build(name, device)
-                results["sweep"].setdefault(name, {})[vertices] = bench_inference(model, pair, device, 1, 3)
+                results["sweep"].setdefault(name, {})[vertices] = bench_inference(model.eval().transfer, pair, device,
+                                                                                  1, 3)
             except (RuntimeError, torch.OutOfMemoryError) as err:
                 if not out_of_memory(err):
                     raise
@@ -304,10 +317,12 @@ def main() -> None:
     for name, row in results["train"].items():
         ratio = row["pairs_per_s"] / reference["pairs_per_s"] if reference else float("nan")
         print(f"{name:24} {row['ms']:8.2f} {row['pairs_per_s']:8.1f} {row['peak_gib']:9.2f} {ratio:6.2f} {row['mfu']:6.1%}")
-    print(f"\n{'inference':24} {'1 pair ms':>10} {'batch pairs/s':>14} {'peak GiB':>9}")
+    big_column = f"batch {args.big_batch} pairs/s" if big is not None else ""
+    print(f"\n{'inference':30} {'1 pair ms':>10} {f'batch {args.batch} pairs/s':>16} {'peak GiB':>9} {big_column:>18}")
     for name in results["infer_one"]:
-        print(f"{name:24} {results['infer_one'][name]['ms']:10.2f} {results['infer_batch'][name]['pairs_per_s']:14.1f} "
-              f"{results['infer_batch'][name]['peak_gib']:9.2f}")
+        big_rate = f"{results['infer_big_batch'][name]['pairs_per_s']:18.1f}" if big is not None else ""
+        print(f"{name:30} {results['infer_one'][name]['ms']:10.2f} {results['infer_batch'][name]['pairs_per_s']:16.1f} "
+              f"{results['infer_batch'][name]['peak_gib']:9.2f} {big_rate}")
     if "loaders" in results:
         print(f"\ndata path: packed {results['loaders']['packed']['pairs_per_s']:.0f} pairs/s, OBJ files "
               f"{results['loaders']['files']['pairs_per_s']:.0f} pairs/s with {args.workers} workers")

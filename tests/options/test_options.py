@@ -57,6 +57,15 @@ def test_several_gpus_without_torchrun_names_the_command():
         parse(TrainOptions, ["--gpu_ids", "0,1"])
 
 
+def test_cuda_graphs_are_for_inference_on_a_gpu():
+    assert parse(TestOptions, ["--gpu_ids", "-1"]).cuda_graphs == "off"
+    assert parse(TrainOptions, ["--gpu_ids", "-1"]).cuda_graphs == "off"
+    with pytest.raises(ValueError, match="--cuda_graphs on needs a GPU, but this run is on cpu"):
+        parse(TestOptions, ["--gpu_ids", "-1", "--cuda_graphs", "on"])
+    with pytest.raises(ValueError, match="--cuda_graphs is for inference"):
+        parse(TrainOptions, ["--gpu_ids", "-1", "--cuda_graphs", "on"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batchSize", "0"], "--batchSize must be at least 1"),
     (["--niter", "0", "--niter_decay", "0"], "at least one epoch"),

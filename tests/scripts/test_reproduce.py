@@ -22,12 +22,13 @@ def test_start_finish_and_report_on_tiny_sets(tmp_path):
     assert {(run["set"], run["model"]) for run in results["runs"]} == {
         (set_name, label) for set_name in reproduce.SETS for label, _ in reproduce.MODELS.values()}
     for run in results["runs"]:
-        assert run["state"] == "done" and run["wall_s"] > 0
+        assert run["state"] == "done" and run["wall_s"] > 0 and run["pairs_trained"] == 32
         for which in ("unseen", "seen"):
             assert run[which]["pairs"] > 0 and math.isfinite(run[which]["pmd"]) and run[which]["pmd"] > 0
             assert ("warp_pmd" in run[which]) == (run["model"] == "3D-CoreNet")
+            assert sum(run[which][f"pmd_{axis}"] for axis in "xyz") / 3 == pytest.approx(run[which]["pmd"])
     table = (out / "results.md").read_text().splitlines()
-    assert len(table) == 2 + 6 and table[2].startswith("| human | 3D-CoreNet | ")
+    assert len(table) == 2 + 6 and table[2].startswith("| human | 3D-CoreNet | 32 | ")
 
     pairs, losses = reproduce.loss_curve(reproduce.run_dir(root, "human", "corenet"), "human", 16)
     assert pairs == [8, 16, 24, 32] and all(math.isfinite(loss) and loss > 0 for loss in losses)

@@ -1,0 +1,34 @@
+"""CUDA-graph inference (models/cuda_graphs.py): the same numbers as the eager call, one graph per shape."""
+import pytest
+import torch
+
+from models.cuda_graphs import GraphedTransfer
+from models.pose_transfer_model import PoseTransferModel
+
+
+def test_cpu_inputs_are_refused_with_one_line():
+    with pytest.raises(ValueError, match="CUDA graphs need inputs on a CUDA device, got cpu"):
+        GraphedTransfer(PoseTransferModel(ngf=8).eval())(torch.rand(1, 30, 3), torch.rand(1, 30, 3))
+    with pytest.raises(ValueError, match="max_graphs must be at least 1"):
+        GraphedTransfer(PoseTransferModel(ngf=8), max_graphs=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ot, precision", [("dense", "fp32"), ("stored", "fp16"), ("chunked", "bf16")])
+def test_replays_equal_the_eager_calls(ot, precision):
+    torch.manual_seed(0)
+    model = PoseTransferModel(ngf=16, ot=ot, precision=precision).cuda().eval()
+    graphed = GraphedTransfer(model, max_graphs=1)
+    shapes = [(2, 500, 3), (2, 500, 3), (2, 500, 3), (1, 300, 3), (1, 300, 3), (2, 500, 3), (2, 500, 3)]
+    for call, shape in enumerate(shapes):
+        identity, pose = torch.rand(shape, device="cuda"), torch.rand(shape[0], shape[1] + 7, 3, device="cuda")
+        with torch.no_grad():
+            expected = model.transfer(identity, pose)
+        got = graphed(identity, pose)
+        for name in ("warp_out", "fake_points"):
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=f"call {call} {name}")
+    assert len(graphed.graphs) == 1  # max_graphs=1: the (2, 500) graph replaced the (1, 300) one
+    kept = next(iter(graphed.graphs.values()))
+    outputs = graphed(identity, pose)
+    graphed(torch.rand_like(identity), torch.rand_like(pose))
+    assert not torch.equal(outputs["fake_points"], kept.outputs["fake_points"])  # callers get copies
