@@ -187,6 +187,18 @@ def profile_training(variant: str, batch: dict, device: torch.device, steps: int
     return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
 
 
+def profile_inference(variant: str, batch: dict, device: torch.device, calls: int = 5) -> str:
+    """torch.profiler table of eager inference calls after warm-up: which kernels a transfer spends its time in."""
+    model = build(variant, device).eval()
+    bench_inference(model.transfer, batch, device, warmup=2, repeats=1)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler, torch.no_grad():
+        for _ in range(calls):
+            model.transfer(batch["identity_points"], batch["pose_points"])
+        synchronize(device)
+    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+
+
 def golden_check(device: torch.device) -> dict:
     """Every variant on the golden fixture (tests/golden.py): max |diff| and relative L2 of warp_out and
     the output against the published code's, and the output's relative L2 to our reference path."""
@@ -253,11 +265,16 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=800.0)
     parser.add_argument("--golden", action="store_true", help="only check every variant on the golden fixture")
     parser.add_argument("--profile", default="", help="only print a profile of this variant's training step")
+    parser.add_argument("--profile_inference", default="", help="only print a profile of this variant's "
+                        "one-pair inference")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.profile:
         print(profile_training(args.profile, synthetic_batch(args.batch, args.vertices, device), device))
+        return
+    if args.profile_inference:
+        print(profile_inference(args.profile_inference, synthetic_batch(1, args.vertices, device), device))
         return
     if args.golden:
         results = {"eval": golden_check(device), "train": golden_gradients(device)}
