@@ -1,31 +1,66 @@
 #!/usr/bin/env bash
-# One device call: make a quadruped set on the GPU, pack it, train STEPS steps with each path in PATHS
-# (reference: --precision fp32 --ot dense --compile off; fast: the defaults) for each seed in SEEDS, keep
-# every loss log in $OUT, then test the last fast checkpoint with both paths. Compare the logs with
-# `python scripts/compare_losses.py DIR...` (several seeds per path: one seed is not enough, see
-# docs/benchmarks.md). Carry .whl. Example: PATHS=reference SEEDS="1 2 3" STEPS=1000 bash scripts/device_train_compare.sh
+# Issue 4's training check: the reference path (--precision fp32 --ot dense --compile off) against the fast
+# path (the defaults), trained STEPS steps from the same seeds on the same packed quadruped set, every run
+# at once on the GPU. Two device calls back to back on one warm machine (the trainings run detached in
+# between); carry .whl.
+#   PHASE=1: make the set (VERTICES per mesh, default 2000), pack it, start the runs, follow them
+#   PHASE=2: wait for them, copy every loss log to $OUT, test seed 1's fast checkpoint with both paths and
+#            print the comparison (scripts/compare_losses.py)
+# Example: PHASE=1 SEEDS="1 2 3" STEPS=2000 bash scripts/device_train_compare.sh, then PHASE=2 likewise.
 set -euo pipefail
 source scripts/device_setup.sh
 steps=${STEPS:-2000}
-python3 -m data.generate --source quadruped --out /tmp/quad --identities 12 --poses 100 --device cuda 2>&1 | tail -1
-python3 -m data.packed --dataroot /tmp/quad --dataset_mode animal --workers 8 2>&1 | tail -1
-common="--dataset_mode animal --dataroot /tmp/quad --gpu_ids 0 --loader packed --niter 1 --niter_decay 0
-  --epoch_size $((steps * 8)) --print_freq 8 --display_freq 100000000 --save_latest_freq 100000000"
-for path in ${PATHS:-reference fast}; do
-  flags=""; [ "$path" = reference ] && flags="--ot dense --precision fp32 --compile off"
-  for seed in ${SEEDS:-1}; do
-    /usr/bin/time -f "$path seed $seed wall %e s" python3 train.py $common --seed "$seed" \
-      --checkpoints_dir "/tmp/$path$seed" $flags 2>&1 | tr "\r" "\n" | grep -E "wall" || true
-    cp "/tmp/$path$seed/animal/loss_log.txt" "$OUT/loss_${path}_seed$seed.txt"
+seeds=${SEEDS:-1 2 3}
+paths=${PATHS:-reference fast}
+data=/tmp/compare/quad
+started=$SECONDS
+
+follow() {  # seconds: wait until no run is left or the time is up, printing each run's last log line
+  while [ $((SECONDS - started)) -lt "$1" ]; do
+    running=0
+    for pid_file in /tmp/compare/*.pid; do
+      kill -0 "$(cat "$pid_file")" 2>/dev/null && running=$((running + 1))
+    done
+    echo "$(date +%T) $running running; $(for log in /tmp/compare/runs/*/animal/loss_log.txt; do
+      [ -f "$log" ] && printf '%s: %s; ' "$(basename "$(dirname "$(dirname "$log")")")" "$(tail -n 1 "$log" | cut -c1-60)"
+      done)"
+    [ "$running" -eq 0 ] && return
+    sleep 30
   done
-done
-last_fast=$(ls -d /tmp/fast* 2>/dev/null | tail -1)
-if [ -n "$last_fast" ]; then
-  for path in reference fast; do
-    flags=""; [ "$path" = reference ] && flags="--ot dense --precision fp32"
-    python3 test.py --dataset_mode animal --dataroot /tmp/quad --gpu_ids 0 --checkpoints_dir "$last_fast" \
-      --test_list /tmp/quad/test_list --results_dir "/tmp/results_$path" $flags 2>&1 | grep "mean PMD" \
-      | sed "s/^/$path path: /" | tee -a "$OUT/test_pmd.txt"
-  done
-fi
-python3 scripts/compare_losses.py "$OUT"
+}
+
+case "${PHASE:?set PHASE=1 or 2}" in
+  1)
+    mkdir -p /tmp/compare/runs
+    python3 -m data.generate --source quadruped --out "$data" --identities 12 --poses 100 \
+      --vertices "${VERTICES:-2000}" --device cuda 2>&1 | tail -1
+    python3 -m data.packed --dataroot "$data" --dataset_mode animal --workers 8 2>&1 | tail -1
+    for path in $paths; do
+      flags=""; [ "$path" = reference ] && flags="--ot dense --precision fp32 --compile off"
+      for seed in $seeds; do
+        setsid nohup python3 train.py --dataset_mode animal --dataroot "$data" --gpu_ids 0 --loader packed \
+          --niter 1 --niter_decay 0 --epoch_size $((steps * 8)) --print_freq 8 --display_freq 100000000 \
+          --save_latest_freq 100000000 --seed "$seed" --checkpoints_dir "/tmp/compare/runs/$path$seed" $flags \
+          > "/tmp/compare/$path$seed.log" 2>&1 &
+        echo $! > "/tmp/compare/$path$seed.pid"
+      done
+    done
+    follow 560
+    ;;
+  2)
+    follow 420
+    for log in /tmp/compare/runs/*/animal/loss_log.txt; do
+      run=$(basename "$(dirname "$(dirname "$log")")")
+      cp "$log" "$OUT/loss_${run%%[0-9]*}_seed${run##*[a-z]}.txt"
+    done
+    if [ -d /tmp/compare/runs/fast1 ]; then
+      for path in reference fast; do
+        flags=""; [ "$path" = reference ] && flags="--ot dense --precision fp32"
+        python3 test.py --dataset_mode animal --dataroot "$data" --gpu_ids 0 --checkpoints_dir /tmp/compare/runs/fast1 \
+          --test_list "$data/test_list" --results_dir "/tmp/compare/results_$path" $flags 2>&1 | grep "mean PMD" \
+          | sed "s/^/$path path: /" | tee -a "$OUT/test_pmd.txt"
+      done
+    fi
+    python3 scripts/compare_losses.py "$OUT"
+    ;;
+esac
