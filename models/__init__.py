@@ -39,7 +39,7 @@ def create_model(opt) -> nn.Module:
     model_class = MODELS[opt.model]
     weights = {name: getattr(opt, name, default) for name, default in model_class.LOSS_WEIGHTS.items()}
     if opt.model == "npt":
-        model = NPTModel(variant=opt.npt_variant, **weights)
+        model = NPTModel(variant=opt.npt_variant, precision=opt.precision, **weights)
         init_npt_weights(model)
         compiled = model.npt
     else:

@@ -2,7 +2,8 @@
 
 It owns one network, `npt` (models/networks/npt.py), saved as <label>_net_NPT.pth holding exactly the
 published NPT state_dict. Its losses are NPT's: rec + 0.0005 * edge, with the same reconstruction and edge
-definitions as 3D-CoreNet (models/networks/losses.py). OPTIMIZER and LR_DECAY carry NPT's published
+definitions as 3D-CoreNet (models/networks/losses.py); `precision` autocasts the whole network (published:
+fp32). OPTIMIZER and LR_DECAY carry NPT's published
 training settings (Adam, lr 5e-5, constant) for train.py; the published initialisation is
 models.networks.npt.init_npt_weights. Data enters and leaves as (B, N, 3); `transfer` is the one place
 that transposes to the network's channel-first layout. No file I/O, no optimizer held.
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from models.networks.losses import weighted_losses
 from models.networks.npt import NPT
+from models.pose_transfer_model import PRECISIONS
 
 
 class NPTModel(nn.Module):
@@ -24,11 +26,15 @@ class NPTModel(nn.Module):
     LR_DECAY = False
     LOSS_WEIGHTS = {"lambda_rec": 1.0, "lambda_edge": 0.0005}
 
-    def __init__(self, variant: str = "original", lambda_rec: float = 1.0, lambda_edge: float = 0.0005):
+    def __init__(self, variant: str = "original", lambda_rec: float = 1.0, lambda_edge: float = 0.0005,
+                 precision: str = "fp32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.npt = NPT(variant)
         self.lambda_rec = lambda_rec
         self.lambda_edge = lambda_edge
+        self.autocast_dtype = PRECISIONS[precision]  # NPT has no similarity to keep exact: all of it may autocast
 
     def checkpoint_networks(self) -> dict[str, nn.Module]:
         """The checkpoint file: <label>_net_NPT.pth, loadable from NPT's released weights."""
@@ -43,8 +49,10 @@ class NPTModel(nn.Module):
         Returns:
             fake_points: float (B, N, 3) in (-2, 2), in the identity's vertex order.
         """
-        fake_points = self.npt(pose_points.transpose(1, 2), identity_points.transpose(1, 2))  # (B, 3, N)
-        return {"fake_points": fake_points.transpose(1, 2)}  # (B, N, 3)
+        with torch.autocast(identity_points.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            fake_points = self.npt(pose_points.transpose(1, 2), identity_points.transpose(1, 2))  # (B, 3, N)
+        return {"fake_points": fake_points.float().transpose(1, 2)}  # (B, N, 3)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The same contract as PoseTransferModel.forward: (transfer's outputs, weighted rec and edge losses)."""

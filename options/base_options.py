@@ -58,7 +58,8 @@ class BaseOptions:
     seed: int = option(0, "random seed for pair sampling and vertex permutations")
     precision: str = option("auto", "generator arithmetic: fp32 (the published reference), fp16 or bf16 "
                             "autocast; auto = fp16 on a GPU, fp32 on the CPU. The correspondence network "
-                            "always runs in fp32", choices=("auto", *PRECISIONS))
+                            "always runs in fp32; --model npt autocasts its whole network",
+                            choices=("auto", *PRECISIONS))
     ot: str = option("auto", "optimal-transport warp: dense (published), stored (C kept once, compiled "
                      "log-domain passes), chunked (memory linear in the vertex count); auto = stored or, when C "
                      "would not fit, chunked on a GPU, dense on the CPU", choices=tuple(WARPS))

@@ -47,6 +47,9 @@ MODELS = {  # name -> (label, model flags)
     "npt": ("NPT", ["--model", "npt"]),
     "npt_maxpool": ("NPT max-pool", ["--model", "npt", "--npt_variant", "maxpool"]),
 }
+# Training arithmetic: 3D-CoreNet on its default fast path, NPT in fp32 as published (its first runs here,
+# docs/results.md, trained so).
+TRAINING_FLAGS = {"corenet": [], "npt": ["--precision", "fp32"], "npt_maxpool": ["--precision", "fp32"]}
 TEST_LISTS = {"unseen": "test_list", "seen": "test_list_seen_poses"}  # poses unseen / seen in training
 FIGURE_PAIRS = 4
 TEST_PROCESSES = 6
@@ -120,7 +123,7 @@ def training_command(root: Path, set_name: str, model: str, schedule: dict) -> l
             "--epoch_size", str(schedule["epoch_size"]), "--seed", str(schedule["seed"]),
             "--print_freq", str(schedule["print_freq"]), "--display_freq", str(10 ** 12),
             "--save_latest_freq", str(schedule["epoch_size"]), "--save_epoch_freq", str(epochs),
-            *MODELS[model][1]]
+            *MODELS[model][1], *TRAINING_FLAGS[model]]
 
 
 def launch_trainings(root: Path, set_name: str, schedule: dict) -> None:

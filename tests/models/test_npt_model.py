@@ -80,6 +80,21 @@ def test_transfer_gives_identity_shaped_points_in_range(variant, num_pose):
     assert torch.equal(fake_points, expected.transpose(1, 2))
 
 
+@pytest.mark.parametrize("precision, dtype, bound", [("fp16", torch.float16, 3e-2), ("bf16", torch.bfloat16, 0.2)])
+def test_autocast_runs_the_whole_network_and_returns_float32(precision, dtype, bound):
+    batch = _batch()
+    reference = _model().transfer(batch["identity_points"], batch["pose_points"])["fake_points"]
+    model = _model(precision=precision)
+    seen = []
+    model.npt.decoder.conv4.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    fake_points = model.transfer(batch["identity_points"], batch["pose_points"])["fake_points"]
+    assert seen == [dtype] and fake_points.dtype == torch.float32
+    relative = ((fake_points - reference).norm() / reference.norm()).item()
+    assert 0 < relative < bound  # rounded (bf16 keeps 8 bits, fp16 11), not another computation
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        NPTModel(precision="fp8")
+
+
 def test_transfer_with_the_original_variant_refuses_differing_counts():
     batch = _batch(num_pose=10)
     with pytest.raises(ValueError, match="got 10 pose and 12 identity vertices; use --npt_variant maxpool"):
