@@ -4,6 +4,7 @@
 #   PHASE=1: make the animal and human sets, pack them, start the six trainings, follow them
 #   PHASE=2: start whatever PHASE=1 had no time for, follow the trainings
 #   PHASE=3: wait for the trainings (FINISH_WAIT seconds at most), test every model, write the report to $OUT
+# GPU_CHECKS=1 with PHASE=1 also runs scripts/device_gpu_checks.sh while the sets are made.
 # Override EPOCHS and EPOCH_SIZE for another schedule (every model sees EPOCHS x EPOCH_SIZE pairs), SETS
 # (default "animal human") to make and train one set only, e.g. PHASE=1 SETS=human.
 set -euo pipefail
@@ -12,9 +13,13 @@ root=/tmp/repro
 started=$SECONDS
 case "${PHASE:?set PHASE=1, 2 or 3}" in
   1|2)
+    if [ "$PHASE" = 1 ] && [ "${GPU_CHECKS:-0}" = 1 ]; then
+      bash scripts/device_gpu_checks.sh &  # the GPU idles while the sets are made
+    fi
     timeout 540 python3 -m scripts.reproduce start --root "$root" --epochs "${EPOCHS:-8}" \
       --epoch_size "${EPOCH_SIZE:-4000}" --sets ${SETS:-animal human} 2>&1 | tr "\r" "\n" | grep -v -E "it/s\]|mesh/s\]" || true
     python3 -m scripts.reproduce wait --root "$root" --seconds $((570 - (SECONDS - started)))
+    wait || true  # the GPU checks, if started, end within 420 s
     ;;
   3)
     timeout 570 python3 -m scripts.reproduce finish --root "$root" --out "$OUT" --seconds "${FINISH_WAIT:-420}" 2>&1 \

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from util.atomic import atomic_write, atomic_write_text
+from util.cli import run_main
 from util.mesh_io import read_mesh
 from util.render import render_grid
 
@@ -68,6 +69,22 @@ def data_dir(root: Path, set_name: str) -> Path:
 
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_step(command: list[str], what: str) -> None:
+    """Run a project command from the project root; RuntimeError with one line when it fails (it printed why)."""
+    returncode = subprocess.run([sys.executable, *command], cwd=PROJECT_ROOT).returncode
+    if returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {returncode}); its output above says why")
+
+
+def read_schedule(root: Path) -> dict:
+    """The schedule `start` wrote under root; FileNotFoundError with one line when there is none."""
+    schedule = read_json(root / "schedule.json")
+    if schedule is None:
+        raise FileNotFoundError(f"{root} holds no reproduction (no schedule.json); run "
+                                f"'python -m scripts.reproduce start --root {root}' first")
+    return schedule
 
 
 def process_alive(pid: int) -> bool:
@@ -107,8 +124,8 @@ def make_set(root: Path, set_name: str, args: argparse.Namespace) -> Path:
     print(f"{set_name}: data.generate took {time.perf_counter() - started:.0f} s", flush=True)
     if not (data / "packed" / "index.json").is_file():
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "data.packed", "--dataroot", str(data), "--dataset_mode",
-                        layout["dataset_mode"], "--workers", str(args.workers)], cwd=PROJECT_ROOT, check=True)
+        run_step(["-m", "data.packed", "--dataroot", str(data), "--dataset_mode", layout["dataset_mode"],
+                  "--workers", str(args.workers)], f"packing the {set_name} set")
         print(f"{set_name}: data.packed took {time.perf_counter() - started:.0f} s", flush=True)
     return data
 
@@ -145,7 +162,7 @@ def launch_trainings(root: Path, set_name: str, schedule: dict) -> None:
 def train_one(args: argparse.Namespace) -> None:
     """Run one training to its end and record its wall time and exit status."""
     root = Path(args.root)
-    schedule = read_json(root / "schedule.json")
+    schedule = read_schedule(root)
     directory = run_dir(root, args.set, args.model)
     started = time.time()
     returncode = subprocess.run(training_command(root, args.set, args.model, schedule), cwd=PROJECT_ROOT).returncode
@@ -187,16 +204,16 @@ def wait(root: Path, seconds: float) -> None:
 
 def test_run(root: Path, set_name: str, model: str, which: str) -> Path:
     """Test one trained model on one test list with the faithful path; return the per-pair table."""
-    schedule = read_json(root / "schedule.json")
+    schedule = read_schedule(root)
     directory, data = run_dir(root, set_name, model), data_dir(root, set_name)
     results = directory / f"test_{which}"
     dataset_mode = SETS[set_name]["dataset_mode"]
     table = results / dataset_mode / "pmd.csv"
     if not table.is_file():
-        subprocess.run([sys.executable, "test.py", "--nThreads", "2", "--dataset_mode", dataset_mode, "--dataroot", str(data),
-                        "--gpu_ids", schedule["gpu"], "--checkpoints_dir", str(directory),
-                        "--test_list", str(data / TEST_LISTS[which]), "--results_dir", str(results),
-                        "--precision", "fp32", "--ot", "dense", *MODELS[model][1]], cwd=PROJECT_ROOT, check=True)
+        run_step(["test.py", "--dataset_mode", dataset_mode, "--dataroot", str(data), "--gpu_ids", schedule["gpu"],
+                  "--checkpoints_dir", str(directory), "--test_list", str(data / TEST_LISTS[which]),
+                  "--results_dir", str(results), "--nThreads", "2", "--precision", "fp32", "--ot", "dense",
+                  *MODELS[model][1]], f"testing {set_name} {MODELS[model][0]} on {TEST_LISTS[which]}")
     return table
 
 
@@ -236,8 +253,8 @@ def plot_loss_curves(root: Path, schedule: dict, path: Path) -> None:
                 pairs, losses = loss_curve(directory, SETS[set_name]["dataset_mode"], schedule["epoch_size"])
                 window = min(SMOOTHING, len(losses))  # a running mean: one batch's loss is noisy
                 axis.plot(pairs[window - 1:], np.convolve(losses, np.ones(window) / window, mode="valid"), label=label)
-        axis.set(title=f"{set_name} set", xlabel="training pairs seen", ylabel=f"reconstruction MSE (running mean of {SMOOTHING} logs)",
-                 yscale="log")
+        axis.set(title=f"{set_name} set", xlabel="training pairs seen", yscale="log",
+                 ylabel=f"reconstruction MSE (running mean of {SMOOTHING} logs)")
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
@@ -271,7 +288,7 @@ def render_test_pairs(root: Path, set_name: str, path: Path) -> None:
 
 def report(root: Path, out: Path) -> dict:
     """Write results.json, results.md, loss_curves.png and test_pairs_<set>.png into out; return the results."""
-    schedule = read_json(root / "schedule.json")
+    schedule = read_schedule(root)
     out.mkdir(parents=True, exist_ok=True)
     results = {"schedule": schedule, "pairs_seen": schedule["epochs"] * schedule["epoch_size"], "runs": []}
     for set_name in SETS:
@@ -317,6 +334,7 @@ def results_table(results: dict) -> str:
 
 def finish(args: argparse.Namespace) -> None:
     root = Path(args.root)
+    read_schedule(root)
     wait(root, args.seconds)
     tests = [(set_name, model, which) for set_name in SETS for model in MODELS for which in TEST_LISTS
              if run_state(run_dir(root, set_name, model)) == "done"]
@@ -366,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "start":
         start(args)
     elif args.command == "wait":
+        read_schedule(Path(args.root))
         wait(Path(args.root), args.seconds)
     elif args.command == "finish":
         finish(args)
@@ -376,4 +395,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

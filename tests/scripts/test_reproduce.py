@@ -44,3 +44,11 @@ def test_start_finish_and_report_on_tiny_sets(tmp_path):
     assert reproduce.run_state(reproduce.run_dir(root, "animal", "npt")) == "done"
     with pytest.raises(ValueError, match="another schedule"):
         reproduce.main(["start", "--root", str(root), "--gpu", "-1", "--epochs", "3"])
+
+
+def test_commands_on_a_folder_without_a_reproduction_say_so(tmp_path):
+    for command in (["report", "--out", str(tmp_path / "out")], ["wait", "--seconds", "1"],
+                    ["finish", "--out", str(tmp_path / "out"), "--seconds", "1"]):
+        with pytest.raises(FileNotFoundError, match="holds no reproduction .* start --root"):
+            reproduce.main([command[0], "--root", str(tmp_path / "none"), *command[1:]])
+    assert not (tmp_path / "out").exists()
