@@ -3,7 +3,8 @@
 # between calls; each call ends within 10 minutes). Carry [".whl", ".whl_anny"] (bash scripts/fetch_device_wheels.sh --anny).
 #   PHASE=1: make the animal and human sets, pack them, start the six trainings, follow them
 #   PHASE=2: start whatever PHASE=1 had no time for, follow the trainings
-#   PHASE=3: wait for the trainings (FINISH_WAIT seconds at most), test every model, write the report to $OUT
+#   PHASE=3: wait for the trainings (FINISH_WAIT seconds at most), test every model (a set cut short at the
+#            last epoch all its models saved), write the report to $OUT
 # GPU_CHECKS=1 with PHASE=1 also runs scripts/device_gpu_checks.sh while the sets are made.
 # Override EPOCHS and EPOCH_SIZE for another schedule (every model sees EPOCHS x EPOCH_SIZE pairs), SETS
 # (default "animal human") to make and train one set only, e.g. PHASE=1 SETS=human.
@@ -27,7 +28,7 @@ case "${PHASE:?set PHASE=1, 2 or 3}" in
     [ -f "$OUT/results.json" ] || python3 -m scripts.reproduce report --root "$root" --out "$OUT"
     # Everything `python -m scripts.reproduce report` reads except the meshes (the figures are made here).
     tar -czf "$OUT/logs.tar.gz" -C "$root" schedule.json $(cd "$root" && ls -d runs/*/*/loss_log.txt \
-      runs/*/*/opt.txt runs/*/*/opt.json runs/*/*/data_stats.json runs/*/status.json runs/*/test_*/*/pmd.csv \
+      runs/*/*/opt.txt runs/*/*/opt.json runs/*/*/data_stats.json runs/*/status.json runs/*/tested.json runs/*/test_*/*/pmd.csv \
       data/*/metadata.json data/*/split.json 2>/dev/null)
     # Time left in this call (the machine is already up): check and time CUDA-graph inference (issue 4).
     if [ $((SECONDS - started)) -lt "${EXTRA_BEFORE:-200}" ]; then

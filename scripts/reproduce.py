@@ -11,10 +11,11 @@ six trainings as processes of their own, so that they outlive the command that s
 ends after 10 minutes; the machine and its /tmp stay while calls follow each other). Every training runs
 train.py with the model's published optimiser, loss weights and learning-rate schedule, the same seed and
 the same --epochs x --epoch_size pairs; the GPU is shared by whichever trainings run at the time.
-`wait` returns when every started training has ended or after --seconds. `finish` waits likewise, tests
-every model with test.py on the set's test_list (identities and poses unseen) and test_list_seen_poses
-(unseen identities in training poses), on the faithful path (--precision fp32 --ot dense), then writes
-the report. `report` writes, from what is under --root: results.json, results.md (the PMD table),
+`wait` returns when every started training has ended or after --seconds. `finish` waits likewise, then
+tests every model of a set at the last epoch all of them saved (the final one when all finished; trainings
+still running are stopped, so that a set cut short by the time limit is still compared at equal pairs
+seen) with test.py on the set's test_list (identities and poses unseen) and test_list_seen_poses (unseen
+identities in training poses), on the faithful path (--precision fp32 --ot dense), then writes the report. `report` writes, from what is under --root: results.json, results.md (the PMD table),
 loss_curves.png and test_pairs_<set>.png (identity | pose | ground truth | each model's output).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import csv
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,7 @@ TEST_PROCESSES = 6
 SMOOTHING = 10  # logged steps per point of the loss curves
 LOSS_LINE = re.compile(r"\(epoch: (\d+), iters: (\d+),.*?\) (.*) lr:")
 STATUS_FILE = "status.json"
+TESTED_FILE = "tested.json"  # which checkpoint finish tested, and whether the training was stopped for it
 
 
 def run_dir(root: Path, set_name: str, model: str) -> Path:
@@ -139,7 +142,7 @@ def training_command(root: Path, set_name: str, model: str, schedule: dict) -> l
             "--niter", str(epochs - epochs // 2), "--niter_decay", str(epochs // 2),
             "--epoch_size", str(schedule["epoch_size"]), "--seed", str(schedule["seed"]),
             "--print_freq", str(schedule["print_freq"]), "--display_freq", str(10 ** 12),
-            "--save_latest_freq", str(schedule["epoch_size"]), "--save_epoch_freq", str(epochs),
+            "--save_latest_freq", str(schedule["epoch_size"]), "--save_epoch_freq", "1",
             *MODELS[model][1], *TRAINING_FLAGS[model]]
 
 
@@ -202,17 +205,61 @@ def wait(root: Path, seconds: float) -> None:
         time.sleep(min(30.0, max(1.0, deadline - time.monotonic())))
 
 
-def test_run(root: Path, set_name: str, model: str, which: str) -> Path:
-    """Test one trained model on one test list with the faithful path; return the per-pair table."""
+def saved_epoch(directory: Path, dataset_mode: str) -> int:
+    """The last epoch whose numbered checkpoint (<epoch>_net_*.pth) a training has written; 0 if none."""
+    labels = (path.name.split("_", 1)[0] for path in (directory / dataset_mode).glob("*_net_*.pth"))
+    return max((int(label) for label in labels if label.isdigit()), default=0)
+
+
+def stop_training(directory: Path) -> None:
+    """End a running training (train-one and its train.py, one process group of their own)."""
+    try:
+        os.killpg(read_json(directory / STATUS_FILE)["pid"], signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def choose_checkpoints(root: Path, set_name: str) -> int:
+    """The epoch at which every started, not failed, training of a set is tested: the last epoch all of them
+    saved, so that the models compared have seen the same pairs (the final one when all finished). The
+    trainings still running are stopped and every tested run gets its TESTED_FILE. Returns 0 when there is none.
+    """
+    dataset_mode = SETS[set_name]["dataset_mode"]
+    runs = {model: run_dir(root, set_name, model) for model in MODELS}
+    states = {model: run_state(directory) for model, directory in runs.items()}
+    stopped_before = {model for model, directory in runs.items()
+                      if (read_json(directory / TESTED_FILE) or {}).get("stopped")}
+    tested = {model: runs[model] for model, state in states.items()
+              if state in ("done", "running") or model in stopped_before}
+    epoch = min((saved_epoch(directory, dataset_mode) for directory in tested.values()), default=0)
+    if epoch == 0:
+        return 0
+    epoch_size = read_schedule(root)["epoch_size"]
+    for model, directory in tested.items():
+        if states[model] == "running":
+            stop_training(directory)
+        atomic_write_text(json.dumps({"which_epoch": epoch, "pairs": epoch * epoch_size,
+                                      "stopped": states[model] == "running" or model in stopped_before}) + "\n",
+                           directory / TESTED_FILE)
+    return epoch
+
+
+def test_dir(directory: Path, which: str, epoch: int) -> Path:
+    return directory / f"test_{which}_epoch{epoch}"
+
+
+def test_run(root: Path, set_name: str, model: str, which: str, epoch: int) -> Path:
+    """Test one model's <epoch> checkpoint on one test list with the faithful path; return the per-pair table."""
     schedule = read_schedule(root)
     directory, data = run_dir(root, set_name, model), data_dir(root, set_name)
-    results = directory / f"test_{which}"
+    results = test_dir(directory, which, epoch)
     dataset_mode = SETS[set_name]["dataset_mode"]
     table = results / dataset_mode / "pmd.csv"
     if not table.is_file():
         run_step(["test.py", "--dataset_mode", dataset_mode, "--dataroot", str(data), "--gpu_ids", schedule["gpu"],
                   "--checkpoints_dir", str(directory), "--test_list", str(data / TEST_LISTS[which]),
-                  "--results_dir", str(results), "--nThreads", "2", "--precision", "fp32", "--ot", "dense",
+                  "--results_dir", str(results), "--which_epoch", str(epoch), "--nThreads", "2",
+                  "--precision", "fp32", "--ot", "dense",
                   *MODELS[model][1]], f"testing {set_name} {MODELS[model][0]} on {TEST_LISTS[which]}")
     return table
 
@@ -277,8 +324,11 @@ def render_test_pairs(root: Path, set_name: str, path: Path) -> None:
         meshes = [read_mesh(data / name) for name in (identity, pose, truth)]
         row_titles = ["identity", "pose", "ground truth"]
         for model, (label, _) in MODELS.items():
-            output = run_dir(root, set_name, model) / "test_unseen" / dataset_mode / Path(truth).with_suffix(".obj")
-            if output.is_file():
+            directory = run_dir(root, set_name, model)
+            tested = read_json(directory / TESTED_FILE)
+            output = (test_dir(directory, "unseen", tested["which_epoch"]) / dataset_mode
+                      / Path(truth).with_suffix(".obj")) if tested else None
+            if output is not None and output.is_file():
                 meshes.append(read_mesh(output))
                 row_titles.append(label)
         rows.append([(centred(vertices), faces) for vertices, faces in meshes])
@@ -300,12 +350,16 @@ def report(root: Path, out: Path) -> dict:
             log = directory / SETS[set_name]["dataset_mode"] / "loss_log.txt"
             pairs = loss_curve(directory, SETS[set_name]["dataset_mode"], schedule["epoch_size"])[0] \
                 if log.is_file() else []
-            entry = {"set": set_name, "model": label, "state": run_state(directory),
+            tested = read_json(directory / TESTED_FILE)
+            entry = {"set": set_name, "model": label,
+                     "state": "stopped" if tested and tested["stopped"] else run_state(directory),
                      "pairs_trained": pairs[-1] if pairs else 0,
+                     "pairs_tested": tested["pairs"] if tested else 0,
                      "wall_s": round(status["wall_s"], 1) if "wall_s" in status else None}
             for which in TEST_LISTS:
-                table = directory / f"test_{which}" / SETS[set_name]["dataset_mode"] / "pmd.csv"
-                if table.is_file():
+                table = (test_dir(directory, which, tested["which_epoch"]) / SETS[set_name]["dataset_mode"]
+                         / "pmd.csv") if tested else None
+                if table is not None and table.is_file():
                     entry[which] = read_table(table)
             results["runs"].append(entry)
     atomic_write_text(json.dumps(results, indent=1) + "\n", out / "results.json")
@@ -322,11 +376,11 @@ def results_table(results: dict) -> str:
     def cell(entry: dict, which: str, key: str) -> str:
         return f"{entry[which][key] / 1e-4:.3f}" if key in entry.get(which, {}) else "-"
 
-    lines = ["| set | model | pairs trained | PMD unseen poses | PMD seen poses | warp alone, unseen | "
-             "warp alone, seen | training wall (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | model | pairs seen (tested checkpoint) | PMD unseen poses | PMD seen poses | "
+             "warp alone, unseen | warp alone, seen | training wall (s) |", "|---|---|---|---|---|---|---|---|"]
     for entry in results["runs"]:
         wall = entry["wall_s"] if entry["wall_s"] is not None else entry["state"]
-        lines.append(f"| {entry['set']} | {entry['model']} | {entry['pairs_trained']:,} | "
+        lines.append(f"| {entry['set']} | {entry['model']} | {entry['pairs_tested']:,} | "
                      f"{cell(entry, 'unseen', 'pmd')} | {cell(entry, 'seen', 'pmd')} | "
                      f"{cell(entry, 'unseen', 'warp_pmd')} | {cell(entry, 'seen', 'warp_pmd')} | {wall} |")
     return "\n".join(lines) + "\n"
@@ -336,8 +390,11 @@ def finish(args: argparse.Namespace) -> None:
     root = Path(args.root)
     read_schedule(root)
     wait(root, args.seconds)
-    tests = [(set_name, model, which) for set_name in SETS for model in MODELS for which in TEST_LISTS
-             if run_state(run_dir(root, set_name, model)) == "done"]
+    tests = []
+    for set_name in SETS:
+        epoch = choose_checkpoints(root, set_name)
+        tests += [(set_name, model, which, epoch) for model in MODELS for which in TEST_LISTS
+                  if epoch and (run_dir(root, set_name, model) / TESTED_FILE).is_file()]
     # Several test processes at once: each spends most of its time starting up and writing meshes.
     with ThreadPoolExecutor(max_workers=TEST_PROCESSES) as pool:
         for table in pool.map(lambda test: test_run(root, *test), tests):

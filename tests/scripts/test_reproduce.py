@@ -2,6 +2,9 @@
 report (slow: about two minutes on two cores)."""
 import json
 import math
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,13 +25,15 @@ def test_start_finish_and_report_on_tiny_sets(tmp_path):
     assert {(run["set"], run["model"]) for run in results["runs"]} == {
         (set_name, label) for set_name in reproduce.SETS for label, _ in reproduce.MODELS.values()}
     for run in results["runs"]:
-        assert run["state"] == "done" and run["wall_s"] > 0 and run["pairs_trained"] == 32
+        assert run["state"] == "done" and run["wall_s"] > 0 and run["pairs_trained"] == run["pairs_tested"] == 32
         for which in ("unseen", "seen"):
             assert run[which]["pairs"] > 0 and math.isfinite(run[which]["pmd"]) and run[which]["pmd"] > 0
             assert ("warp_pmd" in run[which]) == (run["model"] == "3D-CoreNet")
             assert sum(run[which][f"pmd_{axis}"] for axis in "xyz") / 3 == pytest.approx(run[which]["pmd"])
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 2 + 6 and table[2].startswith("| human | 3D-CoreNet | 32 | ")
+    assert all((reproduce.run_dir(root, set_name, model) / "human" / "2_net_G.pth").is_file() == (model == "corenet")
+               for set_name in ("human",) for model in reproduce.MODELS)
 
     pairs, losses = reproduce.loss_curve(reproduce.run_dir(root, "human", "corenet"), "human", 16)
     assert pairs == [8, 16, 24, 32] and all(math.isfinite(loss) and loss > 0 for loss in losses)
@@ -52,3 +57,25 @@ def test_commands_on_a_folder_without_a_reproduction_say_so(tmp_path):
         with pytest.raises(FileNotFoundError, match="holds no reproduction .* start --root"):
             reproduce.main([command[0], "--root", str(tmp_path / "none"), *command[1:]])
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unfinished_set_is_tested_at_the_last_epoch_all_its_models_saved(tmp_path):
+    root = tmp_path / "repro"
+    root.mkdir()
+    (root / "schedule.json").write_text('{"epochs": 8, "epoch_size": 100}')
+    files = {"corenet": ["1_net_G.pth", "2_net_G.pth", "3_net_G.pth"], "npt": ["1_net_NPT.pth", "2_net_NPT.pth"],
+             "npt_maxpool": [f"{epoch}_net_NPT.pth" for epoch in range(1, 9)]}
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    for model, names in files.items():
+        directory = reproduce.run_dir(root, "human", model)
+        (directory / "human").mkdir(parents=True)
+        for name in [*names, "latest_net_G.pth"]:
+            (directory / "human" / name).write_bytes(b"")
+        status = {"pid": 999999999, "returncode": 0} if model == "npt_maxpool" else {"pid": sleeper.pid}
+        (directory / "status.json").write_text(json.dumps(status))
+    assert reproduce.choose_checkpoints(root, "human") == 2
+    assert sleeper.wait(timeout=10) == -signal.SIGTERM  # the running trainings were stopped
+    for model in files:
+        tested = json.loads((reproduce.run_dir(root, "human", model) / "tested.json").read_text())
+        assert tested == {"which_epoch": 2, "pairs": 200, "stopped": model != "npt_maxpool"}
+    assert reproduce.choose_checkpoints(root, "animal") == 0  # nothing started there
