@@ -34,10 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from util.atomic import atomic_write, atomic_write_text
 from util.cli import run_main
 from util.mesh_io import read_mesh
+from util.mesh_ops import center_bbox
 from util.render import render_grid
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -310,10 +312,6 @@ def plot_loss_curves(root: Path, schedule: dict, path: Path) -> None:
     pyplot.close(figure)
 
 
-def centred(vertices: np.ndarray) -> np.ndarray:
-    return vertices - (vertices.min(axis=0) + vertices.max(axis=0)) / 2
-
-
 def render_test_pairs(root: Path, set_name: str, path: Path) -> None:
     """The first FIGURE_PAIRS pairs of the unseen test list: identity | pose | ground truth | each output."""
     data, dataset_mode = data_dir(root, set_name), SETS[set_name]["dataset_mode"]
@@ -331,7 +329,7 @@ def render_test_pairs(root: Path, set_name: str, path: Path) -> None:
             if output is not None and output.is_file():
                 meshes.append(read_mesh(output))
                 row_titles.append(label)
-        rows.append([(centred(vertices), faces) for vertices, faces in meshes])
+        rows.append([(center_bbox(torch.from_numpy(vertices)).numpy(), faces) for vertices, faces in meshes])
         titles.append(row_titles)
     render_grid(rows, titles, path, size=(240, 300))
 
