@@ -10,6 +10,7 @@ Files follow the published layout in <checkpoints_dir>/<dataset_mode> (util/chec
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -88,13 +89,14 @@ def write_training_meshes(directory: Path, prefix: str, batch: dict, outputs: di
 
 def save_checkpoint(opt: TrainOptions, model, optimizer, scaler, lr: float, epoch: int, iteration: int,
                     samples_seen: int, options_json: dict, label: str = "latest") -> None:
-    """Rank 0 writes the published files and the resume file; every rank waits for it."""
+    """Rank 0 writes the published files (networks under label; for "latest" also optimizer.pth, iter.txt and
+    the resume file); every rank waits for it."""
     if is_main_process():
         directory = opt.checkpoint_dir
         checkpoint.save_networks(model, directory, label)
-        checkpoint.atomic_save({"G": optimizer.state_dict(), "lr": lr}, directory / "optimizer.pth")
-        atomic_write_text(f"{epoch},{iteration * opt.batchSize * opt.world_size}\n", directory / "iter.txt")
         if label == "latest":
+            checkpoint.atomic_save({"G": optimizer.state_dict(), "lr": lr}, directory / "optimizer.pth")
+            atomic_write_text(f"{epoch},{iteration * opt.batchSize * opt.world_size}\n", directory / "iter.txt")
             checkpoint.save_training_state(directory / "latest_resume.pth", model, optimizer, scaler, lr, epoch,
                                            iteration, samples_seen, options_json)
     barrier()
@@ -149,7 +151,7 @@ def main(opt: TrainOptions) -> None:
 
             if crossed(samples_seen, global_batch, opt.print_freq):
                 values = mean_over_processes(losses)
-                if not all(torch.isfinite(torch.tensor(list(values.values())))):
+                if not all(math.isfinite(value) for value in values.values()):
                     raise RuntimeError(f"the loss became non-finite at epoch {epoch}, iteration {iteration} "
                                        f"({values}); lower --lr or check the data")
                 seconds = (time.perf_counter() - started) / ((iteration - start_iteration) * opt.batchSize)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from util.mesh_io import read_mesh
-from util.mesh_ops import center_bbox, permute_mesh, random_permutation
+from util.mesh_ops import center_bbox, permute_mesh_unchecked, random_permutation
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def seeded_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def _read_centred(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def read_centred(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Vertices float32 (V, 3) centred by their bounding box, and faces int64 (F, 3), in file order."""
     vertices, faces = read_mesh(path)
     return center_bbox(torch.from_numpy(vertices)), torch.from_numpy(faces)
@@ -93,9 +93,9 @@ def _load_triple(
         identity_faces int64 (F, 3), pose_faces int64 (Fp, 3), and the three file names as
         identity_name, pose_name, gt_name.
     """
-    identity_points, identity_faces = _read_centred(root / identity_name)
-    pose_points, pose_faces = _read_centred(root / pose_name)
-    gt_points, _ = _read_centred(root / gt_name)
+    identity_points, identity_faces = read_centred(root / identity_name)
+    pose_points, pose_faces = read_centred(root / pose_name)
+    gt_points, _ = read_centred(root / gt_name)
     if gt_points.shape[0] != identity_points.shape[0]:
         raise ValueError(
             f"identity mesh {root / identity_name} has {identity_points.shape[0]} vertices, ground-truth mesh "
@@ -104,10 +104,10 @@ def _load_triple(
         # The ground truth is compared vertex by vertex with the output, which is in the identity's
         # order, so the two share one permutation.
         identity_order = random_permutation(identity_points.shape[0], generator)
-        identity_points, identity_faces = permute_mesh(identity_points, identity_faces, identity_order)
+        identity_points, identity_faces = permute_mesh_unchecked(identity_points, identity_faces, identity_order)
         gt_points = gt_points[identity_order]
         pose_order = random_permutation(pose_points.shape[0], generator)
-        pose_points, pose_faces = permute_mesh(pose_points, pose_faces, pose_order)
+        pose_points, pose_faces = permute_mesh_unchecked(pose_points, pose_faces, pose_order)
     return {
         "identity_points": identity_points,
         "pose_points": pose_points,

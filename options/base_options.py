@@ -23,6 +23,7 @@ from models.networks import GENERATORS, INIT_TYPES
 from models.networks.npt import NPT_VARIANTS
 from models.networks.correspondence import WARPS
 from models.pose_transfer_model import PRECISIONS
+from util.atomic import atomic_write_text
 
 
 def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -225,6 +226,5 @@ def options_dict(options: BaseOptions) -> dict[str, Any]:
 
 def save_options(options: BaseOptions, directory: Path) -> None:
     """Write opt.txt and opt.json (user options only) into directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "opt.txt").write_text(options_text(options) + "\n")
-    (directory / "opt.json").write_text(json.dumps(options_dict(options), indent=1) + "\n")
+    atomic_write_text(options_text(options) + "\n", directory / "opt.txt")
+    atomic_write_text(json.dumps(options_dict(options), indent=1) + "\n", directory / "opt.json")

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
+from data.pair_dataset import read_centred
 from models.networks import init_weights
 from models.pose_transfer_model import PoseTransferModel
 from util.cli import run_main
-from util.mesh_io import read_mesh
-from util.mesh_ops import center_bbox
 
 
 def load(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centred vertices (1, V, 3) and faces (1, F, 3) of one mesh."""
-    vertices, faces = read_mesh(path)
-    return center_bbox(torch.from_numpy(vertices))[None], torch.from_numpy(faces)[None]
+    """Centred vertices (1, V, 3) and faces (1, F, 3) of one mesh: a batch of one."""
+    vertices, faces = read_centred(Path(path))
+    return vertices[None], faces[None]
 
 
 def main(argv: list[str] | None = None) -> None:

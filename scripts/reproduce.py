@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.packed import has_packed
 from util.atomic import atomic_write, atomic_write_text
 from util.cli import run_main
 from util.mesh_io import read_mesh
@@ -127,7 +128,7 @@ def make_set(root: Path, set_name: str, args: argparse.Namespace) -> Path:
             raise RuntimeError(f"python -m data.generate failed for the {set_name} set (exit {generate.returncode})")
         print(f"{set_name}: generating on {device} failed; going on on the CPU", flush=True)
     print(f"{set_name}: data.generate took {time.perf_counter() - started:.0f} s", flush=True)
-    if not (data / "packed" / "index.json").is_file():
+    if not has_packed(data):
         started = time.perf_counter()
         run_step(["-m", "data.packed", "--dataroot", str(data), "--dataset_mode", layout["dataset_mode"],
                   "--workers", str(args.workers)], f"packing the {set_name} set")

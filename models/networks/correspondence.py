@@ -81,11 +81,6 @@ def dense_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points
     return sinkhorn_warp_dense(similarity, pose_points)
 
 
-def chunked_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
-    """Memory-linear warp: C is recomputed block by block and never held whole (same arguments)."""
-    return sinkhorn_warp_chunked(identity_theta, pose_phi, pose_points)
-
-
 def stored_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
     """C materialised once in float32; Sinkhorn as compiled log-sum-exp passes over it that keep nothing
     else N x M for backward (same arguments)."""
@@ -98,15 +93,16 @@ STORED_WARP_MAX_BYTES = 8 * 2**30
 
 
 def auto_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
-    """stored_warp for moderate sizes (fastest), chunked_warp when C would not fit (memory linear)."""
+    """stored_warp for moderate sizes (fastest), else sinkhorn_warp_chunked: C recomputed block by block and
+    never held whole, memory linear in N (same arguments)."""
     batch, _, num_identity = identity_theta.shape
     stored_bytes = 2 * 4 * batch * num_identity * pose_phi.shape[2]  # C and dC, float32
-    warp = stored_warp if stored_bytes <= STORED_WARP_MAX_BYTES else chunked_warp
+    warp = stored_warp if stored_bytes <= STORED_WARP_MAX_BYTES else sinkhorn_warp_chunked
     return warp(identity_theta, pose_phi, pose_points)
 
 
 # --ot choices. "dense" is the published computation and the reference the others are tested against.
-WARPS: dict[str, WarpFunction] = {"dense": dense_warp, "stored": stored_warp, "chunked": chunked_warp,
+WARPS: dict[str, WarpFunction] = {"dense": dense_warp, "stored": stored_warp, "chunked": sinkhorn_warp_chunked,
                                   "auto": auto_warp}
 
 
