@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.networks.losses import weighted_losses
+from models.base_model import PairModel
 from models.networks.npt import NPT
 from models.pose_transfer_model import PRECISIONS
 
 
-class NPTModel(nn.Module):
+class NPTModel(PairModel):
     """Owns `npt` (the published NPT network, either variant)."""
 
     # NPT's train.py: Adam with default betas and eps, no weight decay, and a constant learning rate.
@@ -53,14 +53,3 @@ class NPTModel(nn.Module):
                             enabled=self.autocast_dtype is not None):
             fake_points = self.npt(pose_points.transpose(1, 2), identity_points.transpose(1, 2))  # (B, 3, N)
         return {"fake_points": fake_points.float().transpose(1, 2)}  # (B, N, 3)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The same contract as PoseTransferModel.forward: (transfer's outputs, weighted rec and edge losses)."""
-        device = self.npt.decoder.conv4.weight.device
-        identity_points, pose_points, gt_points, faces = (
-            batch[key].to(device, non_blocking=True)
-            for key in ("identity_points", "pose_points", "gt_points", "identity_faces"))
-        outputs = self.transfer(identity_points, pose_points)
-        losses = weighted_losses(outputs["fake_points"], gt_points, identity_points, faces, self.lambda_rec,
-                                 self.lambda_edge)
-        return outputs, losses

@@ -1,7 +1,8 @@
-"""PoseTransferModel: 3D-CoreNet's correspondence network and refinement generator, with their losses.
+"""PoseTransferModel: 3D-CoreNet's correspondence network and refinement generator; the training forward
+and its losses come from models/base_model.py.
 
 Data enters and leaves as (B, N, 3) point sets; the networks are channel-first (B, C, N) because the
-published Conv1d weights require it, and `forward` is the one place that transposes between the two.
+published Conv1d weights require it, and `transfer` is the one place that transposes between the two.
 The model does no file I/O and holds no optimizer.
 
 Two switches select the fast path (issue 4); their reference settings reproduce the published numbers:
@@ -14,15 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from models.base_model import PairModel
 from models.networks import GENERATORS, Correspondence
 from models.networks.correspondence import WARPS
-from models.networks.losses import weighted_losses
 
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class PoseTransferModel(nn.Module):
+class PoseTransferModel(PairModel):
     """Owns `corr` (the published net_Corr) and `G` (net_G)."""
 
     # The published Adam settings and linear decay after --niter epochs (SPEC.md).
@@ -62,22 +63,3 @@ class PoseTransferModel(nn.Module):
                             enabled=self.generator_dtype is not None):
             fake_points = self.G(warp_out.transpose(1, 2), identity_features)  # (B, 3, N)
         return {"warp_out": warp_out, "fake_points": fake_points.float().transpose(1, 2)}
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Run a batch from the data loaders and compute the weighted training losses.
-
-        Args:
-            batch: identity_points (B, N, 3), pose_points (B, M, 3), gt_points (B, N, 3),
-                identity_faces int64 (B, F, 3); moved to the parameters' device here.
-        Returns:
-            outputs: as `transfer` returns them.
-            losses: rec and edge (already multiplied by lambda_rec and lambda_edge), scalars.
-        """
-        device = self.G.conv4.weight.device
-        identity_points = batch["identity_points"].to(device, non_blocking=True)
-        gt_points = batch["gt_points"].to(device, non_blocking=True)
-        faces = batch["identity_faces"].to(device, non_blocking=True)
-        outputs = self.transfer(identity_points, batch["pose_points"].to(device, non_blocking=True))
-        losses = weighted_losses(outputs["fake_points"], gt_points, identity_points, faces, self.lambda_rec,
-                                 self.lambda_edge)
-        return outputs, losses
