@@ -43,7 +43,8 @@ def create_model(opt) -> nn.Module:
         init_npt_weights(model)
         compiled = model.npt
     else:
-        model = PoseTransferModel(ngf=opt.ngf, netG=opt.netG, ot=opt.ot, precision=opt.precision, **weights)
+        model = PoseTransferModel(ngf=opt.ngf, netG=opt.netG, ot=opt.ot, precision=opt.precision,
+                                  fold_linear=opt.fold_linear == "on", **weights)
         init_weights(model, opt.init_type, opt.init_variance)
         compiled = model.G
     if opt.compile == "on":

@@ -9,6 +9,8 @@ Two switches select the fast path (issue 4); their reference settings reproduce 
 - `ot`: how the optimal-transport warp is computed (networks/correspondence.py WARPS; "dense" = published).
 - `precision`: the generator's autocast dtype. The correspondence network always runs in float32: its
   similarity C enters exp(C / 0.03), so its error would be magnified about 33 times.
+- `fold_linear`: the generator's consecutive affine layers composed into one (networks/generator.py): the
+  same function with about half its arithmetic.
 """
 from __future__ import annotations
 
@@ -32,13 +34,13 @@ class PoseTransferModel(PairModel):
     LOSS_WEIGHTS = {"lambda_rec": 1000.0, "lambda_edge": 0.5}
 
     def __init__(self, ngf: int = 64, netG: str = "elain", lambda_rec: float = 1000.0,
-                 lambda_edge: float = 0.5, ot: str = "dense", precision: str = "fp32"):
+                 lambda_edge: float = 0.5, ot: str = "dense", precision: str = "fp32", fold_linear: bool = False):
         super().__init__()
         for name, value, choices in (("netG", netG, GENERATORS), ("ot", ot, WARPS), ("precision", precision, PRECISIONS)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         self.corr = Correspondence(ngf=ngf, warp=WARPS[ot])
-        self.G = GENERATORS[netG](ngf=ngf)
+        self.G = GENERATORS[netG](ngf=ngf, fold_linear=fold_linear)
         self.lambda_rec = lambda_rec
         self.lambda_edge = lambda_edge
         self.generator_dtype = PRECISIONS[precision]

@@ -64,6 +64,9 @@ class BaseOptions:
     ot: str = option("auto", "optimal-transport warp: dense (published), stored (C kept once, compiled "
                      "log-domain passes), chunked (memory linear in the vertex count); auto = stored or, when C "
                      "would not fit, chunked on a GPU, dense on the CPU", choices=tuple(WARPS))
+    fold_linear: str = option("auto", "compose the generator's consecutive affine layers into one: the same function "
+                              "with about half the arithmetic, other rounding; auto = on with --precision fp16 or "
+                              "bf16, off with fp32 (the published arithmetic)", choices=("auto", "on", "off"))
     compile: str = option("auto", "torch.compile the generator: on, off, or auto (on for GPU training)",
                           choices=("auto", "on", "off"))
     cuda_graphs: str = option("off", "inference on a GPU (test.py, transfer.py): replay input shapes met before "
@@ -181,6 +184,8 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     if values["precision"] == "auto":
         # NPT keeps its published fp32 unless asked: its mixed-precision training is not checked on a GPU yet.
         values["precision"] = "fp16" if on_gpu and values["model"] != "npt" else "fp32"
+    if values["fold_linear"] == "auto":
+        values["fold_linear"] = "off" if values["precision"] == "fp32" else "on"
     if values["ot"] == "auto" and not on_gpu:
         values["ot"] = "dense"
     if values["compile"] == "auto":

@@ -63,10 +63,11 @@ def test_training_mode_losses_and_gradients(expected):
     assert gradient_norm(model.corr) == pytest.approx(expected["grad_norm_Corr"], rel=3e-4)
 
 
-@pytest.mark.parametrize("ot", ["chunked", pytest.param("stored", marks=pytest.mark.slow)])
-def test_fast_warps_in_fp32_match_published(ot):
-    """The fast path's warps (issue 4) keep SPEC.md's tolerance in float32."""
-    model = load_golden_model(PoseTransferModel(ot=ot)).eval()
+@pytest.mark.parametrize("ot, fold_linear", [("chunked", False), ("dense", True),
+                                             pytest.param("stored", True, marks=pytest.mark.slow)])
+def test_fast_path_in_fp32_matches_published(ot, fold_linear):
+    """The fast path's warps and folded generator (issue 4) keep SPEC.md's tolerance in float32."""
+    model = load_golden_model(PoseTransferModel(ot=ot, fold_linear=fold_linear)).eval()
     batch = golden_inputs()
     with torch.no_grad():
         outputs = model.transfer(batch["identity_points"], batch["pose_points"])
@@ -74,13 +75,15 @@ def test_fast_warps_in_fp32_match_published(ot):
     assert_matches(outputs["fake_points"][0], GOLDEN_DIR / "expected_fake_points.npy", "fake_points")
 
 
-def test_fp16_generator_stays_within_one_percent_of_the_reference():
-    """Mixed precision (issue 4): the output within 1e-2 relative L2 of the float32 reference."""
+@pytest.mark.parametrize("fold_linear", [False, True])
+def test_fp16_generator_stays_within_one_percent_of_the_reference(fold_linear):
+    """Mixed precision (issue 4), folded as --fold_linear auto does or not: the output within 1e-2
+    relative L2 of the float32 reference."""
     batch = golden_inputs()
     with torch.no_grad():
         reference = load_golden_model(PoseTransferModel()).eval().transfer(
             batch["identity_points"], batch["pose_points"])["fake_points"]
-        mixed = load_golden_model(PoseTransferModel(precision="fp16")).eval().transfer(
+        mixed = load_golden_model(PoseTransferModel(precision="fp16", fold_linear=fold_linear)).eval().transfer(
             batch["identity_points"], batch["pose_points"])["fake_points"]
     assert mixed.dtype == torch.float32
     assert (torch.linalg.norm(mixed - reference) / torch.linalg.norm(reference)).item() < 1e-2

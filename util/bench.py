@@ -33,17 +33,19 @@ from models.pose_transfer_model import PoseTransferModel
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
 
-# name -> (ot, precision, compile, tf32). The first is the faithful reference every ratio is against:
-# exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with
-# PyTorch's default TF32 convolutions, as the published code ran on this GPU.
+# name -> (ot, precision, compile, tf32, fold_linear). The first is the faithful reference every ratio is
+# against: exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with
+# PyTorch's default TF32 convolutions, as the published code ran on this GPU. Half-precision variants fold
+# the generator's affine layers as --fold_linear auto does; "-unfolded" ones do not.
 VARIANTS = {
-    "reference": ("dense", "fp32", False, False),
-    "reference-tf32": ("dense", "fp32", False, True),
-    "fast-fp32": ("stored", "fp32", False, False),
-    "fast-fp16": ("stored", "fp16", False, False),
-    "fast-fp16-compiled": ("stored", "fp16", True, False),
-    "fast-bf16-compiled": ("stored", "bf16", True, False),
-    "chunked-fp16-compiled": ("chunked", "fp16", True, False),
+    "reference": ("dense", "fp32", False, False, False),
+    "reference-tf32": ("dense", "fp32", False, True, False),
+    "fast-fp32": ("stored", "fp32", False, False, False),
+    "fast-fp16": ("stored", "fp16", False, False, True),
+    "fast-fp16-compiled-unfolded": ("stored", "fp16", True, False, False),
+    "fast-fp16-compiled": ("stored", "fp16", True, False, True),
+    "fast-bf16-compiled": ("stored", "bf16", True, False, True),
+    "chunked-fp16-compiled": ("chunked", "fp16", True, False, True),
 }
 
 
@@ -97,11 +99,11 @@ def peak_gib(device: torch.device) -> float:
 
 def build(variant: str, device: torch.device) -> PoseTransferModel:
     """The variant's model; also sets the process-wide TF32 switches it runs under."""
-    ot, precision, compiled, tf32 = VARIANTS[variant]
+    ot, precision, compiled, tf32, fold_linear = VARIANTS[variant]
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     torch._dynamo.reset()  # compiled graphs of the previous variant must not be reused under other settings
     torch.manual_seed(0)
-    model = PoseTransferModel(ot=ot, precision=precision).to(device)
+    model = PoseTransferModel(ot=ot, precision=precision, fold_linear=fold_linear).to(device)
     if compiled:
         model.G.compile()
     return model

@@ -74,3 +74,11 @@ def test_cuda_graphs_are_for_inference_on_a_gpu():
 def test_bad_values(args, message):
     with pytest.raises(ValueError, match=message):
         parse(TrainOptions, ["--gpu_ids", "-1", *args] if "--gpu_ids" not in args else args)
+
+
+@pytest.mark.parametrize("args, fold_linear", [([], "off"), (["--precision", "fp16"], "on"),
+                                               (["--precision", "bf16"], "on"),
+                                               (["--precision", "fp16", "--fold_linear", "off"], "off"),
+                                               (["--fold_linear", "on"], "on")])
+def test_fold_linear_auto_follows_the_precision(args, fold_linear):
+    assert parse(TrainOptions, ["--gpu_ids", "-1", *args]).fold_linear == fold_linear

@@ -1,0 +1,75 @@
+"""The generator's folded affine layers (--fold_linear): the same function, gradients and checkpoint."""
+import pytest
+import torch
+
+from models.networks import init_weights
+from models.networks.generator import ElaIN, ElaINGenerator
+
+
+def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)).item()
+
+
+def random_biases(module: torch.nn.Module) -> None:
+    """init_weights zeroes every bias; folding must also carry non-zero ones through."""
+    for name, parameter in module.named_parameters():
+        if name.endswith("bias"):
+            parameter.data.normal_(0, 0.1)
+
+
+def twin_generators(ngf: int) -> tuple[ElaINGenerator, ElaINGenerator]:
+    torch.manual_seed(0)
+    literal = ElaINGenerator(ngf=ngf)
+    init_weights(literal, "xavier", 0.5)
+    random_biases(literal)
+    folded = ElaINGenerator(ngf=ngf, fold_linear=True)
+    folded.load_state_dict(literal.state_dict())
+    return literal, folded
+
+
+def test_folded_generator_equals_the_literal_one_in_value_and_gradient():
+    literal, folded = twin_generators(ngf=4)
+    warp_points = torch.rand(2, 3, 40)
+    identity_features = torch.randn(2, 16, 40)
+    outputs, gradients = [], []
+    for generator in (literal, folded):
+        generator.train()
+        out = generator(warp_points, identity_features)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out)
+        gradients.append({name: p.grad for name, p in generator.named_parameters()})
+    assert relative_l2(outputs[1], outputs[0]) < 1e-5  # float32 round-off, not a different function
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        assert relative_l2(gradients[1][name], gradient) < 1e-4, name
+    # Spectral norm stepped its power iteration once per forward in both (its buffers are equal).
+    for (name, buffer), (_, other) in zip(literal.named_buffers(), folded.named_buffers()):
+        torch.testing.assert_close(other, buffer, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_folded_elain_does_less_work_for_the_same_identity_terms():
+    torch.manual_seed(1)
+    norm = ElaIN(channels=32, identity_channels=8)
+    random_biases(norm)
+    identity_features = torch.randn(3, 8, 25)
+    literal_terms = norm.identity_terms(identity_features)
+    norm.fold_linear = True
+    for literal, folded in zip(literal_terms, norm.identity_terms(identity_features)):
+        torch.testing.assert_close(folded, literal, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_folded_generator_under_autocast_is_as_close_to_float32_as_the_literal_one(dtype):
+    literal, folded = twin_generators(ngf=4)
+    warp_points = torch.rand(1, 3, 60)
+    identity_features = torch.randn(1, 16, 60)
+    with torch.no_grad():
+        for generator in (literal, folded):  # spectral norm's power iteration runs in training mode
+            for _ in range(5):
+                generator(warp_points, identity_features)
+            generator.eval()
+        reference = literal(warp_points, identity_features)
+        with torch.autocast("cpu", dtype=dtype):
+            literal_error = relative_l2(literal(warp_points, identity_features).float(), reference)
+            folded_error = relative_l2(folded(warp_points, identity_features).float(), reference)
+    assert 0 < folded_error <= 1.1 * literal_error
