@@ -201,15 +201,15 @@ def profile_inference(variant: str, batch: dict, device: torch.device, calls: in
     return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
 
 
-def golden_check(device: torch.device) -> dict:
-    """Every variant on the golden fixture (tests/golden.py): max |diff| and relative L2 of warp_out and
+def golden_check(device: torch.device, variants: list[str]) -> dict:
+    """The variants (the first is "our reference") on the golden fixture (tests/golden.py): max |diff| and relative L2 of warp_out and
     the output against the published code's, and the output's relative L2 to our reference path."""
     from tests.golden import GOLDEN_DIR, golden_inputs, load_golden_model
     batch = {key: value.to(device) for key, value in golden_inputs().items()}
     expected = {name: torch.from_numpy(np.load(GOLDEN_DIR / f"expected_{name}.npy")).double().to(device)
                 for name in ("warp_out", "fake_points")}
     results, reference_output = {}, None
-    for name in VARIANTS:
+    for name in variants:
         model = load_golden_model(build(name, device)).eval()
         with torch.no_grad():
             outputs = model.transfer(batch["identity_points"], batch["pose_points"])
@@ -228,14 +228,14 @@ def golden_check(device: torch.device) -> dict:
     return results
 
 
-def golden_gradients(device: torch.device) -> dict:
-    """Every variant's training-mode losses and gradient norms on the golden fixture (expected.json)."""
+def golden_gradients(device: torch.device, variants: list[str]) -> dict:
+    """The variants' training-mode losses and gradient norms on the golden fixture (expected.json)."""
     import math
     from tests.golden import GOLDEN_DIR, golden_inputs, load_golden_model
     expected = json.loads((GOLDEN_DIR / "expected.json").read_text())
     batch = {key: value.to(device) for key, value in golden_inputs().items()}
     results = {}
-    for name in VARIANTS:
+    for name in variants:
         model = load_golden_model(build(name, device).cpu()).to(device).train()
         _, losses = model(batch)
         sum(losses.values()).backward()
@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument("--loader_pairs", type=int, default=256, help="pairs for the data-path test (0 to skip)")
     parser.add_argument("--workers", type=int, default=8, help="OBJ loader worker processes")
     parser.add_argument("--peak_tflops", type=float, default=800.0)
-    parser.add_argument("--golden", action="store_true", help="only check every variant on the golden fixture")
+    parser.add_argument("--golden", action="store_true", help="only check the variants on the golden fixture")
     parser.add_argument("--profile", default="", help="only print a profile of this variant's training step")
     parser.add_argument("--profile_inference", default="", help="only print a profile of this variant's "
                         "one-pair inference")
@@ -279,7 +279,8 @@ def main() -> None:
         print(profile_inference(args.profile_inference, synthetic_batch(1, args.vertices, device), device))
         return
     if args.golden:
-        results = {"eval": golden_check(device), "train": golden_gradients(device)}
+        variants = args.variants.split(",")
+        results = {"eval": golden_check(device, variants), "train": golden_gradients(device, variants)}
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return
