@@ -3,7 +3,8 @@
 # path (the defaults), trained STEPS steps from the same seeds on the same packed quadruped set, every run
 # at once on the GPU. Two device calls back to back on one warm machine (the trainings run detached in
 # between); carry .whl.
-#   PHASE=1: make the set (VERTICES per mesh, default 2000), pack it, start the runs, follow them
+#   PHASE=1: make the set (VERTICES per mesh, default 2000), pack it, start the runs, follow them (FOLLOW
+#            seconds from the start, default 560)
 #   PHASE=2: wait for them, copy every loss log to $OUT, test seed 1's fast checkpoint with both paths and
 #            print the comparison (scripts/compare_losses.py)
 # Example: PHASE=1 SEEDS="1 2 3" STEPS=2000 bash scripts/device_train_compare.sh, then PHASE=2 likewise.
@@ -45,7 +46,7 @@ case "${PHASE:?set PHASE=1 or 2}" in
         echo $! > "/tmp/compare/$path$seed.pid"
       done
     done
-    follow 560
+    follow "${FOLLOW:-560}"
     ;;
   2)
     follow 420
