@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from data.packed import has_packed
+from data.pair_dataset import read_centred
+from test import point_mesh_distance_per_axis
 from util.atomic import atomic_write, atomic_write_text
 from util.cli import run_main
 from util.mesh_io import read_mesh
@@ -295,14 +297,18 @@ def plot_loss_curves(root: Path, schedule: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(1, len(SETS), figsize=(6 * len(SETS), 4), squeeze=False)
-    for axis, set_name in zip(axes[0], SETS):
-        for model, (label, _) in MODELS.items():
-            directory = run_dir(root, set_name, model)
-            if (directory / SETS[set_name]["dataset_mode"] / "loss_log.txt").is_file():
-                pairs, losses = loss_curve(directory, SETS[set_name]["dataset_mode"], schedule["epoch_size"])
-                window = min(SMOOTHING, len(losses))  # a running mean: one batch's loss is noisy
-                axis.plot(pairs[window - 1:], np.convolve(losses, np.ones(window) / window, mode="valid"), label=label)
+    logs = {set_name: {label: run_dir(root, set_name, model) for model, (label, _) in MODELS.items()
+                       if (run_dir(root, set_name, model) / SETS[set_name]["dataset_mode"] / "loss_log.txt").is_file()}
+            for set_name in SETS}
+    logs = {set_name: runs for set_name, runs in logs.items() if runs}  # one panel per set trained
+    if not logs:
+        return
+    figure, axes = pyplot.subplots(1, len(logs), figsize=(6 * len(logs), 4), squeeze=False)
+    for axis, (set_name, runs) in zip(axes[0], logs.items()):
+        for label, directory in runs.items():
+            pairs, losses = loss_curve(directory, SETS[set_name]["dataset_mode"], schedule["epoch_size"])
+            window = min(SMOOTHING, len(losses))  # a running mean: one batch's loss is noisy
+            axis.plot(pairs[window - 1:], np.convolve(losses, np.ones(window) / window, mode="valid"), label=label)
         axis.set(title=f"{set_name} set", xlabel="training pairs seen", yscale="log",
                  ylabel=f"reconstruction MSE (running mean of {SMOOTHING} logs)")
         axis.grid(alpha=0.3)
@@ -311,6 +317,23 @@ def plot_loss_curves(root: Path, schedule: dict, path: Path) -> None:
     with atomic_write(path) as handle:
         figure.savefig(handle, format="png", dpi=100)
     pyplot.close(figure)
+
+
+def pose_copy_pmd(data: Path, list_name: str) -> dict:
+    """Mean PMD (and per axis) of the answer "the pose mesh unchanged" on a test list of a generated set.
+
+    Every mesh of a generated set shares one vertex order, so the pose mesh itself is a trivial answer: the
+    pose right, the body the pose mesh's own. A transfer that does not beat it has not changed the body.
+    """
+    errors = []
+    for line in (data / list_name).read_text().split("\n"):
+        if line.strip():
+            _, pose, truth = line.split()
+            errors.append(point_mesh_distance_per_axis(read_centred(data / pose)[0][None],
+                                                       read_centred(data / truth)[0][None])[0])  # (3,)
+    per_axis = torch.stack(errors).double().mean(dim=0)
+    return {"pairs": len(errors), "pmd": per_axis.mean().item(),
+            **{f"pmd_{axis}": value for axis, value in zip("xyz", per_axis.tolist())}}
 
 
 def render_test_pairs(root: Path, set_name: str, path: Path) -> None:
@@ -361,6 +384,11 @@ def report(root: Path, out: Path) -> dict:
                 if table is not None and table.is_file():
                     entry[which] = read_table(table)
             results["runs"].append(entry)
+    for set_name in SETS:
+        data = data_dir(root, set_name)
+        if all((data / name).is_file() for name in TEST_LISTS.values()):
+            results.setdefault("pose_copy", {})[set_name] = {which: pose_copy_pmd(data, name)
+                                                             for which, name in TEST_LISTS.items()}
     atomic_write_text(json.dumps(results, indent=1) + "\n", out / "results.json")
     atomic_write_text(results_table(results), out / "results.md")
     plot_loss_curves(root, schedule, out / "loss_curves.png")
@@ -382,6 +410,9 @@ def results_table(results: dict) -> str:
         lines.append(f"| {entry['set']} | {entry['model']} | {entry['pairs_tested']:,} | "
                      f"{cell(entry, 'unseen', 'pmd')} | {cell(entry, 'seen', 'pmd')} | "
                      f"{cell(entry, 'unseen', 'warp_pmd')} | {cell(entry, 'seen', 'warp_pmd')} | {wall} |")
+    for set_name, entry in results.get("pose_copy", {}).items():
+        lines.append(f"| {set_name} | the pose mesh unchanged (no transfer) | - | {cell(entry, 'unseen', 'pmd')} | "
+                     f"{cell(entry, 'seen', 'pmd')} | - | - | - |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from scripts import reproduce
+from util.mesh_io import write_mesh
 
 
 @pytest.mark.slow
@@ -30,8 +31,13 @@ def test_start_finish_and_report_on_tiny_sets(tmp_path):
             assert run[which]["pairs"] > 0 and math.isfinite(run[which]["pmd"]) and run[which]["pmd"] > 0
             assert ("warp_pmd" in run[which]) == (run["model"] == "3D-CoreNet")
             assert sum(run[which][f"pmd_{axis}"] for axis in "xyz") / 3 == pytest.approx(run[which]["pmd"])
+    for set_name in reproduce.SETS:  # the tiny animal set has one test identity: its pose copy is exact
+        for which in ("unseen", "seen"):
+            assert results["pose_copy"][set_name][which]["pairs"] > 0
+            assert results["pose_copy"][set_name][which]["pmd"] > 0 or set_name == "animal"
     table = (out / "results.md").read_text().splitlines()
-    assert len(table) == 2 + 6 and table[2].startswith("| human | 3D-CoreNet | 32 | ")
+    assert len(table) == 2 + 6 + 2 and table[2].startswith("| human | 3D-CoreNet | 32 | ")
+    assert table[-1].startswith("| animal | the pose mesh unchanged (no transfer) | - | ")
     assert all((reproduce.run_dir(root, set_name, model) / "human" / "2_net_G.pth").is_file() == (model == "corenet")
                for set_name in ("human",) for model in reproduce.MODELS)
 
@@ -49,6 +55,24 @@ def test_start_finish_and_report_on_tiny_sets(tmp_path):
     assert reproduce.run_state(reproduce.run_dir(root, "animal", "npt")) == "done"
     with pytest.raises(ValueError, match="another schedule"):
         reproduce.main(["start", "--root", str(root), "--gpu", "-1", "--epochs", "3"])
+
+
+def test_pose_copy_pmd_is_the_error_of_the_pose_mesh_itself(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = rng.random((50, 3)) - 0.5
+    truth -= (truth.max(axis=0) + truth.min(axis=0)) / 2  # bounding-box centred
+    faces = np.array([[0, 1, 2], [2, 3, 4]])
+    write_mesh(tmp_path / "truth.obj", truth, faces)
+    write_mesh(tmp_path / "same_moved.obj", truth + 7.0, faces)  # centring removes a translation
+    write_mesh(tmp_path / "doubled.obj", 2 * truth + 1.0, faces)
+    write_mesh(tmp_path / "identity.obj", truth, faces)
+    (tmp_path / "list_same").write_text("identity.obj same_moved.obj truth.obj\n")
+    (tmp_path / "list_both").write_text("identity.obj same_moved.obj truth.obj\nidentity.obj doubled.obj truth.obj\n")
+    assert reproduce.pose_copy_pmd(tmp_path, "list_same")["pmd"] == pytest.approx(0, abs=1e-12)
+    both = reproduce.pose_copy_pmd(tmp_path, "list_both")
+    expected_axis = (truth ** 2).mean(axis=0) / 2  # (2v - v)^2 for one pair, 0 for the other
+    assert both["pairs"] == 2 and both["pmd"] == pytest.approx(expected_axis.mean(), rel=1e-5)
+    assert [both[f"pmd_{axis}"] for axis in "xyz"] == pytest.approx(expected_axis.tolist(), rel=1e-5)
 
 
 def test_commands_on_a_folder_without_a_reproduction_say_so(tmp_path):
