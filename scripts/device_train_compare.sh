@@ -5,8 +5,9 @@
 # between); carry .whl.
 #   PHASE=1: make the set (VERTICES per mesh, default 2000), pack it, start the runs, follow them (FOLLOW
 #            seconds from the start, default 560)
-#   PHASE=2: wait for them, copy every loss log to $OUT, test seed 1's fast checkpoint with both paths and
-#            print the comparison (scripts/compare_losses.py)
+#   PHASE=2: wait for them, copy every loss log to $OUT (both phases also do while they follow, so a call
+#            cut off still returns them), test seed 1's fast checkpoint with both paths and print the
+#            comparison (scripts/compare_losses.py)
 # Example: PHASE=1 SEEDS="1 2 3" STEPS=2000 bash scripts/device_train_compare.sh, then PHASE=2 likewise.
 set -euo pipefail
 source scripts/device_setup.sh
@@ -16,8 +17,17 @@ paths=${PATHS:-reference fast}
 data=/tmp/compare/quad
 started=$SECONDS
 
+copy_logs() {  # every loss log so far into $OUT, so a call cut off by its time limit still returns them
+  for log in /tmp/compare/runs/*/animal/loss_log.txt; do
+    [ -f "$log" ] || continue
+    run=$(basename "$(dirname "$(dirname "$log")")")
+    cp "$log" "$OUT/loss_${run%%[0-9]*}_seed${run##*[a-z]}.txt"
+  done
+}
+
 follow() {  # seconds: wait until no run is left or the time is up, printing each run's last log line
   while [ $((SECONDS - started)) -lt "$1" ]; do
+    copy_logs
     running=0
     for pid_file in /tmp/compare/*.pid; do
       kill -0 "$(cat "$pid_file")" 2>/dev/null && running=$((running + 1))
@@ -50,10 +60,7 @@ case "${PHASE:?set PHASE=1 or 2}" in
     ;;
   2)
     follow 420
-    for log in /tmp/compare/runs/*/animal/loss_log.txt; do
-      run=$(basename "$(dirname "$(dirname "$log")")")
-      cp "$log" "$OUT/loss_${run%%[0-9]*}_seed${run##*[a-z]}.txt"
-    done
+    copy_logs
     if [ -d /tmp/compare/runs/fast1 ]; then
       for path in reference fast; do
         flags=""; [ "$path" = reference ] && flags="--ot dense --precision fp32"
