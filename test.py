@@ -91,8 +91,8 @@ def main(opt: TestOptions) -> float:
     if "warp_pmd" in rows[0]:
         mean_warp_pmd = sum(row["warp_pmd"] for row in rows) / len(rows)
         print(f"warp_out alone (no refinement): {mean_warp_pmd:.6e} ({mean_warp_pmd / 1e-4:.4f} x 1e-4)")
-    axis_means = ", ".join(f"{axis} {sum(row[f'pmd_{axis}'] for row in rows) / len(rows) / 1e-4:.4f}" for axis in "xyz")
-    print(f"per axis (x 1e-4): {axis_means}")
+    axis_means = (sum(row[f"pmd_{axis}"] for row in rows) / len(rows) for axis in "xyz")
+    print("per axis (x 1e-4): " + ", ".join(f"{axis} {mean / 1e-4:.4f}" for axis, mean in zip("xyz", axis_means)))
     print(f"meshes and the per-pair table {table_path} written under {results_dir}")
     return mean_pmd
 

@@ -45,14 +45,6 @@ from util.atomic import atomic_write_text
 from util.cli import run_main
 from util.mesh_io import write_mesh
 
-def _installed_version(package: str) -> str | None:
-    """The installed version of package, or None (anny is only needed by the anny source)."""
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 METADATA_FILE_NAME = "metadata.json"
 TEST_LIST_FILE_NAME = "test_list"
 SEEN_POSES_TEST_LIST_FILE_NAME = "test_list_seen_poses"
@@ -86,6 +78,14 @@ PUBLISHED_SPLITS = {
 }
 _GENERATED_NAME = re.compile(r"(id\d+_\d+\.obj|toy_\d+_\d+\.ply)")
 _INTERRUPTED_WRITE = re.compile(r"\.(id\d+_\d+\.obj|toy_\d+_\d+\.ply)\..*\.tmp")  # write_mesh's temporaries
+
+
+def _installed_version(package: str) -> str | None:
+    """The installed version of package, or None (anny is only needed by the anny source)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _scale_indices(published: list[int], published_count: int, count: int) -> list[int]:

@@ -1,10 +1,27 @@
-"""PairModel: what every pose-transfer model here shares, the training forward around its own `transfer`."""
+"""PairModel: what every pose-transfer model here shares: the training forward around its own `transfer`,
+and the --precision choices with the autocast context they select."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 from models.networks.losses import weighted_losses
+
+# --precision -> autocast dtype; fp32 (None) is the published arithmetic: no autocast.
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a --precision value; ValueError with one line for an unknown one."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """torch.autocast to dtype on device's type; for None (float32) autocast switched off, also inside an
+    enclosing autocast region."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 class PairModel(nn.Module):

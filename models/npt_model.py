@@ -3,9 +3,8 @@
 It owns one network, `npt` (models/networks/npt.py), saved as <label>_net_NPT.pth holding exactly the
 published NPT state_dict. Its losses are NPT's: rec + 0.0005 * edge, with the same reconstruction and edge
 definitions as 3D-CoreNet (models/networks/losses.py); `precision` autocasts the whole network (published:
-fp32). OPTIMIZER and LR_DECAY carry NPT's published
-training settings (Adam, lr 5e-5, constant) for train.py; the published initialisation is
-models.networks.npt.init_npt_weights. Data enters and leaves as (B, N, 3); `transfer` is the one place
+fp32). OPTIMIZER and LR_DECAY carry NPT's published training settings (Adam, lr 5e-5, constant) for
+train.py; the published initialisation is models.networks.npt.init_npt_weights. Data enters and leaves as (B, N, 3); `transfer` is the one place
 that transposes to the network's channel-first layout. No file I/O, no optimizer held.
 """
 from __future__ import annotations
@@ -13,9 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.base_model import PairModel
+from models.base_model import PairModel, autocast, precision_dtype
 from models.networks.npt import NPT
-from models.pose_transfer_model import PRECISIONS
 
 
 class NPTModel(PairModel):
@@ -29,12 +27,10 @@ class NPTModel(PairModel):
     def __init__(self, variant: str = "original", lambda_rec: float = 1.0, lambda_edge: float = 0.0005,
                  precision: str = "fp32"):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.npt = NPT(variant)
         self.lambda_rec = lambda_rec
         self.lambda_edge = lambda_edge
-        self.autocast_dtype = PRECISIONS[precision]  # NPT has no similarity to keep exact: all of it may autocast
+        self.autocast_dtype = precision_dtype(precision)  # no similarity to keep exact: all of NPT may autocast
 
     def checkpoint_networks(self) -> dict[str, nn.Module]:
         """The checkpoint file: <label>_net_NPT.pth, loadable from NPT's released weights."""
@@ -49,7 +45,6 @@ class NPTModel(PairModel):
         Returns:
             fake_points: float (B, N, 3) in (-2, 2), in the identity's vertex order.
         """
-        with torch.autocast(identity_points.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with autocast(identity_points.device, self.autocast_dtype):
             fake_points = self.npt(pose_points.transpose(1, 2), identity_points.transpose(1, 2))  # (B, 3, N)
         return {"fake_points": fake_points.float().transpose(1, 2)}  # (B, N, 3)

@@ -17,12 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.base_model import PairModel
+from models.base_model import PairModel, autocast, precision_dtype
 from models.networks import GENERATORS, Correspondence
 from models.networks.correspondence import WARPS
-
-
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class PoseTransferModel(PairModel):
@@ -36,14 +33,14 @@ class PoseTransferModel(PairModel):
     def __init__(self, ngf: int = 64, netG: str = "elain", lambda_rec: float = 1000.0,
                  lambda_edge: float = 0.5, ot: str = "dense", precision: str = "fp32", fold_linear: bool = False):
         super().__init__()
-        for name, value, choices in (("netG", netG, GENERATORS), ("ot", ot, WARPS), ("precision", precision, PRECISIONS)):
+        for name, value, choices in (("netG", netG, GENERATORS), ("ot", ot, WARPS)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         self.corr = Correspondence(ngf=ngf, warp=WARPS[ot])
         self.G = GENERATORS[netG](ngf=ngf, fold_linear=fold_linear)
         self.lambda_rec = lambda_rec
         self.lambda_edge = lambda_edge
-        self.generator_dtype = PRECISIONS[precision]
+        self.generator_dtype = precision_dtype(precision)
 
     def checkpoint_networks(self) -> dict[str, nn.Module]:
         """The published checkpoint files: <label>_net_G.pth and <label>_net_Corr.pth."""
@@ -61,7 +58,6 @@ class PoseTransferModel(PairModel):
         """
         warp_out, identity_features = self.corr(identity_points.transpose(1, 2),
                                                 pose_points.transpose(1, 2))  # (B, N, 3), (B, C, N)
-        with torch.autocast(identity_points.device.type, dtype=self.generator_dtype or torch.float32,
-                            enabled=self.generator_dtype is not None):
+        with autocast(identity_points.device, self.generator_dtype):
             fake_points = self.G(warp_out.transpose(1, 2), identity_features)  # (B, 3, N)
         return {"warp_out": warp_out, "fake_points": fake_points.float().transpose(1, 2)}

@@ -22,7 +22,7 @@ from models import MODELS
 from models.networks import GENERATORS, INIT_TYPES
 from models.networks.npt import NPT_VARIANTS
 from models.networks.correspondence import WARPS
-from models.pose_transfer_model import PRECISIONS
+from models.base_model import PRECISIONS
 from util.atomic import atomic_write_text
 
 

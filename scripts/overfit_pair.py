@@ -18,6 +18,7 @@ import torch
 from data.pair_dataset import read_centred
 from models.networks import init_weights
 from models.pose_transfer_model import PoseTransferModel
+from test import point_mesh_distance_per_axis
 from util.cli import run_main
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         sum(losses.values()).backward()
         optimizer.step()
         if step % args.every == 0:
-            error = ((outputs["fake_points"].detach() - gt_points) ** 2).mean(dim=1)[0]  # (3,)
+            error = point_mesh_distance_per_axis(outputs["fake_points"].detach(), gt_points)[0]  # (3,)
             print(f"step {step:5d}: output MSE per axis {', '.join(f'{v:.2e}' for v in error)}  "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -109,19 +110,26 @@ def build(variant: str, device: torch.device) -> PoseTransferModel:
     return model
 
 
-def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, warmup: int,
-                   repeats: int) -> dict[str, float]:
-    """One full step with the published Adam settings, fp16 loss scaling as train.py does it."""
+def training_step(model: PoseTransferModel, batch: dict, device: torch.device) -> Callable[[], None]:
+    """One full step as train.py takes it: forward, losses, backward and the published Adam update (fused on
+    a GPU), with fp16 loss scaling."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=model.generator_dtype == torch.float16)
 
-    def step():
+    def step() -> None:
         _, losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(sum(losses.values())).backward()
         scaler.step(optimizer)
         scaler.update()
+    return step
+
+
+def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, warmup: int,
+                   repeats: int) -> dict[str, float]:
+    """Median ms and peak memory of training_step."""
+    step = training_step(model, batch, device)
     reset_peak(device)
     ms = time_median(step, device, warmup, repeats)
     return {"ms": ms, "peak_gib": peak_gib(device)}
@@ -170,21 +178,13 @@ def bench_loaders(device: torch.device, vertices: int, batch: int, pairs: int, w
 
 def profile_training(variant: str, batch: dict, device: torch.device, steps: int = 3) -> str:
     """torch.profiler table of a few training steps after warm-up: where the time of a step goes."""
-    model = build(variant, device)
-    bench_training(model, batch, device, warmup=2, repeats=1)
-    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER)
-    scaler = torch.amp.GradScaler(device.type, enabled=model.generator_dtype == torch.float16)
+    step = training_step(build(variant, device), batch, device)
+    for _ in range(2):
+        step()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(steps):
-            with torch.profiler.record_function("forward"):
-                _, losses = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.profiler.record_function("backward"):
-                scaler.scale(sum(losses.values())).backward()
-            with torch.profiler.record_function("adam"):
-                scaler.step(optimizer)
-                scaler.update()
+            step()
         synchronize(device)
     return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
 
@@ -202,8 +202,8 @@ def profile_inference(variant: str, batch: dict, device: torch.device, calls: in
 
 
 def golden_check(device: torch.device, variants: list[str]) -> dict:
-    """The variants (the first is "our reference") on the golden fixture (tests/golden.py): max |diff| and relative L2 of warp_out and
-    the output against the published code's, and the output's relative L2 to our reference path."""
+    """The variants on the golden fixture (tests/golden.py): max |diff| and relative L2 of warp_out and the
+    output against the published code's, and the output's relative L2 to the first variant's (our reference)."""
     from tests.golden import GOLDEN_DIR, golden_inputs, load_golden_model
     batch = {key: value.to(device) for key, value in golden_inputs().items()}
     expected = {name: torch.from_numpy(np.load(GOLDEN_DIR / f"expected_{name}.npy")).double().to(device)
@@ -230,7 +230,6 @@ def golden_check(device: torch.device, variants: list[str]) -> dict:
 
 def golden_gradients(device: torch.device, variants: list[str]) -> dict:
     """The variants' training-mode losses and gradient norms on the golden fixture (expected.json)."""
-    import math
     from tests.golden import GOLDEN_DIR, golden_inputs, load_golden_model
     expected = json.loads((GOLDEN_DIR / "expected.json").read_text())
     batch = {key: value.to(device) for key, value in golden_inputs().items()}

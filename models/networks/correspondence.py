@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.networks.layers import PointwiseConv1d
-
 from models.networks.ot import sinkhorn_warp_chunked, sinkhorn_warp_dense, sinkhorn_warp_stored
 
 # numpy.finfo(float).eps, the published normaliser's epsilon (kept for parity).
