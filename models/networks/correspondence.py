@@ -82,9 +82,10 @@ def dense_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points
 
 def stored_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
     """C materialised once in float32; Sinkhorn as compiled log-sum-exp passes over it that keep nothing
-    else N x M for backward (same arguments)."""
+    else N x M for backward (same arguments). C is a cosine similarity, so its bound 1 spares every pass
+    its maximum."""
     similarity = identity_theta.float().transpose(1, 2) @ pose_phi.float()  # (B, N, M)
-    return sinkhorn_warp_stored(similarity, pose_points, compiled=True)
+    return sinkhorn_warp_stored(similarity, pose_points, compiled=True, similarity_bound=1.0)
 
 
 # "auto" stores C (and its gradient) while both fit in this many bytes, else recomputes it in blocks.

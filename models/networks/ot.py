@@ -32,6 +32,9 @@ SINKHORN_EPSILON = 0.03
 SINKHORN_ITERATIONS = 5
 SINKHORN_DIVISION_EPS = 1e-8
 LOG_DIVISION_EPS = math.log(SINKHORN_DIVISION_EPS)
+# The widest range of log K a bounded shift may span (`_bounded_shift`): exp(-80) is 1.8e-35, well above
+# float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
+MAX_LOG_KERNEL_RANGE = 80.0
 # Identity rows per block in `sinkhorn_warp_chunked`: a (B, 1024, M) float32 block is 28 MB per pair at
 # M = 6890 and 450 MB at 110K. On CPU 256 to 4096 rows run within 20% of each other (smaller blocks a little
 # faster, from cache); on GPU fewer blocks mean fewer kernel launches.
@@ -388,17 +391,36 @@ def _outer_sum(row_vectors: torch.Tensor, column_vectors: torch.Tensor) -> torch
     return row_vectors @ column_vectors.transpose(1, 2)  # (B, N, M)
 
 
-def _softmax_parts(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The maximum over `dim`, the weights exp(logits - maximum) and their sum over `dim`.
+def _softmax_parts(logits: torch.Tensor, dim: int,
+                   shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shift (by default the maximum over `dim`), the weights exp(logits - shift) and their sum over `dim`.
 
-    The pair (maximum, sum) is what the stored form keeps of a log-sum-exp: backward recomputes
-    exp(logits - maximum) / sum exactly as the forward formed it, so the recomputed softmax weights still
+    The pair (shift, sum) is what the stored form keeps of a log-sum-exp: backward recomputes
+    exp(logits - shift) / sum exactly as the forward formed it, so the recomputed softmax weights still
     sum to 1 to rounding. Recomputing them as exp(logits - logsumexp) instead would carry the rounding of
     logsumexp, which the float32 ulp at |logsumexp| ~ 20 makes about 1e-6 relative, into every weight.
+    A given `shift` (B,), a bound from `_bounded_shift`, spares the pass over C that finds the maximum.
     """
-    maximum = logits.amax(dim, keepdim=True)
+    if shift is None:
+        maximum = logits.amax(dim, keepdim=True)
+    else:
+        maximum = shift.view(-1, 1, 1).expand(*(1 if axis == dim else size for axis, size in enumerate(logits.shape)))
     weights = torch.exp(logits - maximum)
     return maximum.squeeze(dim), weights, weights.sum(dim)
+
+
+def _bounded_shift(log_weights: torch.Tensor, similarity_bound: float | None, epsilon: float) -> torch.Tensor | None:
+    """An upper bound (B,) of log K[n, m] + log_weights over a whole row or column, or None without a bound.
+
+    With |C| <= similarity_bound, log K = (C - 1) / epsilon lies in [(-bound - 1) / epsilon,
+    (bound - 1) / epsilon], so max(log_weights) + (bound - 1) / epsilon bounds every logit of a row (or
+    column), and the largest of them lies at most 2 * bound / epsilon below it (about 67 for cosine
+    similarities at epsilon 0.03, checked below 80 by `sinkhorn_warp_stored`): shifted by this bound, every
+    weight is at most 1 and each row's largest at least exp(-80), far above float32's smallest normal number.
+    """
+    if similarity_bound is None:
+        return None
+    return log_weights.amax(1) + (similarity_bound - 1.0) / epsilon
 
 
 def _column_logits(similarity: torch.Tensor, log_a: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -423,30 +445,30 @@ def _row_weights(similarity: torch.Tensor, log_b: torch.Tensor, row_max: torch.T
     return torch.exp(_row_logits(similarity, log_b, epsilon) - row_max.unsqueeze(2))
 
 
-def _column_normaliser(similarity: torch.Tensor, log_a: torch.Tensor,
-                       epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maximum, sum) of the column logits over identity rows, two (B, M) tensors; u = maximum + log sum."""
-    maximum, _, total = _softmax_parts(_column_logits(similarity, log_a, epsilon), dim=1)
+def _column_normaliser(similarity: torch.Tensor, log_a: torch.Tensor, epsilon: float,
+                       shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, sum) of the column logits over identity rows, two (B, M) tensors; u = shift + log sum."""
+    maximum, _, total = _softmax_parts(_column_logits(similarity, log_a, epsilon), dim=1, shift=shift)
     return maximum, total
 
 
-def _row_normaliser(similarity: torch.Tensor, log_b: torch.Tensor,
-                    epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maximum, sum) of the row logits over pose columns, two (B, k) tensors; v = maximum + log sum."""
-    maximum, _, total = _softmax_parts(_row_logits(similarity, log_b, epsilon), dim=2)
+def _row_normaliser(similarity: torch.Tensor, log_b: torch.Tensor, epsilon: float,
+                    shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, sum) of the row logits over pose columns, two (B, k) tensors; v = shift + log sum."""
+    maximum, _, total = _softmax_parts(_row_logits(similarity, log_b, epsilon), dim=2, shift=shift)
     return maximum, total
 
 
-def _plan_warp(similarity: torch.Tensor, log_b: torch.Tensor, pose_points: torch.Tensor,
-               epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """softmax_m(log K + log b) @ pose_points, with the softmax's (maximum, sum), for k identity rows.
+def _plan_warp(similarity: torch.Tensor, log_b: torch.Tensor, pose_points: torch.Tensor, epsilon: float,
+               shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax_m(log K + log b) @ pose_points, with the softmax's (shift, sum), for k identity rows.
 
     Args:
-        similarity: (B, k, M); log_b: (B, M); pose_points: (B, M, 3).
+        similarity: (B, k, M); log_b: (B, M); pose_points: (B, M, 3); shift: (B,) or None (the row maxima).
     Returns:
-        warp (B, k, 3), maximum (B, k), sum (B, k).
+        warp (B, k, 3), shift (B, k), sum (B, k).
     """
-    maximum, weights, total = _softmax_parts(_row_logits(similarity, log_b, epsilon), dim=2)
+    maximum, weights, total = _softmax_parts(_row_logits(similarity, log_b, epsilon), dim=2, shift=shift)
     return _weighted_sums(weights, pose_points, dim=2) / total.unsqueeze(2), maximum, total  # (B, k, 3)
 
 
@@ -539,8 +561,12 @@ def _log_sum(maximum: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 
 
 def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
-                    blocks: list[slice], compiled: bool) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+                    blocks: list[slice], compiled: bool,
+                    similarity_bound: float | None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """warp_out and the vectors backward needs, one read pass over C per Sinkhorn half-step.
+
+    Each log-sum-exp is shifted by its maximum, or with `similarity_bound` by `_bounded_shift`, which
+    the pass then need not find: one reduction over C instead of two.
 
     Returns warp (B, N, 3) and the lists [log a_0..a_{T-1} (B, N); log b_0..b_T (B, M); (maximum, sum) of
     the column log-sum-exps u_1..u_T (B, M); those of the row log-sum-exps v_1..v_{T-1} (B, N); those of
@@ -552,19 +578,23 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     log_b = [pose_points.new_full((batch, num_pose), -math.log(num_pose))]
     column_max, column_sum, row_max, row_sum = [], [], [], []
     for step in range(iterations):
+        # One shift for every block (a bound over all rows), so the blocks' sums merge as they are.
+        shift = _bounded_shift(log_a[-1], similarity_bound, epsilon)
         maximum, total = _over_row_blocks(blocks, lambda rows: run(
-            _column_normaliser, similarity[:, rows], log_a[-1][:, rows], epsilon), _merge_column_normalisers)
+            _column_normaliser, similarity[:, rows], log_a[-1][:, rows], epsilon, shift), _merge_column_normalisers)
         column_max.append(maximum)
         column_sum.append(total)
         log_b.append(_log_marginal_update(_log_sum(maximum, total), num_pose))
         if step < iterations - 1:
+            shift = _bounded_shift(log_b[-1], similarity_bound, epsilon)
             maximum, total = _over_row_blocks(blocks, lambda rows: run(
-                _row_normaliser, similarity[:, rows], log_b[-1], epsilon), _concatenate_rows)
+                _row_normaliser, similarity[:, rows], log_b[-1], epsilon, shift), _concatenate_rows)
             row_max.append(maximum)
             row_sum.append(total)
             log_a.append(_log_marginal_update(_log_sum(maximum, total), num_identity))
+    shift = _bounded_shift(log_b[-1], similarity_bound, epsilon)
     warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
-        _plan_warp, similarity[:, rows], log_b[-1], pose_points, epsilon), _concatenate_rows)
+        _plan_warp, similarity[:, rows], log_b[-1], pose_points, epsilon, shift), _concatenate_rows)
     return warp, [log_a[:iterations], log_b, column_max, column_sum, row_max, row_sum, [plan_max, plan_sum]]
 
 
@@ -589,10 +619,11 @@ class _StoredSinkhornWarp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled):
+    def forward(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled, similarity_bound):
         blocks = _row_blocks(similarity.shape[1], chunk_size or similarity.shape[1])
         with torch.autocast(similarity.device.type, enabled=False):
-            warp, vectors = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled)
+            warp, vectors = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled,
+                                            similarity_bound)
         # save_for_backward takes a flat list; the group lengths (T, T + 1, T, T, T - 1, T - 1, 2) split it again.
         ctx.save_for_backward(similarity, pose_points, warp, *itertools.chain(*vectors))
         ctx.group_lengths = [len(group) for group in vectors]
@@ -610,7 +641,7 @@ class _StoredSinkhornWarp(torch.autograd.Function):
             grad_similarity, grad_points = _stored_backward(
                 similarity, pose_points, warp, grad_warp.to(warp.dtype), vectors, ctx.epsilon, blocks, ctx.compiled,
                 ctx.needs_input_grad[0])
-        return grad_similarity, grad_points, None, None, None, None
+        return grad_similarity, grad_points, None, None, None, None, None
 
 
 def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: torch.Tensor,
@@ -666,7 +697,7 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
 @torch.compiler.disable
 def sinkhorn_warp_stored(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float = SINKHORN_EPSILON,
                          iterations: int = SINKHORN_ITERATIONS, chunk_size: int | None = None,
-                         compiled: bool = False) -> torch.Tensor:
+                         compiled: bool = False, similarity_bound: float | None = None) -> torch.Tensor:
     """`sinkhorn_warp_dense(similarity, pose_points)` that keeps no N x M tensor but C for backward.
 
     Meant for training at moderate N, where C fits in memory: the forward makes 2T read passes over C
@@ -686,12 +717,19 @@ def sinkhorn_warp_stored(similarity: torch.Tensor, pose_points: torch.Tensor, ep
         iterations: number of (b, a) update pairs.
         chunk_size: identity vertices per block inside each pass, or None for one block.
         compiled: run each pass as a torch.compile'd kernel (compiled once per pass, shape and dtype).
+        similarity_bound: a bound on |C| that the caller guarantees, up to rounding (1 for cosine
+            similarities), at most 40 * epsilon: each forward pass then shifts its log-sum-exp by a bound
+            from its vector instead of first finding the maximum over C (`_bounded_shift`). None: maxima.
     Returns:
         warp_out: float32 or wider (B, N, 3), each row a convex combination of pose points.
     """
     _validate_similarity_inputs(similarity, pose_points, epsilon, iterations)
     if chunk_size is not None:
         _validate_chunk_size(chunk_size)
+    if similarity_bound is not None and not 0 < similarity_bound <= MAX_LOG_KERNEL_RANGE * epsilon / 2:
+        raise ValueError(f"similarity_bound must lie in (0, {MAX_LOG_KERNEL_RANGE * epsilon / 2:g}] at epsilon "
+                         f"{epsilon:g} (a wider one could underflow whole rows), got {similarity_bound!r}; "
+                         f"pass None to shift by the maxima")
     dtype = _working_dtype(similarity, pose_points)
     return _StoredSinkhornWarp.apply(similarity, pose_points.to(dtype), float(epsilon), iterations, chunk_size,
-                                     compiled)
+                                     compiled, similarity_bound)

@@ -26,6 +26,8 @@ SIZES = [(7, 7), (13, 9), (9, 20)]
 CHUNK_SIZES = [3, 4, 64]
 # One block (the default) and several with a partial last one.
 STORED_CHUNK_SIZES = [None, 4]
+# Log-sum-exps shifted by their maxima, and by the bound of cosine similarities (|C| <= 1).
+SIMILARITY_BOUNDS = [None, 1.0]
 ITERATIONS = [0, 1, 5]
 # Relative L2 error allowed against the dense reference in the same dtype.
 VALUE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -163,6 +165,8 @@ def test_division_eps_is_kept(dtype, monkeypatch):
     _assert_matches_dense(_logdomain_from_features(), theta, phi, points)
     _assert_matches_dense(_from_features(sinkhorn_warp_stored, chunk_size=7), theta, phi, points)
     _assert_similarity_warp_matches_dense(sinkhorn_warp_stored, theta.transpose(1, 2) @ phi, points)  # (B, N, M)
+    _assert_similarity_warp_matches_dense(functools.partial(sinkhorn_warp_stored, similarity_bound=1.0),
+                                          theta.transpose(1, 2) @ phi, points)
     reference = sinkhorn_warp_dense(theta.transpose(1, 2) @ phi, points)
     for changed_eps in (0.0, 1e-7):
         monkeypatch.setattr(ot, "SINKHORN_DIVISION_EPS", changed_eps)
@@ -273,33 +277,62 @@ def _assert_similarity_warp_matches_dense(warp_function, similarity, points,
         assert error < SIMILARITY_TOLERANCE[similarity.dtype], f"{name} differs by {error:.3g} relative"
 
 
-@pytest.mark.parametrize("dtype, batch, sizes, chunk_size, iterations",
+@pytest.mark.parametrize("dtype, batch, sizes, chunk_size, iterations, similarity_bound",
                          list(itertools.product([torch.float64, torch.float32], [1, 2], SIZES, STORED_CHUNK_SIZES,
-                                                ITERATIONS)))
-def test_stored_matches_dense(dtype, batch, sizes, chunk_size, iterations):
+                                                ITERATIONS, SIMILARITY_BOUNDS)))
+def test_stored_matches_dense(dtype, batch, sizes, chunk_size, iterations, similarity_bound):
     seed = 1000 * batch + 10 * (chunk_size or 0) + iterations
     similarity, points = _random_similarity(batch, *sizes, dtype, seed)
-    stored = functools.partial(sinkhorn_warp_stored, iterations=iterations, chunk_size=chunk_size)
-    _assert_similarity_warp_matches_dense(stored, similarity, points, iterations)
+    options = dict(iterations=iterations, chunk_size=chunk_size, similarity_bound=similarity_bound)
+    _assert_similarity_warp_matches_dense(functools.partial(sinkhorn_warp_stored, **options), similarity, points,
+                                          iterations)
     theta, phi, points = _random_problem(batch, *sizes, dtype, seed + 1)
-    _assert_matches_dense(_from_features(sinkhorn_warp_stored, iterations=iterations, chunk_size=chunk_size),
-                          theta, phi, points, iterations)
+    _assert_matches_dense(_from_features(sinkhorn_warp_stored, **options), theta, phi, points, iterations)
 
 
-@pytest.mark.parametrize("iterations, chunk_size", [(0, None), (1, 2), (5, None), (5, 2)])
-def test_stored_gradcheck(iterations, chunk_size):
+@pytest.mark.parametrize("iterations, chunk_size, similarity_bound",
+                         [(0, None, None), (1, 2, None), (5, None, None), (5, 2, None), (5, None, 1.0), (5, 2, 1.0)])
+def test_stored_gradcheck(iterations, chunk_size, similarity_bound):
     similarity, points = _random_similarity(2, 5, 7, torch.float64, seed=11)
     inputs = (similarity.requires_grad_(), points.requires_grad_())
-    assert torch.autograd.gradcheck(
-        functools.partial(sinkhorn_warp_stored, iterations=iterations, chunk_size=chunk_size), inputs)
+    assert torch.autograd.gradcheck(functools.partial(
+        sinkhorn_warp_stored, iterations=iterations, chunk_size=chunk_size, similarity_bound=similarity_bound), inputs)
 
 
-@pytest.mark.parametrize("sizes", SIZES)
-def test_stored_compiled_forms_match_dense(sizes, monkeypatch):
+@pytest.mark.parametrize("sizes, similarity_bound", list(itertools.product(SIZES, SIMILARITY_BOUNDS)))
+def test_stored_compiled_forms_match_dense(sizes, similarity_bound, monkeypatch):
     """The broadcast reductions written for torch.compile, run eagerly, give the same warp and gradients."""
     similarity, points = _random_similarity(2, *sizes, torch.float64, seed=12)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    _assert_similarity_warp_matches_dense(sinkhorn_warp_stored, similarity, points)
+    _assert_similarity_warp_matches_dense(functools.partial(sinkhorn_warp_stored, similarity_bound=similarity_bound),
+                                          similarity, points)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_stored_bound_keeps_far_rows_and_columns(dtype):
+    """The bounded shift at its extreme: an identity row whose every cosine is -1 (batch 0) and a pose
+    column whose every cosine is -1 (batch 1), so their largest logits lie 2 / epsilon below the shift."""
+    generator = torch.Generator().manual_seed(16)
+    direction = torch.nn.functional.normalize(torch.randn(3, 1, generator=generator, dtype=torch.float64), dim=0)
+    identity = torch.stack([torch.cat([-direction, _cap_directions(9, 0, 180, generator)], dim=1),
+                            direction.expand(3, 10)])  # (2, 3, 10)
+    pose = torch.stack([direction.expand(3, 12),
+                        torch.cat([-direction, _cap_directions(11, 0, 180, generator)], dim=1)])  # (2, 3, 12)
+    similarity = (identity.transpose(1, 2) @ pose).clamp(-1, 1)  # (2, 10, 12)
+    assert similarity[0, 0].eq(-1).all() and similarity[1, :, 0].eq(-1).all()
+    points = torch.randn(2, 12, 3, generator=generator, dtype=torch.float64)
+    for chunk_size in (None, 3):
+        _assert_similarity_warp_matches_dense(
+            functools.partial(sinkhorn_warp_stored, similarity_bound=1.0, chunk_size=chunk_size),
+            similarity.to(dtype), points.to(dtype))
+
+
+def test_stored_bound_is_checked():
+    similarity, points = _random_similarity(1, 5, 6, torch.float32, seed=17)
+    for bound in (0.0, -1.0, 1.3):
+        with pytest.raises(ValueError, match="similarity_bound must lie in"):
+            sinkhorn_warp_stored(similarity, points, similarity_bound=bound)
+    assert torch.isfinite(sinkhorn_warp_stored(similarity, points, similarity_bound=1.2)).all()
 
 
 def _saved_tensors(function):
@@ -349,6 +382,7 @@ def test_stored_compiled_passes_match_dense_and_save_only_similarity():
     theta, phi, points = _random_problem(2, 24, 20, torch.float32, seed=15)
     compiled = _from_features(sinkhorn_warp_stored, compiled=True)
     _assert_matches_dense(compiled, theta, phi, points)
+    _assert_matches_dense(_from_features(sinkhorn_warp_stored, compiled=True, similarity_bound=1.0), theta, phi, points)
 
     def caller(theta, phi, points):
         return 2 * compiled(theta, phi, points)
