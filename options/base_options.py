@@ -69,8 +69,9 @@ class BaseOptions:
                               "bf16, off with fp32 (the published arithmetic)", choices=("auto", "on", "off"))
     compile: str = option("auto", "torch.compile the generator: on, off, or auto (on for GPU training)",
                           choices=("auto", "on", "off"))
-    cuda_graphs: str = option("off", "inference on a GPU (test.py, transfer.py): replay input shapes met before "
-                              "from CUDA graphs, which removes most kernel-launch cost", choices=("on", "off"))
+    cuda_graphs: str = option("auto", "inference on a GPU (test.py, transfer.py): replay input shapes met before "
+                              "from CUDA graphs, which removes most kernel-launch cost; auto = on for 3D-CoreNet "
+                              "inference on a GPU, off otherwise", choices=("auto", "on", "off"))
     load_from_opt_file: bool = option(False, "take option defaults from <checkpoints_dir>/<dataset_mode>/opt.json; "
                                       "flags given on the command line still win")
     isTrain: ClassVar[bool] = False
@@ -190,6 +191,9 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
         values["ot"] = "dense"
     if values["compile"] == "auto":
         values["compile"] = "on" if on_gpu and options_class.isTrain else "off"
+    if values["cuda_graphs"] == "auto":
+        # NPT's transfer has not been replayed from a graph on a GPU yet, so it stays eager unless asked.
+        values["cuda_graphs"] = "on" if on_gpu and not options_class.isTrain and values["model"] == "ver2ver" else "off"
     options = options_class(**values)
     unset = {name: value for name, value in options.published_defaults().items() if getattr(options, name) is None}
     if unset:

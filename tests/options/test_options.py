@@ -66,6 +66,25 @@ def test_cuda_graphs_are_for_inference_on_a_gpu():
         parse(TrainOptions, ["--gpu_ids", "-1", "--cuda_graphs", "on"])
 
 
+@pytest.fixture
+def one_visible_gpu(monkeypatch):
+    """parse() as on a one-GPU machine: option resolution only asks torch.cuda whether a GPU is there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+@pytest.mark.parametrize("options_class, args, cuda_graphs", [
+    (TestOptions, [], "on"), (TestOptions, ["--cuda_graphs", "off"], "off"),
+    (TestOptions, ["--model", "npt"], "off"), (TestOptions, ["--model", "npt", "--cuda_graphs", "on"], "on"),
+    (TrainOptions, [], "off")])
+def test_auto_choices_on_a_gpu(one_visible_gpu, options_class, args, cuda_graphs):
+    opt = parse(options_class, ["--gpu_ids", "0", *args])
+    assert opt.device == "cuda:0" and opt.cuda_graphs == cuda_graphs
+    assert opt.compile == ("on" if options_class.isTrain else "off")
+    if "npt" not in args:
+        assert (opt.precision, opt.fold_linear, opt.ot) == ("fp16", "on", "auto")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batchSize", "0"], "--batchSize must be at least 1"),
     (["--niter", "0", "--niter_decay", "0"], "at least one epoch"),
