@@ -176,29 +176,39 @@ def bench_loaders(device: torch.device, vertices: int, batch: int, pairs: int, w
     return results
 
 
+def _profile(run: Callable[[], object], device: torch.device, calls: int) -> str:
+    """torch.profiler tables of `calls` runs of run(): operators by total device time, then the operators
+    and kernels with their input shapes by self time (which matrix product, which pass, at what size)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
+        for _ in range(calls):
+            run()
+        synchronize(device)
+    clock = "cuda" if device.type == "cuda" else "cpu"
+    by_operator = profiler.key_averages().table(sort_by=f"{clock}_time_total", row_limit=30,
+                                                max_name_column_width=70)
+    by_shape = profiler.key_averages(group_by_input_shape=True).table(
+        sort_by=f"self_{clock}_time_total", row_limit=25, max_name_column_width=50, max_shapes_column_width=60)
+    return f"{by_operator}\nBy input shape ({calls} calls):\n{by_shape}"
+
+
 def profile_training(variant: str, batch: dict, device: torch.device, steps: int = 3) -> str:
-    """torch.profiler table of a few training steps after warm-up: where the time of a step goes."""
+    """Profile tables (`_profile`) of a few training steps after warm-up: where the time of a step goes."""
     step = training_step(build(variant, device), batch, device)
     for _ in range(2):
         step()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    return _profile(step, device, steps)
 
 
 def profile_inference(variant: str, batch: dict, device: torch.device, calls: int = 5) -> str:
-    """torch.profiler table of eager inference calls after warm-up: which kernels a transfer spends its time in."""
+    """Profile tables (`_profile`) of eager inference calls after warm-up: which kernels a transfer spends
+    its time in."""
     model = build(variant, device).eval()
     bench_inference(model.transfer, batch, device, warmup=2, repeats=1)
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as profiler, torch.no_grad():
-        for _ in range(calls):
-            model.transfer(batch["identity_points"], batch["pose_points"])
-        synchronize(device)
-    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    with torch.no_grad():
+        return _profile(lambda: model.transfer(batch["identity_points"], batch["pose_points"]), device, calls)
 
 
 def golden_check(device: torch.device, variants: list[str]) -> dict:

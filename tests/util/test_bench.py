@@ -1,0 +1,32 @@
+"""util/bench.py on the CPU at toy size: the tables and JSON it writes, and its profile tables."""
+import json
+import math
+import sys
+
+import torch
+
+from util import bench
+
+
+def test_bench_writes_timings_for_each_variant(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cpu", "--vertices", "40", "--batch", "2",
+                                      "--variants", "reference", "--sweep", "", "--loader_pairs", "0",
+                                      "--big_batch", "0", "--warmup", "1", "--repeats", "2", "--out", str(out)])
+    bench.main()
+    results = json.loads(out.read_text())
+    assert (results["device"], results["batch"], results["vertices"]) == ("cpu", 2, 40)
+    train = results["train"]["reference"]
+    assert train["ms"] > 0 and math.isclose(train["pairs_per_s"], 2 / train["ms"] * 1e3)
+    assert results["infer_one"]["reference"]["ms"] > 0
+    printed = capsys.readouterr().out
+    assert "training step" in printed and "reference" in printed
+
+
+def test_profile_names_operators_and_their_shapes():
+    batch = bench.synthetic_batch(2, 40, torch.device("cpu"))
+    table = bench.profile_training("reference", batch, torch.device("cpu"), steps=1)
+    by_operator, by_shape = table.split("By input shape (1 calls):")
+    assert "aten::bmm" in by_operator and "Optimizer.step" in by_operator
+    # Input shapes are recorded: the generator's widest activations, (B, 16 ngf, N) = (2, 1024, 40).
+    assert "[2, 1024, 40]" in by_shape
