@@ -2,8 +2,9 @@
 
 Each option is one dataclass field carrying its default and help; the argparse parser is built from the
 fields, so a flag is declared in exactly one place. `parse` returns a frozen instance with the derived
-values (device, distributed rank and world size) computed once. Options are saved as opt.txt (non-defaults
-marked) and opt.json; `--load_from_opt_file` reads that JSON back. Nothing is pickled.
+values (device, distributed rank and world size) computed once. Options are saved as opt.txt (the values
+the run used, non-defaults marked) and opt.json (as given: an "auto" stays auto); `--load_from_opt_file`
+reads that JSON back. Nothing is pickled.
 """
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ class BaseOptions:
     rank: int = derived()
     local_rank: int = derived()
     world_size: int = derived()
+    # The AUTO_CHOICES as given, before "auto" was resolved for this machine: what opt.json keeps.
+    choices_as_given: dict = derived()
 
     def published_defaults(self) -> dict:
         """Values for flags left at None, which depend on --model; none here."""
@@ -158,6 +161,11 @@ def _check_launch(gpu_ids: str, world_size: int, script: str) -> None:
             f"'torchrun --nproc_per_node={len(ids)} {script} ...' (same flags)")
 
 
+# Options whose "auto" is resolved for the machine a run is on. opt.json keeps them as given, so that a
+# run loading it (--load_from_opt_file) on another machine resolves them for its own.
+AUTO_CHOICES = ("precision", "fold_linear", "ot", "compile", "cuda_graphs")
+
+
 def parse(options_class: type[OptionsT], args: list[str] | None = None, script: str = "train.py") -> OptionsT:
     """Parse the command line into a frozen options_class instance.
 
@@ -180,7 +188,8 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     values = vars(parsed)
     device = _resolve_device(parsed.gpu_ids, local_rank)
     on_gpu = device.startswith("cuda")
-    values.update(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    values.update(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                  choices_as_given={name: values[name] for name in AUTO_CHOICES})
     # "auto" picks the fast path on a GPU and the reference path on the CPU, once, here.
     if values["precision"] == "auto":
         # NPT keeps its published fp32 unless asked: its mixed-precision training is not checked on a GPU yet.
@@ -229,8 +238,9 @@ def options_text(options: BaseOptions) -> str:
 
 
 def options_dict(options: BaseOptions) -> dict[str, Any]:
-    """The user-settable options as a JSON-ready dict (what opt.json holds)."""
-    return {f.name: getattr(options, f.name) for f in _user_fields(type(options))}
+    """The user-settable options as a JSON-ready dict (what opt.json holds); AUTO_CHOICES as given."""
+    as_given = options.choices_as_given or {}
+    return {f.name: as_given.get(f.name, getattr(options, f.name)) for f in _user_fields(type(options))}
 
 
 def save_options(options: BaseOptions, directory: Path) -> None:

@@ -1,6 +1,7 @@
 """Options: published defaults, frozen values, JSON round trip and one-line errors."""
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -39,6 +40,25 @@ def test_saved_json_is_read_back_and_command_line_wins(tmp_path):
     assert "beta1" in text and "[default: 0.0]" not in text  # beta1 left at the published value: not marked
     loaded = parse(TrainOptions, ["--checkpoints_dir", str(tmp_path), "--load_from_opt_file", "--lr", "0.25"])
     assert loaded.ngf == 16 and loaded.lr == 0.25 and loaded.gpu_ids == "-1"
+
+
+def test_opt_file_keeps_auto_choices_for_the_machine_that_loads_it(tmp_path, monkeypatch):
+    """A run trained on a GPU and tested on the CPU from its opt.json takes the CPU's choices; explicit
+    choices are kept."""
+    from options.base_options import save_options
+    with monkeypatch.context() as gpu:
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        trained = parse(TrainOptions, ["--checkpoints_dir", str(tmp_path), "--ngf", "16", "--ot", "stored"])
+    assert (trained.precision, trained.fold_linear, trained.compile) == ("fp16", "on", "on")
+    save_options(trained, trained.checkpoint_dir)
+    saved = json.loads((tmp_path / "human" / "opt.json").read_text())
+    assert {name: saved[name] for name in ("precision", "fold_linear", "ot", "compile", "cuda_graphs")} == \
+        {"precision": "auto", "fold_linear": "auto", "ot": "stored", "compile": "auto", "cuda_graphs": "auto"}
+    assert re.search(r"precision: fp16\s+\[default: auto\]", (tmp_path / "human" / "opt.txt").read_text())
+    tested = parse(TestOptions, ["--checkpoints_dir", str(tmp_path), "--load_from_opt_file", "--gpu_ids", "-1"])
+    assert (tested.ngf, tested.ot, tested.precision, tested.fold_linear, tested.compile, tested.cuda_graphs) == \
+        (16, "stored", "fp32", "off", "off", "off")
 
 
 def test_missing_opt_file_is_one_line(tmp_path):
