@@ -5,10 +5,13 @@ One pair at 6890 vertices is a few hundred small kernels whose launches cost mor
 and replays them with a single launch. A graph is fixed to its input shapes and buffers, so one is kept
 per shape: the first call of a shape runs eagerly (one call alone gains nothing from capturing), the
 second captures a graph, and every later call copies its inputs into the graph's buffers and replays it.
-The graph computes exactly what the eager call computes (the same kernels on the same data).
+The graph computes exactly what the eager call computes (the same kernels on the same data). A shape whose
+capture fails (out of memory, say: a graph keeps its own memory) runs eagerly from then on, with one
+warning line, so that replaying never makes a call fail that would run without it.
 """
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Callable
 
@@ -61,19 +64,31 @@ class GraphedTransfer:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _CapturedTransfer] = OrderedDict()
         self.shapes_seen: set[tuple] = set()
+        self.eager_shapes: set[tuple] = set()  # shapes whose capture failed
 
     def __call__(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
-        if identity_points.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need inputs on a CUDA device, got {identity_points.device}")
+        _require_cuda(identity_points)
         key = (tuple(identity_points.shape), tuple(pose_points.shape), identity_points.dtype, pose_points.dtype,
                identity_points.device)
         with torch.no_grad():
             if key not in self.graphs:
-                if key not in self.shapes_seen:
+                if key not in self.shapes_seen or key in self.eager_shapes:
                     self.shapes_seen.add(key)
                     return self.model.transfer(identity_points, pose_points)
-                self.graphs[key] = _CapturedTransfer(self.model.transfer, identity_points, pose_points)
+                try:
+                    self.graphs[key] = _CapturedTransfer(self.model.transfer, identity_points, pose_points)
+                except RuntimeError as error:  # torch.OutOfMemoryError included
+                    self.eager_shapes.add(key)
+                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    print(f"warning: no CUDA graph for inputs {key[0]} and {key[1]} ({reason}); "
+                          f"they run without one", file=sys.stderr)
+                    return self.model.transfer(identity_points, pose_points)
                 if len(self.graphs) > self.max_graphs:
                     self.graphs.popitem(last=False)
             self.graphs.move_to_end(key)
             return self.graphs[key](identity_points, pose_points)
+
+
+def _require_cuda(identity_points: torch.Tensor) -> None:
+    if identity_points.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need inputs on a CUDA device, got {identity_points.device}")
