@@ -42,13 +42,18 @@ def test_saved_json_is_read_back_and_command_line_wins(tmp_path):
     assert loaded.ngf == 16 and loaded.lr == 0.25 and loaded.gpu_ids == "-1"
 
 
+def _pretend_one_gpu(patch: pytest.MonkeyPatch) -> None:
+    """parse() as on a one-GPU machine: option resolution only asks torch.cuda whether a GPU is there."""
+    patch.setattr(torch.cuda, "is_available", lambda: True)
+    patch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
 def test_opt_file_keeps_auto_choices_for_the_machine_that_loads_it(tmp_path, monkeypatch):
     """A run trained on a GPU and tested on the CPU from its opt.json takes the CPU's choices; explicit
     choices are kept."""
     from options.base_options import save_options
     with monkeypatch.context() as gpu:
-        gpu.setattr(torch.cuda, "is_available", lambda: True)
-        gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        _pretend_one_gpu(gpu)
         trained = parse(TrainOptions, ["--checkpoints_dir", str(tmp_path), "--ngf", "16", "--ot", "stored"])
     assert (trained.precision, trained.fold_linear, trained.compile) == ("fp16", "on", "on")
     save_options(trained, trained.checkpoint_dir)
@@ -88,9 +93,7 @@ def test_cuda_graphs_are_for_inference_on_a_gpu():
 
 @pytest.fixture
 def one_visible_gpu(monkeypatch):
-    """parse() as on a one-GPU machine: option resolution only asks torch.cuda whether a GPU is there."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _pretend_one_gpu(monkeypatch)
 
 
 @pytest.mark.parametrize("options_class, args, cuda_graphs", [
