@@ -42,6 +42,7 @@ VARIANTS = {
     "reference": ("dense", "fp32", False, False, False),
     "reference-tf32": ("dense", "fp32", False, True, False),
     "fast-fp32": ("stored", "fp32", False, False, False),
+    "fast-fp32-folded": ("stored", "fp32", False, False, True),
     "fast-fp16": ("stored", "fp16", False, False, True),
     "fast-fp16-compiled-unfolded": ("stored", "fp16", True, False, False),
     "fast-fp16-compiled": ("stored", "fp16", True, False, True),
