@@ -9,9 +9,10 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    """Run `python ARGS...` (a script path or -m module) from the project root, without CORENET_TRACEBACK."""
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` (a script path or -m module) from the project root, without CORENET_TRACEBACK,
+    with `env` added to the environment."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
     env.pop("CORENET_TRACEBACK", None)
     return subprocess.run([sys.executable, *args], cwd=PROJECT_ROOT, capture_output=True, text=True, env=env,
                           timeout=300)

@@ -58,6 +58,15 @@ def test_test_checkpoint_of_another_width_lists_keys(trained, tmp_path):
     assert_one_line_error(result, "mis-shaped", "fc.weight")
 
 
+def test_compiled_passes_on_a_cpu_without_a_cpp_compiler(trained, tmp_path):
+    """--ot stored compiles its passes for the CPU with torch.compile, which needs a C++ compiler."""
+    result = run_script("test.py", "--gpu_ids", "-1", "--ngf", "8", "--ot", "stored", "--dataroot",
+                        str(trained / "data"), "--checkpoints_dir", str(trained / "ckpt"), "--test_list",
+                        str(trained / "data" / "test_list"), "--results_dir", str(tmp_path / "res"),
+                        env={"CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
+    assert_one_line_error(result, "No working C++ compiler", "install g++ or clang", "--ot dense --compile off")
+
+
 def test_test_list_line_with_two_names(trained, tmp_path):
     bad_list = tmp_path / "list"
     bad_list.write_text("id2_3.obj id0_0.obj id2_0.obj\nid2_3.obj id0_0.obj\n")

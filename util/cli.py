@@ -18,7 +18,11 @@ def user_message(err: BaseException) -> str:
     if text.startswith("Caught ") and "Original Traceback" in text:
         last = text.splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    if "No working C++ compiler" in line:  # torch.compile's CPU backend (--ot stored/chunked, --compile on)
+        return (f"{line}; torch.compile needs one on the CPU: install g++ or clang, or run the reference path "
+                f"(--ot dense --compile off)")
+    return line
 
 
 def run_main(main: Callable[[], object]) -> None:
