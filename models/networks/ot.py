@@ -15,7 +15,9 @@ Three equivalent forms follow (issue 4, the fast path):
 - `sinkhorn_warp_stored` takes a materialised C (training at moderate N) and saves nothing N x M but C
   itself: each Sinkhorn half-step is one read pass over C, the backward's vectors come from read passes
   too and dL/dC from one elementwise pass, each pass a small function that torch.compile fuses into one
-  kernel. Its derivation is in `_StoredSinkhornWarp`.
+  kernel. Its derivation is in `_StoredSinkhornWarp`. Given a bound on |C| (1 for the model's cosine
+  similarities), each log-sum-exp is shifted by a bound known before the pass instead of C's maximum, so
+  a pass is one reduction.
 All compute in at least float32: C enters exp(C / epsilon) with epsilon = 0.03, so any error in C is
 magnified about 33 times (keep TF32 matmuls off on GPUs for the same reason).
 """
