@@ -1,0 +1,48 @@
+"""scripts/compare_losses.py: the last steps' mean loss per path and the fast / reference comparison."""
+import math
+import statistics
+
+import pytest
+
+from scripts.compare_losses import last_mean, relative_difference
+from tests.cli import assert_one_line_error, run_script
+
+
+def write_log(path, totals):
+    """A loss_log.txt whose logged steps have rec + edge = each of totals (edge fixed at 0.5)."""
+    lines = ["================ Training Loss (Wed Nov 25 13:34:25 2026) ================"]
+    lines += [f"(epoch: 1, iters: {8 * (i + 1)}, time: 0.03) edge: 0.5000 rec: {total - 0.5:.4f} lr: 0.0001"
+              for i, total in enumerate(totals)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_last_mean_averages_rec_plus_edge_of_the_last_steps(tmp_path):
+    write_log(tmp_path / "loss_fast_seed1.txt", [100.0, 10.0, 20.0, 30.0])
+    assert last_mean(tmp_path / "loss_fast_seed1.txt", 3) == pytest.approx(20.0)
+    assert last_mean(tmp_path / "loss_fast_seed1.txt", 200) == pytest.approx(40.0)
+
+
+def test_relative_difference_and_its_standard_error():
+    fast, reference = [9.0, 11.0, 13.0], [10.0, 10.0, 10.0]
+    ratio, error = relative_difference(fast, reference)
+    assert ratio == pytest.approx(0.1)
+    assert error == pytest.approx(math.sqrt(statistics.variance(fast) / 3) / 10.0)
+    assert math.isnan(relative_difference([9.0], [10.0])[1])
+
+
+def test_the_script_prints_each_path_and_the_comparison(tmp_path):
+    for path, seed, totals in [("fast", 1, [9.0]), ("fast", 2, [11.0]), ("reference", 1, [10.0]),
+                               ("reference", 2, [10.0])]:
+        write_log(tmp_path / f"loss_{path}_seed{seed}.txt", totals)
+    result = run_script("scripts/compare_losses.py", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "fast       seeds [1, 2]: last-200 mean loss 10.0000" in result.stdout
+    assert "fast / reference - 1 = +0.00%, standard error 10.00%" in result.stdout
+
+
+def test_no_logs_and_empty_logs_are_one_line_errors(tmp_path):
+    result = run_script("scripts/compare_losses.py", str(tmp_path))
+    assert_one_line_error(result.returncode, result.stderr, "no loss_<path>_seed<k>.txt logs", str(tmp_path))
+    (tmp_path / "loss_fast_seed1.txt").write_text("================ Training Loss ================\n")
+    result = run_script("scripts/compare_losses.py", str(tmp_path))
+    assert_one_line_error(result.returncode, result.stderr, "loss_fast_seed1.txt has no logged training steps")
