@@ -1,6 +1,7 @@
 """End to end on the CPU: train a few iterations on a tiny set, resume exactly, test, and run under torchrun."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,11 @@ def test_train_writes_published_files_then_test_reports_pmd(data, tmp_path, caps
                                                     str(checkpoints), "--results_dir", str(results),
                                                     "--test_list", str(data / "test_list")]))
     assert torch.isfinite(torch.tensor(mean_pmd))
-    assert "x 1e-4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "x 1e-4" in printed
+    timing = re.search(r"time over the test list: ([0-9.]+) s; the model and metric ([0-9.]+) s, of which the "
+                       r"first batch ([0-9.]+) s .*; reading and writing meshes (-?[0-9.]+) s", printed)
+    assert timing and float(timing[3]) <= float(timing[2]) <= float(timing[1]), printed
     with open(results / "human" / "pmd.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len((data / "test_list").read_text().split("\n")) - 1
