@@ -88,7 +88,8 @@ def stored_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_point
     return sinkhorn_warp_stored(similarity, pose_points, compiled=True, similarity_bound=1.0)
 
 
-# "auto" stores C (and its gradient) while both fit in this many bytes, else recomputes it in blocks.
+# "auto" stores C (and, when training, its gradient) while they fit in this many bytes, else recomputes
+# C in blocks.
 STORED_WARP_MAX_BYTES = 8 * 2**30
 
 
@@ -96,7 +97,8 @@ def auto_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points:
     """stored_warp for moderate sizes (fastest), else sinkhorn_warp_chunked: C recomputed block by block and
     never held whole, memory linear in N (same arguments)."""
     batch, _, num_identity = identity_theta.shape
-    stored_bytes = 2 * 4 * batch * num_identity * pose_phi.shape[2]  # C and dC, float32
+    needs_gradient = torch.is_grad_enabled() and (identity_theta.requires_grad or pose_phi.requires_grad)
+    stored_bytes = (2 if needs_gradient else 1) * 4 * batch * num_identity * pose_phi.shape[2]  # float32 C, dC
     warp = stored_warp if stored_bytes <= STORED_WARP_MAX_BYTES else sinkhorn_warp_chunked
     return warp(identity_theta, pose_phi, pose_points)
 
