@@ -41,14 +41,12 @@ def create_model(opt) -> nn.Module:
     if opt.model == "npt":
         model = NPTModel(variant=opt.npt_variant, precision=opt.precision, **weights)
         init_npt_weights(model)
-        compiled = model.npt
     else:
         model = PoseTransferModel(ngf=opt.ngf, netG=opt.netG, ot=opt.ot, precision=opt.precision,
                                   fold_linear=opt.fold_linear == "on", **weights)
         init_weights(model, opt.init_type, opt.init_variance)
-        compiled = model.G
     if opt.compile == "on":
-        compiled.compile()  # in place: the state_dict keys stay the published ones
+        model.compile_networks()
     return model
 
 

@@ -34,6 +34,10 @@ class PairModel(nn.Module):
     def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def compile_networks(self) -> None:
+        """torch.compile what --compile on compiles, in place (the state_dict keys stay the published ones)."""
+        raise NotImplementedError
+
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Run a batch from the data loaders and compute the weighted training losses.
 

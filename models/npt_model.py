@@ -36,6 +36,10 @@ class NPTModel(PairModel):
         """The checkpoint file: <label>_net_NPT.pth, loadable from NPT's released weights."""
         return {"NPT": self.npt}
 
+    def compile_networks(self) -> None:
+        """The whole NPT network."""
+        self.npt.compile()
+
     def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
         """Put the identity's body in the pose mesh's pose.
 

@@ -46,6 +46,10 @@ class PoseTransferModel(PairModel):
         """The published checkpoint files: <label>_net_G.pth and <label>_net_Corr.pth."""
         return {"G": self.G, "Corr": self.corr}
 
+    def compile_networks(self) -> None:
+        """The generator; the correspondence network stays eager."""
+        self.G.compile()
+
     def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
         """Put the identity's body in the pose mesh's pose.
 

@@ -107,7 +107,7 @@ def build(variant: str, device: torch.device) -> PoseTransferModel:
     torch.manual_seed(0)
     model = PoseTransferModel(ot=ot, precision=precision, fold_linear=fold_linear).to(device)
     if compiled:
-        model.G.compile()
+        model.compile_networks()
     return model
 
 
