@@ -100,9 +100,9 @@ def main(opt: TestOptions) -> float:
     print("per axis (x 1e-4): " + ", ".join(f"{axis} {mean / 1e-4:.4f}" for axis, mean in zip("xyz", axis_means)))
     print(f"meshes and the per-pair table {table_path} written under {results_dir}")
     total_seconds = time.perf_counter() - started
-    print(f"time over the test list: {total_seconds:.1f} s; the model and metric {sum(model_seconds):.1f} s, of which the first "
-          f"batch {model_seconds[0]:.1f} s (with any compilation); reading and writing meshes "
-          f"{total_seconds - sum(model_seconds):.1f} s")
+    print(f"time over the test list: {total_seconds:.1f} s; the model and metric {sum(model_seconds):.1f} s, "
+          f"of which the first batch {model_seconds[0]:.1f} s (with any compilation); reading and writing "
+          f"meshes {total_seconds - sum(model_seconds):.1f} s")
     return mean_pmd
 
 

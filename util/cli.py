@@ -19,7 +19,7 @@ def user_message(err: BaseException) -> str:
         last = text.splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
     line = text.splitlines()[0] if text else type(err).__name__
-    if "No working C++ compiler" in line:  # torch.compile's CPU backend (--ot stored/chunked, --compile on)
+    if "No working C++ compiler" in line:  # torch.compile's CPU backend (--ot stored, --compile on)
         return (f"{line}; torch.compile needs one on the CPU: install g++ or clang, or run the reference path "
                 f"(--ot dense --compile off)")
     return line
