@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# One device call that benchmarks this tree and another commit's on the same machine with the same
-# arguments (a change's speed-up, measured in one call). Here, once:
+# One device call that benchmarks this tree and other commits' trees on the same machine with the same
+# arguments (a change's speed-up, measured in one call). Here, once per other commit:
 #   rm -rf .other && mkdir .other && git archive REV | tar -x -C .other
-# then, carrying .whl, .shared_copy and .other:
-#   bash scripts/device_bench_ab.sh --variants fast-fp16-compiled --sweep "" --loader_pairs 0
-# Writes $OUT/bench_this.json and $OUT/bench_other.json; this tree runs before and after the other, so a
-# drift of the machine over the call shows as a difference between its two runs.
+# then, carrying .whl, .shared_copy and each tree folder (TREES, default ".other"; the device tool carries
+# at most 8 paths):
+#   TREES=".other" bash scripts/device_bench_ab.sh --variants fast-fp16-compiled --sweep "" --loader_pairs 0
+# Writes $OUT/bench_this.json, $OUT/bench_<tree>.json for each tree (its leading dot dropped) and
+# $OUT/bench_this_again.json: this tree runs first and last, so a drift of the machine over the call shows
+# as a difference between its two runs.
 set -euo pipefail
 source scripts/device_setup.sh
-if [ ! -d .other ]; then
-  echo "error: no .other folder; make it with 'git archive REV | tar -x -C .other' and carry it" >&2
-  exit 2
-fi
+trees=${TREES:-.other}
+for tree in $trees; do
+  if [ ! -d "$tree" ]; then
+    echo "error: no $tree folder; make it with 'git archive REV | tar -x -C $tree' and carry it" >&2
+    exit 2
+  fi
+done
 python3 -m util.bench --out "$OUT/bench_this.json" "$@"
-(cd .other && PYTHONPATH="/tmp/site:$PWD" python3 -m util.bench --out "$OUT/bench_other.json" "$@")
+for tree in $trees; do
+  echo "== $tree"
+  (cd "$tree" && PYTHONPATH="/tmp/site:$PWD" python3 -m util.bench --out "$OUT/bench_${tree#.}.json" "$@")
+done
+echo "== this tree again"
 python3 -m util.bench --out "$OUT/bench_this_again.json" "$@"
