@@ -2,8 +2,8 @@
 # One device call that benchmarks this tree and other commits' trees on the same machine with the same
 # arguments (a change's speed-up, measured in one call). Here, once per other commit:
 #   rm -rf .other && mkdir .other && git archive REV | tar -x -C .other
-# then, carrying .whl, .shared_copy and each tree folder (TREES, default ".other"; the device tool carries
-# at most 8 paths):
+# then, carrying .whl, .shared_copy and each tree folder (TREES, default ".other"; name others .tree_*, which
+# git ignores as it must for the device tool to carry them; it carries at most 8 paths):
 #   TREES=".other" bash scripts/device_bench_ab.sh --variants fast-fp16-compiled --sweep "" --loader_pairs 0
 # Writes $OUT/bench_this.json, $OUT/bench_<tree>.json for each tree (its leading dot dropped) and
 # $OUT/bench_this_again.json: this tree runs first and last, so a drift of the machine over the call shows
