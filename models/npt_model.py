@@ -4,8 +4,9 @@ It owns one network, `npt` (models/networks/npt.py), saved as <label>_net_NPT.pt
 published NPT state_dict. Its losses are NPT's: rec + 0.0005 * edge, with the same reconstruction and edge
 definitions as 3D-CoreNet (models/networks/losses.py); `precision` autocasts the whole network (published:
 fp32). OPTIMIZER and LR_DECAY carry NPT's published training settings (Adam, lr 5e-5, constant) for
-train.py; the published initialisation is models.networks.npt.init_npt_weights. Data enters and leaves as (B, N, 3); `transfer` is the one place
-that transposes to the network's channel-first layout. No file I/O, no optimizer held.
+train.py; the published initialisation is models.networks.npt.init_npt_weights. Data enters and leaves as
+(B, N, 3); `transfer` is the one place that transposes to the network's channel-first layout. No file I/O,
+no optimizer held.
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ the same --epochs x --epoch_size pairs; the GPU is shared by whichever trainings
 tests every model of a set at the last epoch all of them saved (the final one when all finished; trainings
 still running are stopped, so that a set cut short by the time limit is still compared at equal pairs
 seen) with test.py on the set's test_list (identities and poses unseen) and test_list_seen_poses (unseen
-identities in training poses), on the faithful path (--precision fp32 --ot dense), then writes the report. `report` writes, from what is under --root: results.json, results.md (the PMD table),
-loss_curves.png and test_pairs_<set>.png (identity | pose | ground truth | each model's output).
+identities in training poses), on the faithful path (--precision fp32 --ot dense), then writes the report.
+`report` writes, from what is under --root: results.json, results.md (the PMD table), loss_curves.png
+and test_pairs_<set>.png (identity | pose | ground truth | each model's output).
 """
 from __future__ import annotations
 
@@ -41,8 +42,6 @@ from data.pair_dataset import read_centred
 from test import point_mesh_distance_per_axis
 from util.atomic import atomic_write, atomic_write_text
 from util.cli import run_main
-from util.mesh_io import read_mesh
-from util.mesh_ops import center_bbox
 from util.render import render_grid
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -297,8 +296,9 @@ def plot_loss_curves(root: Path, schedule: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    logs = {set_name: {label: run_dir(root, set_name, model) for model, (label, _) in MODELS.items()
-                       if (run_dir(root, set_name, model) / SETS[set_name]["dataset_mode"] / "loss_log.txt").is_file()}
+    logs = {set_name: {label: directory for model, (label, _) in MODELS.items()
+                       if ((directory := run_dir(root, set_name, model)) / SETS[set_name]["dataset_mode"]
+                           / "loss_log.txt").is_file()}
             for set_name in SETS}
     logs = {set_name: runs for set_name, runs in logs.items() if runs}  # one panel per set trained
     if not logs:
@@ -343,7 +343,7 @@ def render_test_pairs(root: Path, set_name: str, path: Path) -> None:
     rows, titles = [], []
     for line in lines:
         identity, pose, truth = line.split()
-        meshes = [read_mesh(data / name) for name in (identity, pose, truth)]
+        meshes = [read_centred(data / name) for name in (identity, pose, truth)]
         row_titles = ["identity", "pose", "ground truth"]
         for model, (label, _) in MODELS.items():
             directory = run_dir(root, set_name, model)
@@ -351,9 +351,9 @@ def render_test_pairs(root: Path, set_name: str, path: Path) -> None:
             output = (test_dir(directory, "unseen", tested["which_epoch"]) / dataset_mode
                       / Path(truth).with_suffix(".obj")) if tested else None
             if output is not None and output.is_file():
-                meshes.append(read_mesh(output))
+                meshes.append(read_centred(output))
                 row_titles.append(label)
-        rows.append([(center_bbox(torch.from_numpy(vertices)).numpy(), faces) for vertices, faces in meshes])
+        rows.append([(vertices.numpy(), faces.numpy()) for vertices, faces in meshes])
         titles.append(row_titles)
     render_grid(rows, titles, path, size=(240, 300))
 

@@ -405,8 +405,10 @@ def _softmax_parts(logits: torch.Tensor, dim: int,
     """
     if shift is None:
         maximum = logits.amax(dim, keepdim=True)
-    else:
-        maximum = shift.view(-1, 1, 1).expand(*(1 if axis == dim else size for axis, size in enumerate(logits.shape)))
+    else:  # the same shape as the maximum, so that the pair saved for backward is shaped alike either way
+        shape = list(logits.shape)
+        shape[dim] = 1
+        maximum = shift.view(-1, 1, 1).expand(shape)
     weights = torch.exp(logits - maximum)
     return maximum.squeeze(dim), weights, weights.sum(dim)
 
