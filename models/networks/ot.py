@@ -379,6 +379,13 @@ def _weighted_sums(weights: torch.Tensor, vectors: torch.Tensor, dim: int) -> to
     return (weights.transpose(1, 2) if dim == 1 else weights) @ vectors  # (B, M or N, K)
 
 
+def _pose_major(vectors: torch.Tensor) -> torch.Tensor:
+    """(B, M, K) vectors stored as (B, K, M): under torch.compile a pass reads each vectors[..., k] at
+    consecutive pose vertices, so the loads of neighbouring threads coalesce (with a stride of K floats
+    they would not)."""
+    return vectors.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _outer_sum(row_vectors: torch.Tensor, column_vectors: torch.Tensor) -> torch.Tensor:
     """row_vectors @ column_vectors^T for a small K, as a broadcast sum under torch.compile (see above).
 
@@ -518,6 +525,42 @@ def _similarity_gradient(similarity: torch.Tensor, log_b: torch.Tensor, plan_max
     return (grad / epsilon).to(similarity.dtype)
 
 
+def _bounded_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tensor, column_factors: torch.Tensor,
+                                 epsilon: float) -> torch.Tensor:
+    """dL/dC for k identity rows when every shift is a bound, one per batch element: exp(s) (U V^T) / epsilon.
+
+    Then each term's exp(s + x[n] + y[m] - shift) is exp(s) exp(x[n] - shift) exp(y[m]) with the vector factors
+    formed once (`_bounded_gradient_factors`), so the pass takes one exponential per element, not 2T.
+
+    Args:
+        similarity: (B, k, M); row_factors U: (B, k, R); column_factors V: (B, M, R).
+    Returns:
+        dL/dC, (B, k, M) in the dtype of `similarity`.
+    """
+    kernel = torch.exp(_log_kernel(similarity, epsilon, row_factors.dtype))
+    return (kernel * _outer_sum(row_factors, column_factors) / epsilon).to(similarity.dtype)
+
+
+def _bounded_gradient_factors(log_b: torch.Tensor, plan_max: torch.Tensor, row_weights: torch.Tensor,
+                              column_weights: torch.Tensor, column_terms: list[tuple[torch.Tensor, ...]],
+                              row_terms: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (B, N, R) and V (B, M, R), R = 4 + 2T - 1, with dL/ds = exp(s) U V^T: `_similarity_gradient`'s terms
+    factored, for shifts that are the same over a whole row or column (`_bounded_shift`).
+
+    Each factor exp(log a[n] - shift) or exp(log b[m] - shift) lies in (0, 1], since the shift bounds the
+    vector's maximum; the coefficients are those `_similarity_gradient` multiplies by.
+    """
+    row_factors = [row_weights]
+    column_factors = [torch.exp(log_b - plan_max[:, :1]).unsqueeze(2) * column_weights]
+    for log_a, column_max, coefficient in column_terms:
+        row_factors.append(torch.exp(log_a - column_max[:, :1]).unsqueeze(2))
+        column_factors.append(coefficient.unsqueeze(2))
+    for log_b_step, row_max, coefficient in row_terms:
+        row_factors.append(coefficient.unsqueeze(2))
+        column_factors.append(torch.exp(log_b_step - row_max[:, :1]).unsqueeze(2))
+    return torch.cat(row_factors, dim=2), _pose_major(torch.cat(column_factors, dim=2))
+
+
 def _concatenate_rows(parts: list) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Per-block results of a row pass joined along the identity rows (tuples element by element)."""
     if isinstance(parts[0], torch.Tensor):
@@ -597,8 +640,9 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
             row_sum.append(total)
             log_a.append(_log_marginal_update(_log_sum(maximum, total), num_identity))
     shift = _bounded_shift(log_b[-1], similarity_bound, epsilon)
+    pose_major_points = _pose_major(pose_points)
     warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
-        _plan_warp, similarity[:, rows], log_b[-1], pose_points, epsilon, shift), _concatenate_rows)
+        _plan_warp, similarity[:, rows], log_b[-1], pose_major_points, epsilon, shift), _concatenate_rows)
     return warp, [log_a[:iterations], log_b, column_max, column_sum, row_max, row_sum, [plan_max, plan_sum]]
 
 
@@ -619,7 +663,9 @@ class _StoredSinkhornWarp(torch.autograd.Function):
     Every exponent is a log-softmax weight, so each term is bounded by its vector coefficient; each weight
     is recomputed as exp(. - maximum) / sum from the saved pair (see `_softmax_parts`), the 1 / sum folded
     into the coefficient. The 2T - 1 reduction passes give all vectors; one elementwise pass then sums
-    the 2T terms of dL/dC = dL/ds / epsilon.
+    the 2T terms of dL/dC = dL/ds / epsilon. With a similarity bound every shift is one number per batch
+    element, so the terms factor into exp(s) times a rank-(2T + 3) product of vectors, one exponential per
+    element (`_bounded_similarity_gradient`).
     """
 
     @staticmethod
@@ -631,7 +677,7 @@ class _StoredSinkhornWarp(torch.autograd.Function):
         # save_for_backward takes a flat list; the group lengths (T, T + 1, T, T, T - 1, T - 1, 2) split it again.
         ctx.save_for_backward(similarity, pose_points, warp, *itertools.chain(*vectors))
         ctx.group_lengths = [len(group) for group in vectors]
-        ctx.epsilon, ctx.chunk_size, ctx.compiled = epsilon, chunk_size, compiled
+        ctx.epsilon, ctx.chunk_size, ctx.compiled, ctx.bounded = epsilon, chunk_size, compiled, similarity_bound is not None
         return warp
 
     @staticmethod
@@ -644,20 +690,23 @@ class _StoredSinkhornWarp(torch.autograd.Function):
         with torch.autocast(similarity.device.type, enabled=False):
             grad_similarity, grad_points = _stored_backward(
                 similarity, pose_points, warp, grad_warp.to(warp.dtype), vectors, ctx.epsilon, blocks, ctx.compiled,
-                ctx.needs_input_grad[0])
+                ctx.bounded, ctx.needs_input_grad[0])
         return grad_similarity, grad_points, None, None, None, None, None
 
 
 def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: torch.Tensor,
                      grad_warp: torch.Tensor, vectors: list[list[torch.Tensor]], epsilon: float,
-                     blocks: list[slice], compiled: bool,
+                     blocks: list[slice], compiled: bool, bounded: bool,
                      similarity_needs_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Gradients (similarity, pose_points) of <grad_warp, warp_out>; see `_StoredSinkhornWarp`."""
+    """Gradients (similarity, pose_points) of <grad_warp, warp_out>; see `_StoredSinkhornWarp`.
+
+    `bounded`: the forward shifted by `_bounded_shift`, so dL/dC comes from `_bounded_similarity_gradient`.
+    """
     log_a, log_b, column_max, column_sum, row_max, row_sum, (plan_max, plan_sum) = vectors
     run = functools.partial(_run_pass, compiled)
     # Softmax term: P (g.x[m] - g.out[n]) = exp(s + log b_T - plan_max) * ([g, -g.out] / plan_sum @ [x, 1]^T).
     row_weights = torch.cat([grad_warp, -(grad_warp * warp).sum(2, keepdim=True)], dim=2) / plan_sum.unsqueeze(2)
-    column_weights = torch.cat([pose_points, torch.ones_like(pose_points[..., :1])], dim=2)  # (B, M, 4)
+    column_weights = _pose_major(torch.cat([pose_points, torch.ones_like(pose_points[..., :1])], dim=2))  # (B, M, 4)
     column_sums = _over_row_blocks(blocks, lambda rows: run(
         _plan_column_sums, similarity[:, rows], log_b[-1], plan_max[:, rows], row_weights[:, rows], epsilon),
         _add_parts)  # (B, M, 4)
@@ -683,7 +732,14 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
     column_terms = list(zip(log_a[::-1], column_max[::-1], column_coefficients))
     row_terms = list(zip(log_b[-2:0:-1], row_max[::-1], row_coefficients))
 
+    if bounded:
+        row_factors, column_factors = _bounded_gradient_factors(log_b[-1], plan_max, row_weights, column_weights,
+                                                                column_terms, row_terms)
+
     def gradient_rows(rows: slice) -> torch.Tensor:
+        if bounded:
+            return run(_bounded_similarity_gradient, similarity[:, rows], row_factors[:, rows], column_factors,
+                       epsilon)
         return run(_similarity_gradient, similarity[:, rows], log_b[-1], plan_max[:, rows], row_weights[:, rows],
                    column_weights, [(log_a_step[:, rows], maximum, coefficient)
                                     for log_a_step, maximum, coefficient in column_terms],
