@@ -47,8 +47,10 @@ class PoseTransferModel(PairModel):
         return {"G": self.G, "Corr": self.corr}
 
     def compile_networks(self) -> None:
-        """The generator; the correspondence network stays eager."""
+        """The generator and the correspondence network (whose warp compiles its own passes and is left out
+        of the graph: `sinkhorn_warp_stored` breaks it)."""
         self.G.compile()
+        self.corr.compile()
 
     def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
         """Put the identity's body in the pose mesh's pose.
