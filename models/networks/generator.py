@@ -63,16 +63,18 @@ class ElaIN(nn.Module):
             float (B, C, N).
         """
         gamma_id, beta_id, condition_mean = self.identity_terms(identity_features)
-        # Statistics and the affine map in float32 even under mixed precision: a sum over N vertices in
-        # half precision loses the mean. A no-op on the float32 (reference) path.
-        x = x.float()
-        mean = x.mean(dim=2, keepdim=True)  # (B, C, 1)
+        # Statistics in float32 even under mixed precision: a sum over N vertices in half precision loses
+        # the mean. The (B, C, N) affine map runs in x's dtype: float32 on the reference path (these casts
+        # are no-ops there), half precision under autocast, which halves the memory it moves.
+        statistics = x.float()
+        mean = statistics.mean(dim=2, keepdim=True)  # (B, C, 1)
         # Unbiased variance, unlike the InstanceNorm1d layers of Corr (SPEC.md; parity depends on it).
-        std = torch.sqrt(x.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
+        std = torch.sqrt(statistics.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
         weight = self.mlp_weight(torch.cat([condition_mean, mean], dim=1)).float()  # (B, C, 1)
-        gamma = gamma_id * weight + std * (1 - weight)
-        beta = beta_id * weight + mean * (1 - weight)
-        return (x - mean) / std * (1 + gamma) + beta
+        dtype = x.dtype
+        gamma = gamma_id.to(dtype) * weight.to(dtype) + (std * (1 - weight)).to(dtype)
+        beta = beta_id.to(dtype) * weight.to(dtype) + (mean * (1 - weight)).to(dtype)
+        return (x - mean.to(dtype)) / std.to(dtype) * (1 + gamma) + beta
 
 
 class ElaINBlock(nn.Module):

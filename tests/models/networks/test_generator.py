@@ -61,8 +61,9 @@ def test_folded_elain_does_less_work_for_the_same_identity_terms():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_folded_generator_under_autocast_is_as_close_to_float32_as_the_literal_one(dtype):
     literal, folded = twin_generators(ngf=4)
-    warp_points = torch.rand(1, 3, 60)
-    identity_features = torch.randn(1, 16, 60)
+    # 300 vertices: with the affine map in half precision, fewer leave the two errors too noisy to compare.
+    warp_points = torch.rand(1, 3, 300)
+    identity_features = torch.randn(1, 16, 300)
     with torch.no_grad():
         for generator in (literal, folded):  # spectral norm's power iteration runs in training mode
             for _ in range(5):
