@@ -6,6 +6,8 @@ the options use as defaults.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -23,10 +25,14 @@ def disable_tf32() -> None:
 
     The correspondence similarity C enters exp(C / 0.03), so TF32's ~1e-3 relative error in the feature
     convolutions would be magnified about 33 times; the fp32 path must also match the published numbers.
-    Mixed precision (--precision fp16/bf16) is chosen explicitly for the generator instead.
+    Mixed precision (--precision fp16/bf16) is chosen explicitly for the generator instead. Also silences
+    Inductor's advice to turn TF32 on when it compiles a float32 matrix product (--compile on): here it is
+    off on purpose, and the advice would mislead.
     """
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication",
+                            category=UserWarning)
 
 
 def create_model(opt) -> nn.Module:
