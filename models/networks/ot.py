@@ -320,6 +320,7 @@ def _similarity_gradient_to_features(theta: torch.Tensor, phi: torch.Tensor, ter
     return grad_theta, grad_phi
 
 
+@torch.compiler.disable
 def sinkhorn_warp_chunked(identity_features: torch.Tensor, pose_features: torch.Tensor,
                           pose_points: torch.Tensor, epsilon: float = SINKHORN_EPSILON,
                           iterations: int = SINKHORN_ITERATIONS,
@@ -330,8 +331,10 @@ def sinkhorn_warp_chunked(identity_features: torch.Tensor, pose_features: torch.
     recomputing that block of C = theta^T phi; backward recomputes it likewise and saves only O(N + M)
     vectors per iteration. Working memory is O(B * chunk_size * M + B * (N + M) * (C + iterations)); the
     price is 2 * iterations + 4 similarity-sized matmuls (iterations + 1 forward, iterations + 3 backward)
-    where the dense path has 3.
-    Gradients reach all three inputs; double backward is not supported.
+    where the dense path has 3. A torch.compile of the caller does not trace into this function (it breaks
+    the graph here): traced, its loops over blocks and iterations would unroll into a graph that grows with
+    N, and compiling that takes minutes at 100K vertices. Gradients reach all three inputs; double backward
+    is not supported.
 
     Args:
         identity_features: theta, float (B, C, N), each vertex feature of unit L2 norm over C.

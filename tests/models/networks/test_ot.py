@@ -207,6 +207,31 @@ def test_ignores_autocast(warp_function, inputs):
     torch.testing.assert_close(warp, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("warp_function", [
+    lambda theta, phi, points, chunk_size: sinkhorn_warp_chunked(theta, phi, points, chunk_size=chunk_size),
+    lambda theta, phi, points, chunk_size: sinkhorn_warp_stored(theta.transpose(1, 2) @ phi, points,
+                                                                chunk_size=chunk_size),
+], ids=["chunked", "stored"])
+def test_compiled_caller_graph_does_not_grow_with_blocks(warp_function):
+    """--compile on compiles the network that calls the warp: its loops over blocks must stay out of the
+    graph, or the graph (and its compile time) grows with N."""
+    def graph_nodes(num_vertices: int) -> int:
+        nodes = []
+
+        def count_nodes(graph_module, example_inputs):
+            nodes.append(len(graph_module.graph.nodes))
+            return graph_module.forward
+
+        theta, phi, points = _random_problem(1, num_vertices, num_vertices, torch.float32, seed=9)
+        caller = torch.compile(lambda theta, phi, points: 2 * warp_function(theta, phi, points, chunk_size=4),
+                               backend=count_nodes, dynamic=False)
+        torch._dynamo.reset()
+        torch.testing.assert_close(caller(theta, phi, points), 2 * warp_function(theta, phi, points, 4))
+        return sum(nodes)
+
+    assert graph_nodes(32) == graph_nodes(8)
+
+
 def test_chunked_saves_no_similarity_sized_tensor():
     num_vertices = 64
     theta, phi, points = _random_problem(1, num_vertices, num_vertices, torch.float32, seed=8)
