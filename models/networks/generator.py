@@ -35,21 +35,22 @@ class ElaIN(nn.Module):
         self.fold_linear = fold_linear
 
     def identity_terms(self, identity_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """gamma_id, beta_id (B, C, N) and the mean over vertices of mlp_same's output (B, C, 1), float32.
+        """gamma_id, beta_id (B, C, N) in the products' dtype (half under autocast), and the mean over
+        vertices of mlp_same's output (B, C, 1) in float32.
 
         Folded: gamma_id and beta_id come from one product with the composed weights, and the mean of the
         (affine) condition is the condition of the mean.
         """
         if not self.fold_linear:
             condition = self.mlp_same(identity_features)  # (B, C, N)
-            return (self.mlp_gamma(condition).float(), self.mlp_beta(condition).float(),
+            return (self.mlp_gamma(condition), self.mlp_beta(condition),
                     condition.float().mean(dim=2, keepdim=True))
         same_weight = self.mlp_same.weight.squeeze(-1)  # (C, Cid)
         outer_weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight]).squeeze(-1)  # (2C, C)
         weight = outer_weight @ same_weight  # (2C, Cid)
         bias = outer_weight @ self.mlp_same.bias + torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias])  # (2C,)
         gamma_beta = torch.baddbmm(bias.unsqueeze(-1), weight.expand(identity_features.shape[0], -1, -1),
-                                   identity_features).float()  # (B, 2C, N)
+                                   identity_features)  # (B, 2C, N)
         gamma_id, beta_id = gamma_beta.chunk(2, dim=1)
         condition_mean = self.mlp_same(identity_features.mean(dim=2, keepdim=True)).float()  # (B, C, 1)
         return gamma_id, beta_id, condition_mean
