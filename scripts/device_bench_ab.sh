@@ -5,6 +5,7 @@
 # then, carrying .whl, .shared_copy and each tree folder (TREES, default ".other"; name others .tree_*, which
 # git ignores as it must for the device tool to carry them; it carries at most 8 paths):
 #   TREES=".other" bash scripts/device_bench_ab.sh --variants fast-fp16-compiled --sweep "" --loader_pairs 0
+# GOLDEN=1 first checks every tree's variants on the golden fixture ($OUT/golden_this.json, golden_<tree>.json).
 # Writes $OUT/bench_this.json, $OUT/bench_<tree>.json for each tree (its leading dot dropped) and
 # $OUT/bench_this_again.json: this tree runs first and last, so a drift of the machine over the call shows
 # as a difference between its two runs.
@@ -17,6 +18,13 @@ for tree in $trees; do
     exit 2
   fi
 done
+if [ "${GOLDEN:-0}" = 1 ]; then  # each tree's variants on the golden fixture first (the same arguments)
+  python3 -m util.bench --golden --out "$OUT/golden_this.json" "$@"
+  for tree in $trees; do
+    echo "== golden $tree"
+    (cd "$tree" && PYTHONPATH="/tmp/site:$PWD" python3 -m util.bench --golden --out "$OUT/golden_${tree#.}.json" "$@")
+  done
+fi
 python3 -m util.bench --out "$OUT/bench_this.json" "$@"
 for tree in $trees; do
   echo "== $tree"

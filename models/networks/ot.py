@@ -680,7 +680,8 @@ class _StoredSinkhornWarp(torch.autograd.Function):
         # save_for_backward takes a flat list; the group lengths (T, T + 1, T, T, T - 1, T - 1, 2) split it again.
         ctx.save_for_backward(similarity, pose_points, warp, *itertools.chain(*vectors))
         ctx.group_lengths = [len(group) for group in vectors]
-        ctx.epsilon, ctx.chunk_size, ctx.compiled, ctx.bounded = epsilon, chunk_size, compiled, similarity_bound is not None
+        ctx.epsilon, ctx.chunk_size, ctx.compiled = epsilon, chunk_size, compiled
+        ctx.bounded = similarity_bound is not None
         return warp
 
     @staticmethod
