@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What a user waits for on a GPU beyond the arithmetic: test.py over a test list and transfer.py on one pair,
-# each with the defaults and with the reference warp (--ot dense, nothing compiled), each twice: the first
-# run with torch.compile's caches cold, the second warm. One device call; carry .whl. test.py prints its
-# own split (the model and metric, the first batch, reading and writing meshes); every run's wall time
-# goes to $OUT/startup_times.txt.
+# each with the defaults, with --compile on (whether compiling pays for a test list) and with the reference
+# warp (--ot dense, nothing compiled), each twice: the first run with torch.compile's caches cold, the second
+# warm. One device call; carry .whl. test.py prints its own split (the model and metric, the first batch,
+# reading and writing meshes); every run's wall time goes to $OUT/startup_times.txt.
 set -euo pipefail
 source scripts/device_setup.sh
 data=/tmp/startup/quad
@@ -16,7 +16,7 @@ python3 train.py --dataset_mode animal --dataroot "$data" --gpu_ids 0 --niter 1 
 common=(--dataset_mode animal --gpu_ids 0 --checkpoints_dir /tmp/startup/ckpt)
 pair=$(head -n 1 "$data/test_list")
 read -r identity pose _ <<< "$pair"
-for flags in "" "--ot dense"; do
+for flags in "" "--compile on" "--ot dense"; do
   for cache in cold warm; do
     started=$SECONDS
     python3 test.py "${common[@]}" --dataroot "$data" --test_list "$data/test_list" \
