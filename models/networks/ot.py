@@ -332,9 +332,9 @@ def sinkhorn_warp_chunked(identity_features: torch.Tensor, pose_features: torch.
     vectors per iteration. Working memory is O(B * chunk_size * M + B * (N + M) * (C + iterations)); the
     price is 2 * iterations + 4 similarity-sized matmuls (iterations + 1 forward, iterations + 3 backward)
     where the dense path has 3. A torch.compile of the caller does not trace into this function (it breaks
-    the graph here): traced, its loops over blocks and iterations would unroll into a graph that grows with
-    N, and compiling that takes minutes at 100K vertices. Gradients reach all three inputs; double backward
-    is not supported.
+    the graph here): traced, its loops over blocks and iterations unroll into a graph that grows with N,
+    whose compilation had not finished after 7 minutes at 110K vertices. Gradients reach all three inputs;
+    double backward is not supported.
 
     Args:
         identity_features: theta, float (B, C, N), each vertex feature of unit L2 norm over C.
