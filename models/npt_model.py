@@ -38,8 +38,9 @@ class NPTModel(PairModel):
         return {"NPT": self.npt}
 
     def compile_networks(self) -> None:
-        """The whole NPT network."""
-        self.npt.compile()
+        """The whole transfer: NPT with its autocast, whose dtype must be part of the graph (see
+        PoseTransferModel.refine)."""
+        self.transfer = torch.compile(self.transfer)
 
     def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
         """Put the identity's body in the pose mesh's pose.

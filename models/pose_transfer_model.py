@@ -47,10 +47,20 @@ class PoseTransferModel(PairModel):
         return {"G": self.G, "Corr": self.corr}
 
     def compile_networks(self) -> None:
-        """The generator and the correspondence network (whose warp compiles its own passes and is left out
-        of the graph: `sinkhorn_warp_stored` breaks it)."""
-        self.G.compile()
+        """The generator with its autocast (`refine`) and the correspondence network (whose warp compiles its
+        own passes and is left out of the graph: `sinkhorn_warp_stored` breaks it)."""
+        self.refine = torch.compile(self.refine)
         self.corr.compile()
+
+    def refine(self, warp_points: torch.Tensor, identity_features: torch.Tensor) -> torch.Tensor:
+        """The generator under --precision's autocast: warp (B, 3, N), features (B, C, N) -> (B, 3, N).
+
+        Compiled together, the autocast's dtype is part of the graph. Compiled alone under an enclosing
+        autocast, torch 2.11's AOTAutograd cache keyed the graph only by whether autocast was on, and could
+        hand a graph compiled for fp16 to a bf16 run (pytorch/pytorch#181564).
+        """
+        with autocast(warp_points.device, self.generator_dtype):
+            return self.G(warp_points, identity_features)
 
     def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
         """Put the identity's body in the pose mesh's pose.
@@ -64,6 +74,5 @@ class PoseTransferModel(PairModel):
         """
         warp_out, identity_features = self.corr(identity_points.transpose(1, 2),
                                                 pose_points.transpose(1, 2))  # (B, N, 3), (B, C, N)
-        with autocast(identity_points.device, self.generator_dtype):
-            fake_points = self.G(warp_out.transpose(1, 2), identity_features)  # (B, 3, N)
+        fake_points = self.refine(warp_out.transpose(1, 2), identity_features)  # (B, 3, N)
         return {"warp_out": warp_out, "fake_points": fake_points.float().transpose(1, 2)}
