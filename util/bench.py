@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vertices", type=int, default=6890)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS (\"\": none)")
     parser.add_argument("--big_batch", type=int, default=32, help="a larger inference batch (0 to skip)")
     parser.add_argument("--skip_train", action="store_true", help="inference, sweep and loaders only")
     parser.add_argument("--warmup", type=int, default=3)
@@ -301,7 +301,7 @@ def main() -> None:
     batch = synthetic_batch(args.batch, args.vertices, device)
     one = {key: value[:1] for key, value in batch.items()}
     big = synthetic_batch(args.big_batch, args.vertices, device) if args.big_batch else None
-    for name in args.variants.split(","):
+    for name in filter(None, args.variants.split(",")):  # --variants "": the data path alone
         model = build(name, device)
         if not args.skip_train:
             train = bench_training(model, batch, device, args.warmup, args.repeats)

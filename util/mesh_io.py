@@ -2,7 +2,9 @@
 
 Every mesh leaves this module as float32 vertices (V, 3) and int64 triangle faces (F, 3), checked for
 the failures a user can cause (missing file, unreadable or empty file, faces out of range, non-finite
-coordinates) so that callers can trust what they get. Parsing is done by trimesh, in file order.
+coordinates) so that callers can trust what they get. Plain triangle OBJ files (only `v x y z`, `f a b c`
+and comment lines: what this project and most exporters write) are parsed here with numpy, about twice as
+fast; everything else by trimesh. Both keep the file's vertex order.
 """
 from __future__ import annotations
 
@@ -34,14 +36,18 @@ def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mesh file {path} does not exist")
-    try:
-        # maintain_order keeps OBJ vertices in file order even when texture coordinates are present;
-        # process=False stops trimesh from merging or reordering vertices.
-        mesh = trimesh.load(path, force="mesh", process=False, maintain_order=True)
-    except Exception as err:  # trimesh raises many types for malformed files; report them as one
-        raise ValueError(f"mesh file {path} could not be read: {type(err).__name__}: {err}") from None
-    vertices = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64)
-    faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64)
+    plain = _read_plain_obj(path) if path.suffix.lower() == ".obj" else None
+    if plain is not None:
+        vertices, faces = plain
+    else:
+        try:
+            # maintain_order keeps OBJ vertices in file order even when texture coordinates are present;
+            # process=False stops trimesh from merging or reordering vertices.
+            mesh = trimesh.load(path, force="mesh", process=False, maintain_order=True)
+        except Exception as err:  # trimesh raises many types for malformed files; report them as one
+            raise ValueError(f"mesh file {path} could not be read: {type(err).__name__}: {err}") from None
+        vertices = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64)
+        faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64)
     if vertices.ndim != 2 or vertices.shape[0] == 0 or vertices.shape[1] != 3:
         raise ValueError(f"mesh file {path} holds no vertices; it is empty or not a mesh")
     if faces.size and (faces.ndim != 2 or faces.shape[1] != 3):
@@ -55,6 +61,29 @@ def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         bad = int((~np.isfinite(vertices)).any(axis=1).sum())
         raise ValueError(f"mesh file {path} has {bad} vertices with non-finite (NaN or inf) coordinates")
     return vertices.astype(np.float32), faces
+
+
+def _read_plain_obj(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """float64 vertices (V, 3) and 0-based int64 faces (F, 3) of an OBJ made only of `v x y z`,
+    `f a b c` (positive 1-based indices) and comment or blank lines; None for any other file, which trimesh
+    then reads (vertex colours, normals, texture coordinates, polygons, relative indices, groups, ...).
+    """
+    lines = path.read_bytes().splitlines()
+    vertex_lines = [line[2:] for line in lines if line[:2] == b"v "]
+    face_lines = [line[2:] for line in lines if line[:2] == b"f "]
+    comment_lines = sum(1 for line in lines if line[:1] == b"#" or not line.strip())
+    if not vertex_lines or len(vertex_lines) + len(face_lines) + comment_lines != len(lines):
+        return None
+    vertex_text, face_text = b" ".join(vertex_lines), b" ".join(face_lines)
+    # Decimal numbers and plain indices only ("nan", "1/1/1", "-1" go to trimesh); numpy stops at the first
+    # token it cannot read, which the counts below then catch.
+    if vertex_text.translate(None, b"0123456789.+-eE \t") or face_text.translate(None, b"0123456789 \t"):
+        return None
+    vertices = np.fromstring(vertex_text, dtype=np.float64, sep=" ")
+    faces = np.fromstring(face_text, dtype=np.int64, sep=" ")
+    if vertices.size != 3 * len(vertex_lines) or faces.size != 3 * len(face_lines) or (faces < 1).any():
+        return None
+    return vertices.reshape(-1, 3), faces.reshape(-1, 3) - 1
 
 
 # trimesh's OBJ exporter writes this header, 8 decimals per coordinate and 1-based faces; the writer below

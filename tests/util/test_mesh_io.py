@@ -1,7 +1,9 @@
 """Mesh IO: file order kept, round trips, and one-sentence errors for every malformed file."""
 import numpy as np
 import pytest
+import trimesh
 
+from util import mesh_io
 from util.mesh_io import read_mesh, write_mesh
 
 
@@ -55,3 +57,35 @@ def test_write_rejects_bad_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"must have shape \(V, 3\)"):
         write_mesh(tmp_path / "x.obj", np.zeros((4, 2)), np.zeros((1, 3), dtype=int))
     assert not list(tmp_path.iterdir())
+
+
+def _trimesh_read(path) -> tuple[np.ndarray, np.ndarray]:
+    mesh = trimesh.load(path, force="mesh", process=False, maintain_order=True)
+    return np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
+
+
+def test_plain_obj_fast_path_reads_what_trimesh_reads(tmp_path):
+    rng = np.random.default_rng(1)
+    vertices = rng.normal(scale=100, size=(500, 3)) * 10.0 ** rng.integers(-6, 3, size=(500, 1))
+    faces = rng.integers(0, 500, size=(900, 3))
+    write_mesh(tmp_path / "written.obj", vertices, faces)
+    (tmp_path / "handmade.obj").write_text("# made by hand\r\n\r\nv 1e-3 -2.5E+01 +3\r\nv 0 1  0\r\n"
+                                           "v 0 0 1\r\nf 1 2 3\r\n")
+    for name in ("written.obj", "handmade.obj"):
+        assert mesh_io._read_plain_obj(tmp_path / name) is not None  # the fast path reads it
+        for ours, theirs in zip(read_mesh(tmp_path / name), _trimesh_read(tmp_path / name)):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("text", [
+    "v 0 0 0\nv 1 0 0\nv 0 1 0\nvn 0 0 1\nf 1//1 2//1 3//1\n",  # normals
+    "v 0 0 0 1 0 0\nv 1 0 0 0 1 0\nv 0 1 0 0 0 1\nf 1 2 3\n",  # vertex colours
+    "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 1 1 0\nf 1 2 3 4\n",  # a quad
+    "v 0 0 0\nv 1 0 0\nv 0 1 0\nf -3 -2 -1\n",  # relative indices
+    "o body\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n",  # an object name
+    "v 0 0 nan\nv 1 0 0\nv 0 1 0\nf 1 2 3\n",  # not a decimal number
+])
+def test_other_obj_files_go_to_trimesh(tmp_path, text):
+    path = tmp_path / "other.obj"
+    path.write_text(text)
+    assert mesh_io._read_plain_obj(path) is None
