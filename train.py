@@ -47,8 +47,8 @@ def build_training_batches(opt: TrainOptions, device: torch.device) -> FileBatch
     epoch_size = opt.epoch_size or defaults["epoch_size"]
     if opt.loader == "packed" or (opt.loader == "auto" and has_packed(opt.dataroot)):
         if not has_packed(opt.dataroot):
-            raise FileNotFoundError(f"--loader packed needs {opt.dataroot}/packed; make it with "
-                                    f"'python -m data.packed --dataroot {opt.dataroot} --dataset_mode {opt.dataset_mode}'")
+            raise FileNotFoundError(f"--loader packed needs {opt.dataroot}/packed; make it with 'python -m "
+                                    f"data.packed --dataroot {opt.dataroot} --dataset_mode {opt.dataset_mode}'")
         return PackedPairSampler(opt.dataroot, layout, identities, poses, epoch_size, opt.batchSize, opt.seed, device,
                                  rank=opt.rank, world_size=opt.world_size)
     dataset = TrainPairDataset(opt.dataroot, layout, identities, poses, epoch_size, seed=opt.seed)
@@ -165,7 +165,8 @@ def main(opt: TrainOptions) -> None:
         start_iteration = 0
         save_checkpoint(opt, model, optimizer, scaler, lr, epoch + 1, 0, samples_seen, options_json)
         if epoch % opt.save_epoch_freq == 0 or epoch == total_epochs:
-            save_checkpoint(opt, model, optimizer, scaler, lr, epoch + 1, 0, samples_seen, options_json, label=str(epoch))
+            save_checkpoint(opt, model, optimizer, scaler, lr, epoch + 1, 0, samples_seen, options_json,
+                            label=str(epoch))
     logger.close()
     cleanup()
 

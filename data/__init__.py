@@ -32,7 +32,8 @@ class FileBatches:
     """Training batches read from mesh files by DataLoader workers; the same interface as PackedPairSampler."""
 
     def __init__(self, dataset: TrainPairDataset, batch_size: int, num_workers: int, distributed: bool):
-        self.dataset, self.batch_size, self.num_workers, self.distributed = dataset, batch_size, num_workers, distributed
+        self.dataset, self.batch_size = dataset, batch_size
+        self.num_workers, self.distributed = num_workers, distributed
 
     def __len__(self) -> int:
         return len(create_dataloader(self.dataset, self.batch_size, 0, distributed=self.distributed))

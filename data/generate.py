@@ -306,7 +306,8 @@ def generate(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     conflict = _folder_conflict(out, parameters)
     if conflict is not None and not args.overwrite:
-        raise ValueError(f"output folder {out} {conflict}; pass --overwrite to replace that set or choose another --out")
+        raise ValueError(f"output folder {out} {conflict}; pass --overwrite to replace that set or choose "
+                         f"another --out")
 
     source = _build_source(args.source, args.model_file, torch.device(args.device))
     shapes = source.sample_identities(identities, np.random.default_rng([args.seed, 0]))  # (I, S)

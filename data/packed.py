@@ -47,7 +47,8 @@ def pack_dataset(dataroot: str | os.PathLike, layout: MeshLayout, workers: int =
     """
     root = Path(dataroot)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataroot {root} does not exist; pass --dataroot with the folder that holds the meshes")
+        raise FileNotFoundError(f"dataroot {root} does not exist; pass --dataroot with the folder that holds "
+                                f"the meshes")
     identities, poses = _scan(root, layout)
     if not identities:
         raise FileNotFoundError(f"{root} holds no {layout.name} meshes named like {layout.file_pattern}")
@@ -96,7 +97,8 @@ class PackedPairSampler:
         if index["dataset_mode"] != layout.name:
             raise ValueError(f"{folder} packs a {index['dataset_mode']} set but --dataset_mode is {layout.name}")
         rows, columns = {n: k for k, n in enumerate(index["identities"])}, {n: k for k, n in enumerate(index["poses"])}
-        absent = [f"identity {i}" for i in identities if i not in rows] + [f"pose {p}" for p in poses if p not in columns]
+        absent = ([f"identity {i}" for i in identities if i not in rows]
+                  + [f"pose {p}" for p in poses if p not in columns])
         if absent:
             raise ValueError(f"{folder} has no {absent[0]} ({len(absent)} training indices absent); re-pack the set")
         vertices = torch.from_numpy(np.load(folder / "vertices.npy", mmap_mode="r")[
@@ -134,8 +136,10 @@ class PackedPairSampler:
         faces = self.faces.expand(batch, -1, -1)  # (B, F, 3)
         identity_faces, pose_faces = faces, faces
         if self.shuffle_points:
-            device_generator = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            orders = torch.rand(2, batch, self.num_vertices, device=self.device, generator=device_generator).argsort(dim=-1)
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            device_generator = torch.Generator(device=self.device).manual_seed(seed)
+            orders = torch.rand(2, batch, self.num_vertices, device=self.device,
+                                generator=device_generator).argsort(dim=-1)
             identity_points, identity_faces = permute_mesh_unchecked(identity_points, faces, orders[0])
             gt_points = torch.gather(gt_points, 1, orders[0].unsqueeze(-1).expand_as(gt_points))
             pose_points, pose_faces = permute_mesh_unchecked(pose_points, faces, orders[1])

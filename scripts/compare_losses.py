@@ -20,7 +20,8 @@ NAME = re.compile(r"loss_(?P<path>\w+?)_seed(?P<seed>\d+)\.txt$")
 
 def last_mean(path: Path, count: int) -> float:
     """Mean loss of the last `count` logged steps of one log; ValueError if it logged none."""
-    totals = [sum(map(float, LOSS.findall(line))) for line in path.read_text().splitlines() if line.startswith("(epoch")]
+    totals = [sum(map(float, LOSS.findall(line)))
+              for line in path.read_text().splitlines() if line.startswith("(epoch")]
     if not totals:
         raise ValueError(f"{path} has no logged training steps")
     return statistics.mean(totals[-count:])

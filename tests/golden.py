@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GOLDEN_DIR = Path(os.environ.get("CORENET_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "reference" / "golden"
+SHARED_DIR = Path(os.environ.get("CORENET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+GOLDEN_DIR = SHARED_DIR / "reference" / "golden"
 
 
 def rule_values(key: str, shape: tuple[int, ...]) -> np.ndarray:

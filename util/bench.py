@@ -346,7 +346,8 @@ def main() -> None:
     print(f"\n{'training step':24} {'ms':>8} {'pairs/s':>8} {'peak GiB':>9} {'ratio':>6} {'MFU':>6}")
     for name, row in results["train"].items():
         ratio = row["pairs_per_s"] / reference["pairs_per_s"] if reference else float("nan")
-        print(f"{name:24} {row['ms']:8.2f} {row['pairs_per_s']:8.1f} {row['peak_gib']:9.2f} {ratio:6.2f} {row['mfu']:6.1%}")
+        print(f"{name:24} {row['ms']:8.2f} {row['pairs_per_s']:8.1f} {row['peak_gib']:9.2f} {ratio:6.2f} "
+              f"{row['mfu']:6.1%}")
     big_column = f"batch {args.big_batch} pairs/s" if big is not None else ""
     print(f"\n{'inference':30} {'1 pair ms':>10} {f'batch {args.batch} pairs/s':>16} {'peak GiB':>9} {big_column:>18}")
     for name in results["infer_one"]:

@@ -3,7 +3,8 @@
 Published files, in <checkpoints_dir>/<dataset_mode>/: <label>_net_G.pth and <label>_net_Corr.pth (a plain
 state_dict each, CPU float32), optimizer.pth ({'G': optimizer state, 'lr': lr}) and iter.txt
 ("epoch,iteration"). We also write latest_resume.pth: one dict with the networks, the
-optimizer, fp16 loss scaler, lr, epoch, iteration, RNG state and options, so --continue_train makes the next step identical.
+optimizer, fp16 loss scaler, lr, epoch, iteration, RNG state and options, so --continue_train makes the
+next step identical.
 Every file is written to a temporary name and renamed, so an interrupted save never leaves a broken file.
 Every load uses torch.load(weights_only=True): no checkpoint can run code.
 """

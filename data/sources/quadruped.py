@@ -505,7 +505,8 @@ class QuadrupedSource(BodySource):
         buffers = self.buffers
         body = _ring_frames(buffers["body_values"], buffers["body_slopes"], body_knots)
         legs = _ring_frames(buffers["leg_values"], buffers["leg_slopes"], leg_knots)
-        frames = [torch.cat([b, l.flatten(1, 2)], dim=1) for b, l in zip(body, legs)]  # (B, R, .)
+        frames = [torch.cat([body_frame, leg_frame.flatten(1, 2)], dim=1)
+                  for body_frame, leg_frame in zip(body, legs)]  # (B, R, .)
         return _place(*frames, buffers["ring"], buffers["cos_coef"], buffers["sin_coef"])
 
     def sample_identities(self, count: int, rng: np.random.Generator) -> np.ndarray:

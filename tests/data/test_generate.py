@@ -245,7 +245,8 @@ def test_written_obj_matches_trimesh_export(tmp_path):
     """The generator relies on write_mesh's OBJ fast path producing trimesh's exact bytes."""
     rng = np.random.default_rng(0)
     for num_vertices, num_faces in [(3, 1), (50, 80)]:
-        vertices = rng.standard_normal((num_vertices, 3)).astype(np.float32) * 10.0 ** rng.integers(-9, 4, (num_vertices, 3))
+        scales = 10.0 ** rng.integers(-9, 4, (num_vertices, 3))
+        vertices = rng.standard_normal((num_vertices, 3)).astype(np.float32) * scales
         vertices[0, 0] = -0.0
         faces = rng.integers(0, num_vertices, (num_faces, 3))
         expected = io.BytesIO()

@@ -86,7 +86,8 @@ def test_poses_half_random_half_straight_within_npt_ranges(source):
     for side in ("L", "R"):
         assert np.all((degrees[f"upperleg01.{side}.rx"] >= -90) & (degrees[f"upperleg01.{side}.rx"] <= 20))
         assert np.all((degrees[f"lowerleg01.{side}.rx"] >= 0) & (degrees[f"lowerleg01.{side}.rx"] <= 100))
-        assert degrees[f"upperleg01.{side}.rx"][random].min() < -45 and degrees[f"lowerleg01.{side}.rx"][random].max() > 50
+        assert degrees[f"upperleg01.{side}.rx"][random].min() < -45
+        assert degrees[f"lowerleg01.{side}.rx"][random].max() > 50
         assert np.all(degrees[f"lowerleg01.{side}.rx"][straight] <= 15)
         assert np.all(np.abs(degrees[f"upperleg01.{side}.rx"][straight]) <= 15)
         for axis in ("rx", "ry"):
@@ -103,7 +104,8 @@ def test_vertices_match_anny_forward_pass(source):
     shapes = source.sample_identities(3, np.random.default_rng(2))
     poses = source.sample_poses(4, np.random.default_rng(2))
     pairs = [(0, 3), (2, 1), (2, 2)]
-    posed = source.vertices(torch.as_tensor(shapes[[i for i, _ in pairs]]), torch.as_tensor(poses[[p for _, p in pairs]]))
+    posed = source.vertices(torch.as_tensor(shapes[[i for i, _ in pairs]]),
+                            torch.as_tensor(poses[[p for _, p in pairs]]))
     for k, (i, p) in enumerate(pairs):
         torch.testing.assert_close(posed[k], _posed_naive(source, shapes[i], poses[p]), atol=2e-5, rtol=0)
 
