@@ -69,7 +69,8 @@ class BaseOptions:
     fold_linear: str = option("auto", "compose the generator's consecutive affine layers into one: the same function "
                               "with about half the arithmetic, other rounding; auto = on with --precision fp16 or "
                               "bf16, off with fp32 (the published arithmetic)", choices=("auto", "on", "off"))
-    compile: str = option("auto", "torch.compile the generator: on, off, or auto (on for GPU training)",
+    compile: str = option("auto", "torch.compile the generator and the correspondence network: on, off, or "
+                          "auto (on for GPU training)",
                           choices=("auto", "on", "off"))
     cuda_graphs: str = option("auto", "inference on a GPU (test.py, transfer.py): replay input shapes met before "
                               "from CUDA graphs, which removes most kernel-launch cost; auto = on for 3D-CoreNet "

@@ -73,8 +73,9 @@ class ElaIN(nn.Module):
         std = torch.sqrt(statistics.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
         weight = self.mlp_weight(torch.cat([condition_mean, mean], dim=1)).float()  # (B, C, 1)
         dtype = x.dtype
-        gamma = gamma_id.to(dtype) * weight.to(dtype) + (std * (1 - weight)).to(dtype)
-        beta = beta_id.to(dtype) * weight.to(dtype) + (mean * (1 - weight)).to(dtype)
+        weight_x = weight.to(dtype)
+        gamma = gamma_id.to(dtype) * weight_x + (std * (1 - weight)).to(dtype)
+        beta = beta_id.to(dtype) * weight_x + (mean * (1 - weight)).to(dtype)
         return (x - mean.to(dtype)) / std.to(dtype) * (1 + gamma) + beta
 
 
