@@ -7,8 +7,10 @@ The model does no file I/O and holds no optimizer.
 
 Two switches select the fast path (issue 4); their reference settings reproduce the published numbers:
 - `ot`: how the optimal-transport warp is computed (networks/correspondence.py WARPS; "dense" = published).
-- `precision`: the generator's autocast dtype. The correspondence network always runs in float32: its
-  similarity C enters exp(C / 0.03), so its error would be magnified about 33 times.
+- `precision`: the generator's autocast dtype. The correspondence network's forward stays float32-accurate:
+  its similarity C enters exp(C / 0.03), so its error would be magnified about 33 times. With fp16/bf16 its
+  matrix products run as split fp16 tensor-core products of about float32 accuracy on a GPU, and their
+  backward in the half-precision dtype (networks/layers.py `mixed_product`).
 - `fold_linear`: the generator's consecutive affine layers composed into one (networks/generator.py): the
   same function with about half its arithmetic.
 """
@@ -36,11 +38,11 @@ class PoseTransferModel(PairModel):
         for name, value, choices in (("netG", netG, GENERATORS), ("ot", ot, WARPS)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-        self.corr = Correspondence(ngf=ngf, warp=WARPS[ot])
+        self.generator_dtype = precision_dtype(precision)
+        self.corr = Correspondence(ngf=ngf, warp=WARPS[ot], half_dtype=self.generator_dtype)
         self.G = GENERATORS[netG](ngf=ngf, fold_linear=fold_linear)
         self.lambda_rec = lambda_rec
         self.lambda_edge = lambda_edge
-        self.generator_dtype = precision_dtype(precision)
 
     def checkpoint_networks(self) -> dict[str, nn.Module]:
         """The published checkpoint files: <label>_net_G.pth and <label>_net_Corr.pth."""

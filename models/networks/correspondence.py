@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.networks.layers import PointwiseConv1d
+from models.networks.layers import PointwiseConv1d, mixed_product
 from models.networks.ot import sinkhorn_warp_chunked, sinkhorn_warp_dense, sinkhorn_warp_stored
 
 # numpy.finfo(float).eps, the published normaliser's epsilon (kept for parity).
@@ -34,11 +34,11 @@ def normalize_features(features: torch.Tensor) -> torch.Tensor:
 class PointFeature(nn.Module):
     """Shared per-vertex feature extractor: three 1x1 convs 3 -> ngf -> 2ngf -> 4ngf with instance norm."""
 
-    def __init__(self, ngf: int = 64):
+    def __init__(self, ngf: int = 64, half_dtype: torch.dtype | None = None):
         super().__init__()
-        self.layer1 = PointwiseConv1d(3, ngf)
-        self.layer2 = PointwiseConv1d(ngf, 2 * ngf)
-        self.layer3 = PointwiseConv1d(2 * ngf, 4 * ngf)
+        self.layer1 = PointwiseConv1d(3, ngf)  # raw coordinates: float32 throughout (any range, 3 channels)
+        self.layer2 = PointwiseConv1d(ngf, 2 * ngf, half_dtype=half_dtype)
+        self.layer3 = PointwiseConv1d(2 * ngf, 4 * ngf, half_dtype=half_dtype)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """points: (B, 3, N) -> features (B, 4ngf, N)."""
@@ -50,11 +50,11 @@ class PointFeature(nn.Module):
 class ResidualBlock(nn.Module):
     """conv -> IN -> PReLU -> conv -> IN -> + input -> PReLU; one PReLU slope shared by both places."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, half_dtype: torch.dtype | None = None):
         super().__init__()
-        self.conv1 = PointwiseConv1d(channels, channels)
+        self.conv1 = PointwiseConv1d(channels, channels, half_dtype=half_dtype)
         self.prelu = nn.PReLU()
-        self.conv2 = PointwiseConv1d(channels, channels)
+        self.conv2 = PointwiseConv1d(channels, channels, half_dtype=half_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, N) -> (B, C, N)."""
@@ -63,29 +63,40 @@ class ResidualBlock(nn.Module):
         return self.prelu(out + x)
 
 
-WarpFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+WarpFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype | None], torch.Tensor]
 
 
-def dense_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
+def dense_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
+               half_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The published computation: materialise C = theta^T phi, then the dense Sinkhorn warp.
 
     Args:
         identity_theta: float (B, C, N), unit length per vertex.
         pose_phi: float (B, C, M), unit length per vertex.
         pose_points: float (B, M, 3).
+        half_dtype: fp16/bf16 to compute C as a `mixed_product` (float32-accurate forward, half-precision
+            backward), None for plain float32.
     Returns:
         warp_out: float (B, N, 3).
     """
-    similarity = identity_theta.transpose(1, 2) @ pose_phi  # (B, N, M)
+    similarity = mixed_product(identity_theta.transpose(1, 2), pose_phi, half_dtype)  # (B, N, M)
     return sinkhorn_warp_dense(similarity, pose_points)
 
 
-def stored_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
+def stored_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
+                half_dtype: torch.dtype | None = None) -> torch.Tensor:
     """C materialised once in float32; Sinkhorn as compiled log-sum-exp passes over it that keep nothing
     else N x M for backward (same arguments). C is a cosine similarity, so its bound 1 spares every pass
     its maximum."""
-    similarity = identity_theta.float().transpose(1, 2) @ pose_phi.float()  # (B, N, M)
+    similarity = mixed_product(identity_theta.float().transpose(1, 2), pose_phi.float(), half_dtype)  # (B, N, M)
     return sinkhorn_warp_stored(similarity, pose_points, compiled=True, similarity_bound=1.0)
+
+
+def chunked_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
+                 half_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`sinkhorn_warp_chunked`: C recomputed block by block and never held whole, memory linear in N (same
+    arguments). It recomputes C's blocks in plain float32 and ignores half_dtype."""
+    return sinkhorn_warp_chunked(identity_theta, pose_phi, pose_points)
 
 
 # "auto" stores C (and, when training, its gradient) while they fit in this many bytes, else recomputes
@@ -93,33 +104,41 @@ def stored_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_point
 STORED_WARP_MAX_BYTES = 8 * 2**30
 
 
-def auto_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor) -> torch.Tensor:
-    """stored_warp for moderate sizes (fastest), else sinkhorn_warp_chunked: C recomputed block by block and
-    never held whole, memory linear in N (same arguments)."""
+def auto_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
+              half_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """stored_warp for moderate sizes (fastest), else chunked_warp (same arguments)."""
     batch, _, num_identity = identity_theta.shape
     needs_gradient = torch.is_grad_enabled() and (identity_theta.requires_grad or pose_phi.requires_grad)
     stored_bytes = (2 if needs_gradient else 1) * 4 * batch * num_identity * pose_phi.shape[2]  # float32 C, dC
-    warp = stored_warp if stored_bytes <= STORED_WARP_MAX_BYTES else sinkhorn_warp_chunked
-    return warp(identity_theta, pose_phi, pose_points)
+    warp = stored_warp if stored_bytes <= STORED_WARP_MAX_BYTES else chunked_warp
+    return warp(identity_theta, pose_phi, pose_points, half_dtype)
 
 
 # --ot choices. "dense" is the published computation and the reference the others are tested against.
-WARPS: dict[str, WarpFunction] = {"dense": dense_warp, "stored": stored_warp, "chunked": sinkhorn_warp_chunked,
+WARPS: dict[str, WarpFunction] = {"dense": dense_warp, "stored": stored_warp, "chunked": chunked_warp,
                                   "auto": auto_warp}
 
 
 class Correspondence(nn.Module):
-    """Features, cosine similarity and optimal-transport warp of the pose mesh onto the identity mesh."""
+    """Features, cosine similarity and optimal-transport warp of the pose mesh onto the identity mesh.
 
-    def __init__(self, ngf: int = 64, warp: WarpFunction = dense_warp):
+    The forward is float32-accurate whatever `half_dtype` says: C enters exp(C / 0.03), so an error in the
+    features or C is magnified about 33 times. With `half_dtype` (fp16/bf16) the matrix products after the
+    first layer (the 1x1 convolutions' and C's) are `mixed_product`s: on a GPU their forward runs as split
+    fp16 tensor-core products of about float32 accuracy, and their backward in half_dtype, which moves
+    the gradients by half-precision rounding. None: plain float32 throughout, the published arithmetic.
+    """
+
+    def __init__(self, ngf: int = 64, warp: WarpFunction = dense_warp, half_dtype: torch.dtype | None = None):
         super().__init__()
         channels = 4 * ngf
-        self.adaptive_feature = PointFeature(ngf)
-        self.layer = nn.Sequential(*[ResidualBlock(channels) for _ in range(4)])
+        self.adaptive_feature = PointFeature(ngf, half_dtype)
+        self.layer = nn.Sequential(*[ResidualBlock(channels, half_dtype) for _ in range(4)])
         # phi is registered before theta: the published state_dict lists them in this order.
-        self.phi = PointwiseConv1d(channels, channels)
-        self.theta = PointwiseConv1d(channels, channels)
+        self.phi = PointwiseConv1d(channels, channels, half_dtype=half_dtype)
+        self.theta = PointwiseConv1d(channels, channels, half_dtype=half_dtype)
         self.warp = warp
+        self.half_dtype = half_dtype
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
         """points: (B, 3, N) -> features (B, 4ngf, N) after the residual blocks."""
@@ -140,5 +159,5 @@ class Correspondence(nn.Module):
         pose_features = self.features(pose_points)
         identity_theta = normalize_features(self.theta(identity_features))
         pose_phi = normalize_features(self.phi(pose_features))
-        warp_out = self.warp(identity_theta, pose_phi, pose_points.transpose(1, 2))  # (B, N, 3)
+        warp_out = self.warp(identity_theta, pose_phi, pose_points.transpose(1, 2), self.half_dtype)  # (B, N, 3)
         return warp_out, identity_features

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 
-from models.networks.layers import PointwiseConv1d
+from models.networks.layers import PointwiseConv1d, mixed_product
 
 
 @pytest.mark.parametrize("batch, channels_in, channels_out, vertices, bias",
@@ -29,3 +29,70 @@ def test_spectral_norm_keys_and_values_match_conv1d():
     x = torch.randn(2, 4, 9)
     torch.testing.assert_close(ours(x), reference(x))
     assert list(ours.state_dict()) == ["bias", "weight_orig", "weight_u", "weight_v"]
+
+
+def _product_case(seed: int, bias: bool):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(3, 5, 16, generator=generator, requires_grad=True)
+    b = torch.randn(3, 16, 9, generator=generator, requires_grad=True)
+    c = torch.randn(5, 1, generator=generator, requires_grad=True) if bias else None
+    return a, b, c
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mixed_product_keeps_the_forward_and_rounds_only_the_backward(dtype, tolerance, bias):
+    a, b, c = _product_case(0, bias)
+    out = mixed_product(a, b, dtype, c)
+    plain = mixed_product(a, b, None, c)  # plain autograd, float32 throughout
+    assert torch.equal(out, plain)  # the same forward kernel: bit for bit
+    upstream = torch.randn_like(out)
+    inputs = [t for t in (a, b, c) if t is not None]
+    grads = torch.autograd.grad(out, inputs, upstream)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    c64 = None if c is None else c.detach().double().requires_grad_()
+    out64 = a64 @ b64 if c64 is None else c64 + a64 @ b64
+    exact = torch.autograd.grad(out64, [t for t in (a64, b64, c64) if t is not None], upstream.double())
+    for grad, reference in zip(grads, exact):
+        assert grad.dtype == torch.float32
+        error = (torch.linalg.norm(grad.double() - reference) / torch.linalg.norm(reference)).item()
+        assert error < tolerance, error
+    if c is not None:  # the bias gradient is a float32 sum, not rounded to half
+        torch.testing.assert_close(grads[-1].double(), exact[-1], rtol=1e-5, atol=1e-5)
+    float32_grads = torch.autograd.grad(plain, inputs, upstream)
+    assert not torch.equal(grads[0], float32_grads[0])  # the products did run in half precision
+
+
+def test_mixed_product_saves_half_copies_for_backward():
+    a, b, _ = _product_case(1, bias=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        mixed_product(a, b, torch.bfloat16)
+    assert saved == [torch.bfloat16, torch.bfloat16]
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        mixed_product(a, b, None)
+    assert saved == [torch.float32, torch.float32]
+
+
+def test_mixed_product_without_gradients_records_nothing():
+    a, b, _ = _product_case(2, bias=False)
+    with torch.no_grad():
+        out = mixed_product(a, b, torch.float16)
+    assert out.grad_fn is None and torch.equal(out, a.detach() @ b.detach())
+
+
+def test_pointwise_conv_with_half_dtype_has_the_same_forward_and_close_gradients():
+    torch.manual_seed(3)
+    exact = PointwiseConv1d(8, 6)
+    half = PointwiseConv1d(8, 6, half_dtype=torch.bfloat16)
+    half.load_state_dict(exact.state_dict())
+    x = torch.randn(2, 8, 40, requires_grad=True)
+    out_exact, out_half = exact(x), half(x)
+    assert torch.equal(out_exact, out_half)
+    upstream = torch.randn_like(out_exact)
+    grads_exact = torch.autograd.grad(out_exact, [x, exact.weight, exact.bias], upstream)
+    grads_half = torch.autograd.grad(out_half, [x, half.weight, half.bias], upstream)
+    for g_half, g_exact in zip(grads_half, grads_exact):
+        assert g_half.shape == g_exact.shape and g_half.dtype == torch.float32
+        torch.testing.assert_close(g_half, g_exact, rtol=0, atol=3e-2 * g_exact.abs().max().item())
