@@ -7,10 +7,9 @@ The model does no file I/O and holds no optimizer.
 
 Two switches select the fast path (issue 4); their reference settings reproduce the published numbers:
 - `ot`: how the optimal-transport warp is computed (networks/correspondence.py WARPS; "dense" = published).
-- `precision`: the generator's autocast dtype. The correspondence network's forward stays float32-accurate:
+- `precision`: the generator's autocast dtype. The correspondence network's forward always runs in float32:
   its similarity C enters exp(C / 0.03), so its error would be magnified about 33 times. With fp16/bf16 its
-  matrix products run as split fp16 tensor-core products of about float32 accuracy on a GPU, and their
-  backward in the half-precision dtype (networks/layers.py `mixed_product`).
+  backward's matrix products run in that dtype (networks/layers.py `mixed_product`).
 - `fold_linear`: the generator's consecutive affine layers composed into one (networks/generator.py): the
   same function with about half its arithmetic.
 """

@@ -61,7 +61,8 @@ class BaseOptions:
     precision: str = option("auto", "generator arithmetic: fp32 (the published reference), fp16 or bf16 "
                             "autocast (bf16 rounds coarser: output 1.4e-2 from the reference on the golden fixture, "
                             "fp16 1.8e-3); auto = fp16 on a GPU, fp32 on the CPU and for --model npt. The "
-                            "correspondence network always runs in fp32; --model npt autocasts its whole network",
+                            "correspondence network's forward always runs in fp32, its backward products in fp16/bf16 "
+                            "with those; --model npt autocasts its whole network",
                             choices=("auto", *PRECISIONS))
     ot: str = option("auto", "optimal-transport warp: dense (published), stored (C kept once, compiled "
                      "log-domain passes), chunked (memory linear in the vertex count); auto = stored or, when C "

@@ -74,8 +74,7 @@ def dense_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points
         identity_theta: float (B, C, N), unit length per vertex.
         pose_phi: float (B, C, M), unit length per vertex.
         pose_points: float (B, M, 3).
-        half_dtype: fp16/bf16 to compute C as a `mixed_product` (float32-accurate forward, half-precision
-            backward), None for plain float32.
+        half_dtype: fp16/bf16 for C's backward products (`mixed_product`), None for plain float32.
     Returns:
         warp_out: float (B, N, 3).
     """
@@ -122,11 +121,10 @@ WARPS: dict[str, WarpFunction] = {"dense": dense_warp, "stored": stored_warp, "c
 class Correspondence(nn.Module):
     """Features, cosine similarity and optimal-transport warp of the pose mesh onto the identity mesh.
 
-    The forward is float32-accurate whatever `half_dtype` says: C enters exp(C / 0.03), so an error in the
-    features or C is magnified about 33 times. With `half_dtype` (fp16/bf16) the matrix products after the
-    first layer (the 1x1 convolutions' and C's) are `mixed_product`s: on a GPU their forward runs as split
-    fp16 tensor-core products of about float32 accuracy, and their backward in half_dtype, which moves
-    the gradients by half-precision rounding. None: plain float32 throughout, the published arithmetic.
+    The forward is float32 whatever `half_dtype` says: C enters exp(C / 0.03), so an error in the features
+    or C is magnified about 33 times. With `half_dtype` (fp16/bf16) the backward's matrix products after
+    the first layer (the 1x1 convolutions' and C's) run in that dtype (`mixed_product`), which moves the
+    gradients by half-precision rounding. None: plain float32 throughout, the published arithmetic.
     """
 
     def __init__(self, ngf: int = 64, warp: WarpFunction = dense_warp, half_dtype: torch.dtype | None = None):

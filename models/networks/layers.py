@@ -4,14 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.networks.split_product import split_product, split_product_available
 
-
-def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, split: bool) -> torch.Tensor:
-    """bias + a @ b, batched: (B, P, Q) from a (B, P, K), b (B, K, Q) and bias None or (P, 1); with `split`, on
-    a GPU, as float32-accurate fp16 tensor-core products (`split_product`)."""
-    if split and split_product_available(a):
-        return split_product(a, b, bias)
+def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bias + a @ b, batched: (B, P, Q) from a (B, P, K), b (B, K, Q) and bias None or (P, 1)."""
     return torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
 
 
@@ -19,13 +14,13 @@ class _MixedProduct(torch.autograd.Function):
     """`mixed_product` with its half-precision backward."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, half_dtype: torch.dtype,
-                split: bool) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                half_dtype: torch.dtype) -> torch.Tensor:
         # Backward needs only the half copies: half the saved memory of float32 inputs.
         ctx.save_for_backward(a.to(half_dtype), b.to(half_dtype))
         ctx.input_dtypes = a.dtype, b.dtype
         ctx.bias_shape = None if bias is None else bias.shape
-        return _product(a, b, bias, split)
+        return _product(a, b, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -34,33 +29,29 @@ class _MixedProduct(torch.autograd.Function):
         grad = grad.to(a.dtype)
         grad_a = torch.bmm(grad, b.transpose(1, 2)).to(ctx.input_dtypes[0]) if ctx.needs_input_grad[0] else None
         grad_b = torch.bmm(a.transpose(1, 2), grad).to(ctx.input_dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, grad_bias, None, None
+        return grad_a, grad_b, grad_bias, None
 
 
 def mixed_product(a: torch.Tensor, b: torch.Tensor, half_dtype: torch.dtype | None,
-                  bias: torch.Tensor | None = None, split: bool = True) -> torch.Tensor:
-    """bias + a @ b (batched) for float32 operands that must stay float32-accurate, sped up by half precision.
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias + a @ b (batched) whose forward stays float32 and whose backward products run in half precision.
 
-    With `half_dtype` (fp16/bf16): on a GPU the forward runs as split fp16 tensor-core products of about
-    float32 accuracy (`split_product`; `split=False` keeps the plain float32 product, for operands that may
-    exceed fp16's range), elsewhere as the plain float32 product; the backward's two products, twice the
-    forward's work, run in half_dtype, as autocast runs the generator's, and the bias gradient is summed
-    in float32. So values stay float32-accurate where they must (the correspondence network's features
-    and similarity, which enter exp(C / 0.03)) while the gradients carry half-precision rounding. None:
-    the plain float32 product with plain autograd.
+    The forward is the same float32 kernel either way, so values stay exact where they must (the
+    correspondence network's features and similarity, which enter exp(C / 0.03)), while with `half_dtype`
+    (fp16/bf16) the backward's two products, twice the forward's work, run on half-precision tensor cores,
+    as autocast runs the generator's; the bias gradient is summed in float32. Gradients come back in the
+    inputs' dtypes, carrying half-precision rounding. None: plain autograd.
 
     Args:
         a: float32 (B, P, K); b: float32 (B, K, Q); bias: None or float32 (P, 1).
         half_dtype: torch.float16, torch.bfloat16 or None.
-        split: allow the split forward.
     Returns:
         float32 (B, P, Q).
     """
-    split = split and half_dtype is not None
     needs_gradient = any(t is not None and t.requires_grad for t in (a, b, bias))
     if half_dtype is None or not torch.is_grad_enabled() or not needs_gradient:
-        return _product(a, b, bias, split)
-    return _MixedProduct.apply(a, b, bias, half_dtype, split)
+        return _product(a, b, bias)
+    return _MixedProduct.apply(a, b, bias, half_dtype)
 
 
 class PointwiseConv1d(nn.Conv1d):
@@ -70,7 +61,7 @@ class PointwiseConv1d(nn.Conv1d):
     1x1 convolutions, so checkpoints and spectral_norm work unchanged; on GPUs cuBLAS matrix products run
     these shapes (thousands of vertices, hundreds of channels) much faster than cuDNN's convolution kernels,
     above all in backward and in half precision. With `half_dtype` (fp16/bf16) the product is a
-    `mixed_product`: float32-accurate forward, half-precision backward.
+    `mixed_product`: float32 forward, half-precision backward.
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True,
