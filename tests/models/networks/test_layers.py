@@ -1,4 +1,5 @@
-"""PointwiseConv1d computes exactly what nn.Conv1d(kernel_size=1) does, with the same state_dict."""
+"""models/networks/layers.py: PointwiseConv1d computes what nn.Conv1d(kernel_size=1) does, with the same state_dict;
+mixed_product keeps the float32 forward and rounds only its backward products to half precision."""
 import itertools
 
 import pytest
