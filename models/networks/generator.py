@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 
-from models.networks.layers import PointwiseConv1d
+from models.networks.layers import PointwiseConv1d, product
 
 ELAIN_EPS = 1e-5
 
@@ -49,8 +49,8 @@ class ElaIN(nn.Module):
         outer_weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight]).squeeze(-1)  # (2C, C)
         weight = outer_weight @ same_weight  # (2C, Cid)
         bias = outer_weight @ self.mlp_same.bias + torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias])  # (2C,)
-        gamma_beta = torch.baddbmm(bias.unsqueeze(-1), weight.expand(identity_features.shape[0], -1, -1),
-                                   identity_features)  # (B, 2C, N)
+        gamma_beta = product(weight.expand(identity_features.shape[0], -1, -1), identity_features,
+                             bias.unsqueeze(-1))  # (B, 2C, N)
         gamma_id, beta_id = gamma_beta.chunk(2, dim=1)
         condition_mean = self.mlp_same(identity_features.mean(dim=2, keepdim=True)).float()  # (B, C, 1)
         return gamma_id, beta_id, condition_mean

@@ -3,11 +3,39 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+# Elements: 16 bytes of fp16/bf16. Hopper's fast tensor-core kernels need every matrix's leading dimension
+# to be a multiple of this; at 6890 vertices (not one) cuBLAS falls back to kernels 2 to 3 times slower.
+ALIGNMENT = 8
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """bias + a @ b, batched: (B, P, Q) from a (B, P, K), b (B, K, Q) and bias None or (P, 1)."""
-    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+def padded(t: torch.Tensor) -> torch.Tensor:
+    """t (B, P, Q) with its columns zero-padded to a multiple of ALIGNMENT (t itself when Q is one). The zeros
+    leave a product unchanged where the padding meets its contraction."""
+    extra = -t.shape[2] % ALIGNMENT
+    return F.pad(t, (0, extra)) if extra else t
+
+
+def runs_on_tensor_cores(b: torch.Tensor) -> bool:
+    """Whether a product with b would run in half precision on a GPU (half b, or CUDA autocast on): the
+    case where a misaligned vertex axis costs (float32 products run the same either way)."""
+    return b.is_cuda and (b.dtype in HALF_DTYPES or torch.is_autocast_enabled("cuda"))
+
+
+def product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias + a @ b, batched: (B, P, Q) from a (B, P, K), b (B, K, Q) and bias None or (P, 1).
+
+    On tensor cores (`runs_on_tensor_cores`) the product runs on b's columns (the vertex axis) zero-padded
+    to a multiple of ALIGNMENT and returns a view of the first Q: the same values, and, through autograd,
+    aligned backward products too (their rows or contraction run over the padded axis).
+    """
+    columns = b.shape[2]
+    if runs_on_tensor_cores(b):
+        b = padded(b)
+    out = torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+    return out[..., :columns]
 
 
 class _MixedProduct(torch.autograd.Function):
@@ -16,19 +44,23 @@ class _MixedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                 half_dtype: torch.dtype) -> torch.Tensor:
-        # Backward needs only the half copies: half the saved memory of float32 inputs.
-        ctx.save_for_backward(a.to(half_dtype), b.to(half_dtype))
+        # Backward needs only the half copies, half the saved memory of float32 inputs. Its products need
+        # every leading dimension aligned: a row-major (K, its last, is channels), b and the gradient padded.
+        ctx.save_for_backward(a.to(half_dtype, memory_format=torch.contiguous_format), padded(b.to(half_dtype)))
         ctx.input_dtypes = a.dtype, b.dtype
+        ctx.columns = b.shape[2]
         ctx.bias_shape = None if bias is None else bias.shape
-        return _product(a, b, bias)
+        return product(a, b, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        a, b = ctx.saved_tensors
+        a, b = ctx.saved_tensors  # (B, P, K), (B, K, Q'): half precision, b padded
         grad_bias = grad.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[2] else None
-        grad = grad.to(a.dtype)
+        grad = padded(grad.to(a.dtype))  # (B, P, Q')
         grad_a = torch.bmm(grad, b.transpose(1, 2)).to(ctx.input_dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_b = torch.bmm(a.transpose(1, 2), grad).to(ctx.input_dtypes[1]) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.bmm(a.transpose(1, 2), grad)[..., :ctx.columns].to(ctx.input_dtypes[1])
         return grad_a, grad_b, grad_bias, None
 
 
@@ -50,7 +82,7 @@ def mixed_product(a: torch.Tensor, b: torch.Tensor, half_dtype: torch.dtype | No
     """
     needs_gradient = any(t is not None and t.requires_grad for t in (a, b, bias))
     if half_dtype is None or not torch.is_grad_enabled() or not needs_gradient:
-        return _product(a, b, bias)
+        return product(a, b, bias)
     return _MixedProduct.apply(a, b, bias, half_dtype)
 
 

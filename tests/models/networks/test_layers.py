@@ -1,5 +1,6 @@
 """models/networks/layers.py: PointwiseConv1d computes what nn.Conv1d(kernel_size=1) does, with the same state_dict;
-mixed_product keeps the float32 forward and rounds only its backward products to half precision."""
+mixed_product keeps the float32 forward and rounds only its backward products to half precision; products on
+tensor cores run on a padded vertex axis with unchanged values and gradients."""
 import itertools
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 
-from models.networks.layers import PointwiseConv1d, mixed_product
+from models.networks import layers
+from models.networks.layers import PointwiseConv1d, mixed_product, padded, product
 
 
 @pytest.mark.parametrize("batch, channels_in, channels_out, vertices, bias",
@@ -97,3 +99,53 @@ def test_pointwise_conv_with_half_dtype_has_the_same_forward_and_close_gradients
     for g_half, g_exact in zip(grads_half, grads_exact):
         assert g_half.shape == g_exact.shape and g_half.dtype == torch.float32
         torch.testing.assert_close(g_half, g_exact, rtol=0, atol=3e-2 * g_exact.abs().max().item())
+
+
+def test_padded_zero_fills_the_columns_up_to_the_alignment():
+    t = torch.randn(2, 3, 9)
+    out = padded(t)
+    assert out.shape == (2, 3, 16) and torch.equal(out[..., :9], t) and not out[..., 9:].any()
+    aligned = torch.randn(2, 3, 16)
+    assert padded(aligned) is aligned
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_product_on_padded_columns_has_the_plain_values_and_gradients(monkeypatch, bias):
+    """The padding only runs on GPUs in half precision; here it is forced on the CPU in float64."""
+    monkeypatch.setattr(layers, "runs_on_tensor_cores", lambda b: True)
+    a, b, c = (None if t is None else t.detach().double().requires_grad_() for t in _product_case(4, bias))
+    inputs = [t for t in (a, b, c) if t is not None]
+    out = product(a, b, c)
+    expected = a @ b if c is None else c + a @ b
+    assert out.shape == (3, 5, 9)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(expected)
+    for grad, reference in zip(torch.autograd.grad(out, inputs, upstream),
+                               torch.autograd.grad(expected, inputs, upstream)):
+        assert grad.shape == reference.shape
+        torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_product_pads_only_on_tensor_cores(monkeypatch):
+    padded_shapes = []
+    monkeypatch.setattr(layers, "padded", lambda t: padded_shapes.append(tuple(t.shape)) or padded(t))
+    a, b, _ = _product_case(5, bias=False)
+    product(a, b)  # float32 on the CPU: no padding
+    assert padded_shapes == []
+    assert not layers.runs_on_tensor_cores(b.half())  # CPU tensors never count
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_product_on_a_gpu_pads_and_matches_the_unpadded_product(dtype):
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    weight = torch.randn(1, 64, 32, device="cuda", dtype=dtype, generator=generator).expand(2, -1, -1)
+    x = torch.randn(2, 32, 6890, device="cuda", dtype=dtype, generator=generator, requires_grad=True)
+    out = product(weight, x)
+    assert out.shape == (2, 64, 6890) and out.stride(1) == 6896  # a view of the padded product
+    expected = torch.bmm(weight, x)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    upstream = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(out, x, upstream)[0],
+                               torch.autograd.grad(expected, x, upstream)[0], rtol=2e-2, atol=2e-2)
+
