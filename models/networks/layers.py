@@ -30,11 +30,19 @@ def product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
     On tensor cores (`runs_on_tensor_cores`) the product runs on b's columns (the vertex axis) zero-padded
     to a multiple of ALIGNMENT and returns a view of the first Q: the same values, and, through autograd,
     aligned backward products too (their rows or contraction run over the padded axis).
+    Under torch.compile the bias is added after the product, where Inductor fuses the addition into the
+    next kernel: its baddbmm would first copy the broadcast bias into the output, then read it back.
     """
     columns = b.shape[2]
     if runs_on_tensor_cores(b):
         b = padded(b)
-    out = torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+    if bias is None:
+        out = torch.bmm(a, b)
+    elif torch.compiler.is_compiling():
+        out = torch.bmm(a, b)
+        out = out + bias.to(out.dtype)
+    else:
+        out = torch.baddbmm(bias, a, b)
     return out[..., :columns]
 
 

@@ -149,3 +149,16 @@ def test_product_on_a_gpu_pads_and_matches_the_unpadded_product(dtype):
     torch.testing.assert_close(torch.autograd.grad(out, x, upstream)[0],
                                torch.autograd.grad(expected, x, upstream)[0], rtol=2e-2, atol=2e-2)
 
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_product_adds_the_bias_after_the_product_when_compiling(monkeypatch, dtype, tolerance):
+    """The compiled graph's form (bmm, then the bias in the product's dtype) against baddbmm's."""
+    a, b, c = (t.detach() for t in _product_case(7, bias=True))
+    a, b = a.to(dtype), b.to(dtype)
+    expected = torch.baddbmm(c.to(dtype), a, b)
+    calls = []
+    monkeypatch.setattr(torch, "baddbmm", lambda *args: calls.append(args) or expected)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    out = product(a, b, c)
+    assert not calls and out.dtype == dtype and out.shape == expected.shape
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
