@@ -1,4 +1,5 @@
-"""Shared layers of the 3D-CoreNet networks."""
+"""Shared layers of the 3D-CoreNet networks: batched matrix products (`product`, aligned for tensor cores;
+`mixed_product`, float32 forward with a half-precision backward) and the 1x1 convolution built on them."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Elements: 16 bytes of fp16/bf16. Hopper's fast tensor-core kernels need every matrix's leading dimension
-# to be a multiple of this; at 6890 vertices (not one) cuBLAS falls back to kernels 2 to 3 times slower.
+# to be a multiple of this; at 6890 vertices (not one) cuBLAS falls back to kernels 1.5 to 3.6 times slower
+# (docs/benchmarks.md, "Aligned vertex axis").
 ALIGNMENT = 8
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
