@@ -1,7 +1,7 @@
 """Correspondence network ("Corr") of 3D-CoreNet (Song et al., NeurIPS 2021, Sec. 3.1).
 
 Point features of the identity and pose meshes are matched by cosine similarity, and an optimal-transport
-plan (Sinkhorn, `ot.py`) carries the pose mesh onto the identity's vertex order: the coarse `warp_out`.
+plan (Sinkhorn, `ot/`) carries the pose mesh onto the identity's vertex order: the coarse `warp_out`.
 The identity features also condition the refinement generator. Module and attribute names follow the
 published state_dict (`adaptive_feature`, `layer`, `phi`, `theta`) so released checkpoints load unchanged.
 """

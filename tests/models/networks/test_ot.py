@@ -1,4 +1,4 @@
-"""Tests for models/networks/ot.py: the log-domain, chunked and stored Sinkhorn warps against the dense reference.
+"""Tests for models/networks/ot/: the log-domain, chunked and stored Sinkhorn warps against the dense reference.
 
 `sinkhorn_warp_dense` (the published multiplicative iterations, autograd through them) is the naive
 reference; every other form must equal it in value and gradient over a product of sizes.
@@ -169,7 +169,7 @@ def test_division_eps_is_kept(dtype, monkeypatch):
                                           theta.transpose(1, 2) @ phi, points)
     reference = sinkhorn_warp_dense(theta.transpose(1, 2) @ phi, points)
     for changed_eps in (0.0, 1e-7):
-        monkeypatch.setattr(ot, "SINKHORN_DIVISION_EPS", changed_eps)
+        monkeypatch.setattr(ot.dense, "SINKHORN_DIVISION_EPS", changed_eps)  # the module that reads it
         changed = sinkhorn_warp_dense(theta.transpose(1, 2) @ phi, points)
         assert _relative_error(changed, reference) > 0.1, f"+{changed_eps} instead of +1e-8 must move warp_out"
 

@@ -1,26 +1,5 @@
-"""Entropic optimal transport (Sinkhorn) between two vertex sets, as pure functions.
-
-3D-CoreNet (Song et al., NeurIPS 2021, Sec. 3.1) warps the pose mesh onto the identity's vertex order with
-an optimal-transport plan computed from the cosine similarity C of their features. `sinkhorn_warp_dense`
-is the faithful reference: it materialises the (B, N, M) kernel and runs the published multiplicative
-Sinkhorn iterations, including the +1e-8 in every division, which is part of the method (SPEC.md: it
-dominates columns where K^T a is tiny; dropping it changes warp_out by about 30%).
-
-Three equivalent forms follow (issue 4, the fast path):
-- `sinkhorn_warp_logdomain` runs the same updates as log-sum-exps on a materialised C, with plain autograd.
-  Since the final row normalisation cancels a, warp_out = softmax_m(log K + log b_T) @ pose_points.
-- `sinkhorn_warp_chunked` never materialises C: every pass recomputes C = theta^T phi for a block of
-  identity rows, so memory grows linearly with N and M, and a hand-written backward recomputes the blocks
-  again instead of saving N x M intermediates. Its derivation is in `_ChunkedSinkhornWarp`.
-- `sinkhorn_warp_stored` takes a materialised C (training at moderate N) and saves nothing N x M but C
-  itself: each Sinkhorn half-step is one read pass over C, the backward's vectors come from read passes
-  too and dL/dC from one elementwise pass, each pass a small function that torch.compile fuses into one
-  kernel. Its derivation is in `_StoredSinkhornWarp`. Given a bound on |C| (1 for the model's cosine
-  similarities), each log-sum-exp is shifted by a bound known before the pass instead of C's maximum, so
-  a pass is one reduction.
-All compute in at least float32: C enters exp(C / epsilon) with epsilon = 0.03, so any error in C is
-magnified about 33 times (keep TF32 matmuls off on GPUs for the same reason).
-"""
+"""The Sinkhorn warp on a materialised similarity C that keeps nothing N x M but C for backward: each pass is a
+small function of C and vectors that torch.compile fuses into one kernel reading C once."""
 from __future__ import annotations
 
 import functools
@@ -30,338 +9,14 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-SINKHORN_EPSILON = 0.03
-SINKHORN_ITERATIONS = 5
-SINKHORN_DIVISION_EPS = 1e-8
-LOG_DIVISION_EPS = math.log(SINKHORN_DIVISION_EPS)
+from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
+                                       log_marginal_update, row_blocks, validate_chunk_size,
+                                       validate_similarity_inputs, working_dtype)
+
 # The widest range of log K a bounded shift may span (`_bounded_shift`): exp(-80) is 1.8e-35, well above
 # float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
 MAX_LOG_KERNEL_RANGE = 80.0
-# Identity rows per block in `sinkhorn_warp_chunked`: a (B, 1024, M) float32 block is 28 MB per pair at
-# M = 6890 and 450 MB at 110K. On CPU 256 to 4096 rows run within 20% of each other (smaller blocks a little
-# faster, from cache); on GPU fewer blocks mean fewer kernel launches.
-SINKHORN_CHUNK_SIZE = 1024
 
-
-def sinkhorn_warp_dense(similarity: torch.Tensor, pose_points: torch.Tensor,
-                        epsilon: float = SINKHORN_EPSILON,
-                        iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
-    """Warp pose points onto the identity's vertices with the row-normalised Sinkhorn plan.
-
-    Args:
-        similarity: C, float (B, N, M), cosine similarity of identity vertex n and pose vertex m.
-        pose_points: float (B, M, 3).
-        epsilon: entropic temperature; K = exp(-(1 - C) / epsilon).
-        iterations: number of (b, a) update pairs.
-    Returns:
-        warp_out: float (B, N, 3), each row a convex combination of pose points.
-    """
-    batch, num_identity, num_pose = similarity.shape
-    kernel = torch.exp(-(1.0 - similarity) / epsilon)  # (B, N, M)
-    a = similarity.new_full((batch, num_identity, 1), 1.0 / num_identity)
-    b = similarity.new_full((batch, num_pose, 1), 1.0 / num_pose)
-    for _ in range(iterations):
-        b = (1.0 / num_pose) / (kernel.transpose(1, 2) @ a + SINKHORN_DIVISION_EPS)  # (B, M, 1)
-        a = (1.0 / num_identity) / (kernel @ b + SINKHORN_DIVISION_EPS)  # (B, N, 1)
-    plan = a * kernel * b.transpose(1, 2)  # (B, N, M)
-    plan = plan / plan.sum(dim=-1, keepdim=True)
-    return plan @ pose_points  # (B, N, 3)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Input checks and shared pieces
-# ----------------------------------------------------------------------------------------------------
-
-def _validate_schedule(epsilon: float, iterations: int) -> None:
-    if not epsilon > 0:
-        raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"Sinkhorn iterations must be a non-negative int, got {iterations!r}")
-
-
-def _validate_pose_points(pose_points: torch.Tensor, batch: int, num_pose: int) -> None:
-    if pose_points.shape != (batch, num_pose, 3):
-        raise ValueError(f"pose_points must have shape ({batch}, {num_pose}, 3) to match the features, "
-                         f"got {tuple(pose_points.shape)}")
-
-
-def _validate_similarity_inputs(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float,
-                                iterations: int) -> None:
-    if similarity.dim() != 3:
-        raise ValueError(f"similarity must have shape (B, N, M), got {tuple(similarity.shape)}")
-    _validate_pose_points(pose_points, similarity.shape[0], similarity.shape[2])
-    _validate_schedule(epsilon, iterations)
-
-
-def _validate_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"Sinkhorn chunk_size must be a positive int, got {chunk_size!r}")
-
-
-def _working_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32 or wider: bf16/fp16 inputs are upcast before C is scaled by 1 / epsilon."""
-    dtype = torch.float32
-    for tensor in tensors:
-        if not tensor.is_floating_point():
-            raise ValueError(f"Sinkhorn inputs must be floating point, got {tensor.dtype}")
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-def _log_kernel(similarity: torch.Tensor, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
-    """log K = (C - 1) / epsilon, computed in `dtype`."""
-    return (similarity.to(dtype) - 1.0) / epsilon
-
-
-def _log_marginal_update(log_mass: torch.Tensor, count: int) -> torch.Tensor:
-    """log((1 / count) / (exp(log_mass) + 1e-8)): the published update, 1e-8 included, in log form."""
-    return -math.log(count) - torch.logaddexp(log_mass, torch.full_like(log_mass, LOG_DIVISION_EPS))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Log domain on a materialised similarity
-# ----------------------------------------------------------------------------------------------------
-
-def sinkhorn_warp_logdomain(similarity: torch.Tensor, pose_points: torch.Tensor,
-                            epsilon: float = SINKHORN_EPSILON,
-                            iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
-    """`sinkhorn_warp_dense` computed with log-sum-exps on the potentials log a, log b.
-
-    Equal to the dense reference in value and gradient (autograd through every step); it keeps (B, N, M)
-    intermediates for backward, so it is meant for small N and as a second reference.
-
-    Args:
-        similarity: C, float (B, N, M); computed in float32 or wider.
-        pose_points: float (B, M, 3).
-        epsilon: entropic temperature; log K = (C - 1) / epsilon.
-        iterations: number of (b, a) update pairs.
-    Returns:
-        warp_out: float32 or wider (B, N, 3), each row a convex combination of pose points.
-    """
-    _validate_similarity_inputs(similarity, pose_points, epsilon, iterations)
-    batch, num_identity, num_pose = similarity.shape
-    dtype = _working_dtype(similarity, pose_points)
-    log_kernel = _log_kernel(similarity, epsilon, dtype)  # (B, N, M)
-    log_a = log_kernel.new_full((batch, num_identity, 1), -math.log(num_identity))
-    log_b = log_kernel.new_full((batch, 1, num_pose), -math.log(num_pose))
-    for step in range(iterations):
-        if step > 0:  # the last a update is skipped: the row normalisation cancels it
-            log_a = _log_marginal_update(torch.logsumexp(log_kernel + log_b, dim=2, keepdim=True), num_identity)
-        log_b = _log_marginal_update(torch.logsumexp(log_kernel + log_a, dim=1, keepdim=True), num_pose)
-    plan = torch.softmax(log_kernel + log_b, dim=2)  # (B, N, M)
-    return plan @ pose_points.to(dtype)  # (B, N, 3)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Chunked, with recomputation in backward
-# ----------------------------------------------------------------------------------------------------
-
-def _shifted_log_kernel(theta: torch.Tensor, phi: torch.Tensor, rows: slice, column_shift: torch.Tensor,
-                        epsilon: float) -> torch.Tensor:
-    """log K[rows] + column_shift: (theta_rows^T phi - 1) / epsilon + shift[m] in one fused matmul.
-
-    Args:
-        theta: (B, C, N); phi: (B, C, M); column_shift: (B, M).
-    Returns:
-        (B, k, M) for the k identity rows in `rows`.
-    """
-    return torch.baddbmm((column_shift - 1.0 / epsilon).unsqueeze(1), theta[:, :, rows].transpose(1, 2), phi,
-                         alpha=1.0 / epsilon)  # (B, k, M)
-
-
-def _row_blocks(num_rows: int, chunk_size: int) -> list[slice]:
-    return [slice(start, min(start + chunk_size, num_rows)) for start in range(0, num_rows, chunk_size)]
-
-
-def _chunked_forward(theta: torch.Tensor, phi: torch.Tensor, pose_points: torch.Tensor, epsilon: float,
-                     iterations: int, chunk_size: int) -> tuple[torch.Tensor, ...]:
-    """Potentials log a_0..a_{T-1}, log b_0..b_T, log row norms r and warp_out, one pass per step.
-
-    Pass t forms exp(log K + log b_t - rowmax) for a block: its row sums give log(K b_t), hence log a_t,
-    and weighted by exp(log a_t + rowmax) its column sums give (K^T a_t) b_t, hence log b_{t+1}, so one
-    exponential per entry serves both half-steps. The column sums are accumulated over blocks in linear
-    scale: a_t <= 1 / (N 1e-8) and K <= 1 bound them above, and a column only underflows where K^T a_t is
-    so far below 1e-8 that the +1e-8 makes it irrelevant. The last pass (t = T) gives the warp.
-    """
-    batch, _, num_identity = theta.shape
-    num_pose = phi.shape[2]
-    log_a = theta.new_empty(iterations, batch, num_identity)
-    log_b = theta.new_empty(iterations + 1, batch, num_pose)
-    log_b[0] = -math.log(num_pose)
-    if iterations:
-        log_a[0] = -math.log(num_identity)
-    log_row_norm = theta.new_empty(batch, num_identity)
-    warp = theta.new_empty(batch, num_identity, 3)
-    for step in range(iterations + 1):
-        column_mass = theta.new_zeros(batch, num_pose, 1)  # sum_n a_t[n] K[n, m] b_t[m]
-        for rows in _row_blocks(num_identity, chunk_size):
-            block = _shifted_log_kernel(theta, phi, rows, log_b[step], epsilon)  # (B, k, M)
-            row_max = block.amax(dim=2, keepdim=True)  # (B, k, 1)
-            block = block.sub_(row_max).exp_()
-            row_sum = block.sum(dim=2, keepdim=True)  # (B, k, 1)
-            log_row_mass = (row_max + row_sum.log()).squeeze(2)  # log (K b_t)[rows], (B, k)
-            if step == iterations:
-                log_row_norm[:, rows] = log_row_mass
-                warp[:, rows] = (block @ pose_points) / row_sum  # (B, k, 3)
-            else:
-                if step > 0:
-                    log_a[step, :, rows] = _log_marginal_update(log_row_mass, num_identity)
-                row_weight = torch.exp(log_a[step, :, rows].unsqueeze(2) + row_max)  # (B, k, 1)
-                column_mass += block.transpose(1, 2) @ row_weight  # (B, M, 1)
-        if step < iterations:
-            log_b[step + 1] = _log_marginal_update(column_mass.squeeze(2).log() - log_b[step], num_pose)
-    return log_a, log_b, log_row_norm, warp
-
-
-class _ChunkedSinkhornWarp(torch.autograd.Function):
-    """warp_out from (theta, phi, pose_points) with a block-wise, recomputing backward.
-
-    Reverse mode, with s = log K, z the log-sum-exp inside an update and P = softmax_m(s + log b_T):
-    - out = P x: dL/ds[n, m] = P[n, m] (g[n].x[m] - g[n].out[n]) (softmax backward), dL/dx = P^T g, and
-      dL/dlog b_T[m] is the column sum of that term.
-    - log b_t = -log M - logaddexp(z_t, log 1e-8) with z_t[m] = logsumexp_n(s + log a_{t-1}): the chain
-      rule gives d log b_t / dz_t = -e^z / (e^z + 1e-8) and dz_t / ds = softmax_n, whose product is
-      -M a_{t-1}[n] K[n, m] b_t[m]. So gb_t = dL/dlog b_t adds -M gb_t[m] exp(s + log a_{t-1}[n] + log b_t[m])
-      to dL/ds, and its row sums are dL/dlog a_{t-1}. Likewise ga_t adds
-      -N ga_t[n] exp(s + log a_t[n] + log b_t[m]), whose column sums are gb_t (t < T).
-    Hence dL/ds is a sum of 2T terms exp(s + log u[n] + log v[m]) * (U V^T)[n, m] with vectors saved
-    from forward (the O(N + M) potentials). Only the ga, gb vectors need sequential passes (each one
-    block-recomputing s); one last pass forms the whole dL/dC block by block, after a common shift that
-    keeps every factor at most 1, and multiplies it into phi and theta.
-    """
-
-    @staticmethod
-    def forward(ctx, theta, phi, pose_points, epsilon, iterations, chunk_size):
-        with torch.autocast(theta.device.type, enabled=False):
-            log_a, log_b, log_row_norm, warp = _chunked_forward(theta, phi, pose_points, epsilon, iterations,
-                                                                chunk_size)
-        ctx.save_for_backward(theta, phi, pose_points, log_a, log_b, log_row_norm, warp)
-        ctx.epsilon, ctx.chunk_size = epsilon, chunk_size
-        return warp
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_warp):
-        theta, phi, pose_points, log_a, log_b, log_row_norm, warp = ctx.saved_tensors
-        with torch.autocast(theta.device.type, enabled=False):
-            grad_theta, grad_phi, grad_points = _chunked_backward(
-                theta, phi, pose_points, log_a, log_b, log_row_norm, warp, grad_warp.to(warp.dtype),
-                ctx.epsilon, ctx.chunk_size, ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        return grad_theta, grad_phi, grad_points, None, None, None
-
-
-def _chunked_backward(theta: torch.Tensor, phi: torch.Tensor, pose_points: torch.Tensor, log_a: torch.Tensor,
-                      log_b: torch.Tensor, log_row_norm: torch.Tensor, warp: torch.Tensor, grad_warp: torch.Tensor,
-                      epsilon: float, chunk_size: int, features_need_grad: bool) -> tuple[torch.Tensor | None, ...]:
-    """Gradients (theta, phi, pose_points) of <grad_warp, warp_out>; see `_ChunkedSinkhornWarp`."""
-    batch, _, num_identity = theta.shape
-    num_pose = phi.shape[2]
-    iterations = log_a.shape[0]
-    blocks = _row_blocks(num_identity, chunk_size)
-    # Final softmax: U = [g, -g.out] against V = [x, 1] under the log factors (-r, log b_T).
-    row_weights = torch.cat([grad_warp, -(grad_warp * warp).sum(2, keepdim=True)], dim=2)  # (B, N, 4)
-    column_weights = torch.cat([pose_points, torch.ones_like(pose_points[..., :1])], dim=2)  # (B, M, 4)
-    column_sums = theta.new_zeros(batch, 4, num_pose)
-    for rows in blocks:
-        block = _shifted_log_kernel(theta, phi, rows, log_b[iterations], epsilon)  # (B, k, M)
-        block = block.sub_(log_row_norm[:, rows].unsqueeze(2)).exp_()  # P rows
-        column_sums += row_weights[:, rows].transpose(1, 2) @ block  # (B, 4, M)
-    column_sums = column_sums.transpose(1, 2)  # (B, M, 4)
-    grad_points = column_sums[..., :3]
-    if not features_need_grad:
-        return None, None, grad_points
-    terms = [(-log_row_norm, row_weights, log_b[iterations], column_weights)]
-    grad_log_b = (column_sums * column_weights).sum(2)  # dL/dlog b_T, (B, M)
-    ones_identity = theta.new_ones(batch, num_identity, 1)
-    ones_pose = theta.new_ones(batch, num_pose, 1)
-    for step in range(iterations, 0, -1):
-        b_coefficient = -num_pose * grad_log_b.unsqueeze(2)  # (B, M, 1)
-        terms.append((log_a[step - 1], ones_identity, log_b[step], b_coefficient))
-        if step == 1:
-            break
-        # One exponential for both reductions, shifted by the larger of log b_t, log b_{t-1}.
-        shift = torch.maximum(log_b[step], log_b[step - 1])  # (B, M)
-        b_weight = b_coefficient * torch.exp(log_b[step] - shift).unsqueeze(2)  # (B, M, 1)
-        grad_log_a = theta.new_empty(batch, num_identity, 1)
-        column_sum = theta.new_zeros(batch, num_pose, 1)
-        for rows in blocks:
-            block = _shifted_log_kernel(theta, phi, rows, shift, epsilon)  # (B, k, M)
-            block = block.add_(log_a[step - 1, :, rows].unsqueeze(2)).exp_()
-            grad_log_a[:, rows] = block @ b_weight  # (B, k, 1)
-            column_sum += block.transpose(1, 2) @ grad_log_a[:, rows]  # (B, M, 1)
-        a_coefficient = -num_identity * grad_log_a
-        terms.append((log_a[step - 1], a_coefficient, log_b[step - 1], ones_pose))
-        grad_log_b = -num_identity * column_sum.squeeze(2) * torch.exp(log_b[step - 1] - shift)
-    return (*_similarity_gradient_to_features(theta, phi, terms, epsilon, blocks), grad_points)
-
-
-def _similarity_gradient_to_features(theta: torch.Tensor, phi: torch.Tensor, terms: list[tuple[torch.Tensor, ...]],
-                                     epsilon: float, blocks: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multiply dL/dC = (1 / epsilon) sum_j exp(s + log u_j[n] + log v_j[m]) (U_j V_j^T) into theta and phi.
-
-    The log factors are shifted by their maxima per row and per column so every U, V entry keeps its
-    scale; exp(s + shift) stays finite because each term is bounded by the plan entries (at most 1 / N,
-    1 / M) times b_t / b_T ratios that the +1e-8 keeps below 1e16.
-    """
-    row_shift = torch.stack([log_u for log_u, _, _, _ in terms]).amax(0)  # (B, N)
-    column_shift = torch.stack([log_v for _, _, log_v, _ in terms]).amax(0)  # (B, M)
-    row_factors = torch.cat([u * torch.exp(log_u - row_shift).unsqueeze(2) for log_u, u, _, _ in terms],
-                            dim=2) / epsilon  # (B, N, R)
-    column_factors = torch.cat([v * torch.exp(log_v - column_shift).unsqueeze(2) for _, _, log_v, v in terms],
-                               dim=2)  # (B, M, R)
-    grad_theta = torch.empty_like(theta)
-    grad_phi = torch.zeros_like(phi)
-    for rows in blocks:
-        block = _shifted_log_kernel(theta, phi, rows, column_shift, epsilon)  # (B, k, M)
-        block = block.add_(row_shift[:, rows].unsqueeze(2)).exp_()
-        block = block.mul_(row_factors[:, rows] @ column_factors.transpose(1, 2))  # dL/dC rows, (B, k, M)
-        grad_theta[:, :, rows] = phi @ block.transpose(1, 2)  # (B, C, k)
-        grad_phi += theta[:, :, rows] @ block  # (B, C, M)
-    return grad_theta, grad_phi
-
-
-@torch.compiler.disable
-def sinkhorn_warp_chunked(identity_features: torch.Tensor, pose_features: torch.Tensor,
-                          pose_points: torch.Tensor, epsilon: float = SINKHORN_EPSILON,
-                          iterations: int = SINKHORN_ITERATIONS,
-                          chunk_size: int = SINKHORN_CHUNK_SIZE) -> torch.Tensor:
-    """`sinkhorn_warp_dense(theta^T phi, pose_points)` without materialising the (B, N, M) similarity.
-
-    Every Sinkhorn half-step and the final warp visit the identity vertices in blocks of `chunk_size`,
-    recomputing that block of C = theta^T phi; backward recomputes it likewise and saves only O(N + M)
-    vectors per iteration. Working memory is O(B * chunk_size * M + B * (N + M) * (C + iterations)); the
-    price is 2 * iterations + 4 similarity-sized matmuls (iterations + 1 forward, iterations + 3 backward)
-    where the dense path has 3. A torch.compile of the caller does not trace into this function (it breaks
-    the graph here): traced, its loops over blocks and iterations unroll into a graph that grows with N,
-    whose compilation had not finished after 7 minutes at 110K vertices. Gradients reach all three inputs;
-    double backward is not supported.
-
-    Args:
-        identity_features: theta, float (B, C, N), each vertex feature of unit L2 norm over C.
-        pose_features: phi, float (B, C, M), each vertex feature of unit L2 norm over C.
-        pose_points: float (B, M, 3).
-        epsilon: entropic temperature; K = exp(-(1 - C) / epsilon).
-        iterations: number of (b, a) update pairs.
-        chunk_size: identity vertices per block.
-    Returns:
-        warp_out: float32 or wider (B, N, 3) (bf16/fp16 inputs are upcast to float32), each row a convex
-        combination of pose points.
-    """
-    if identity_features.dim() != 3 or pose_features.dim() != 3 \
-            or identity_features.shape[:2] != pose_features.shape[:2]:
-        raise ValueError(f"identity and pose features must have shapes (B, C, N) and (B, C, M) with the same B "
-                         f"and C, got {tuple(identity_features.shape)} and {tuple(pose_features.shape)}")
-    _validate_pose_points(pose_points, pose_features.shape[0], pose_features.shape[2])
-    _validate_schedule(epsilon, iterations)
-    _validate_chunk_size(chunk_size)
-    dtype = _working_dtype(identity_features, pose_features, pose_points)
-    return _ChunkedSinkhornWarp.apply(identity_features.to(dtype), pose_features.to(dtype), pose_points.to(dtype),
-                                      float(epsilon), iterations, chunk_size)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Materialised similarity, saved once, with fused recomputing passes
-# ----------------------------------------------------------------------------------------------------
 
 def _weighted_sums(weights: torch.Tensor, vectors: torch.Tensor, dim: int) -> torch.Tensor:
     """Sums over identity (dim 1) or pose (dim 2) vertices of weights times each column of vectors.
@@ -439,12 +94,12 @@ def _bounded_shift(log_weights: torch.Tensor, similarity_bound: float | None, ep
 
 def _column_logits(similarity: torch.Tensor, log_a: torch.Tensor, epsilon: float) -> torch.Tensor:
     """log K[n, m] + log a[n], whose log-sum-exp over identity rows is u = log (K^T a): (B, k, M), (B, k)."""
-    return _log_kernel(similarity, epsilon, log_a.dtype) + log_a.unsqueeze(2)  # (B, k, M)
+    return log_kernel_of(similarity, epsilon, log_a.dtype) + log_a.unsqueeze(2)  # (B, k, M)
 
 
 def _row_logits(similarity: torch.Tensor, log_b: torch.Tensor, epsilon: float) -> torch.Tensor:
     """log K[n, m] + log b[m], whose log-sum-exp over pose columns is v = log (K b): (B, k, M), (B, M)."""
-    return _log_kernel(similarity, epsilon, log_b.dtype) + log_b.unsqueeze(1)  # (B, k, M)
+    return log_kernel_of(similarity, epsilon, log_b.dtype) + log_b.unsqueeze(1)  # (B, k, M)
 
 
 def _column_weights(similarity: torch.Tensor, log_a: torch.Tensor, column_max: torch.Tensor,
@@ -540,7 +195,7 @@ def _bounded_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Te
     Returns:
         dL/dC, (B, k, M) in the dtype of `similarity`.
     """
-    kernel = torch.exp(_log_kernel(similarity, epsilon, row_factors.dtype))
+    kernel = torch.exp(log_kernel_of(similarity, epsilon, row_factors.dtype))
     return (kernel * _outer_sum(row_factors, column_factors) / epsilon).to(similarity.dtype)
 
 
@@ -634,14 +289,14 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
             _column_normaliser, similarity[:, rows], log_a[-1][:, rows], epsilon, shift), _merge_column_normalisers)
         column_max.append(maximum)
         column_sum.append(total)
-        log_b.append(_log_marginal_update(_log_sum(maximum, total), num_pose))
+        log_b.append(log_marginal_update(_log_sum(maximum, total), num_pose))
         if step < iterations - 1:
             shift = _bounded_shift(log_b[-1], similarity_bound, epsilon)
             maximum, total = _over_row_blocks(blocks, lambda rows: run(
                 _row_normaliser, similarity[:, rows], log_b[-1], epsilon, shift), _concatenate_rows)
             row_max.append(maximum)
             row_sum.append(total)
-            log_a.append(_log_marginal_update(_log_sum(maximum, total), num_identity))
+            log_a.append(log_marginal_update(_log_sum(maximum, total), num_identity))
     shift = _bounded_shift(log_b[-1], similarity_bound, epsilon)
     pose_major_points = _pose_major(pose_points)
     warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
@@ -673,7 +328,7 @@ class _StoredSinkhornWarp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled, similarity_bound):
-        blocks = _row_blocks(similarity.shape[1], chunk_size or similarity.shape[1])
+        blocks = row_blocks(similarity.shape[1], chunk_size or similarity.shape[1])
         with torch.autocast(similarity.device.type, enabled=False):
             warp, vectors = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled,
                                             similarity_bound)
@@ -690,7 +345,7 @@ class _StoredSinkhornWarp(torch.autograd.Function):
         similarity, pose_points, warp, *flat_vectors = ctx.saved_tensors
         ends = list(itertools.accumulate(ctx.group_lengths))
         vectors = [flat_vectors[end - length:end] for end, length in zip(ends, ctx.group_lengths)]
-        blocks = _row_blocks(similarity.shape[1], ctx.chunk_size or similarity.shape[1])
+        blocks = row_blocks(similarity.shape[1], ctx.chunk_size or similarity.shape[1])
         with torch.autocast(similarity.device.type, enabled=False):
             grad_similarity, grad_points = _stored_backward(
                 similarity, pose_points, warp, grad_warp.to(warp.dtype), vectors, ctx.epsilon, blocks, ctx.compiled,
@@ -787,13 +442,13 @@ def sinkhorn_warp_stored(similarity: torch.Tensor, pose_points: torch.Tensor, ep
     Returns:
         warp_out: float32 or wider (B, N, 3), each row a convex combination of pose points.
     """
-    _validate_similarity_inputs(similarity, pose_points, epsilon, iterations)
+    validate_similarity_inputs(similarity, pose_points, epsilon, iterations)
     if chunk_size is not None:
-        _validate_chunk_size(chunk_size)
+        validate_chunk_size(chunk_size)
     if similarity_bound is not None and not 0 < similarity_bound <= MAX_LOG_KERNEL_RANGE * epsilon / 2:
         raise ValueError(f"similarity_bound must lie in (0, {MAX_LOG_KERNEL_RANGE * epsilon / 2:g}] at epsilon "
                          f"{epsilon:g} (a wider one could underflow whole rows), got {similarity_bound!r}; "
                          f"pass None to shift by the maxima")
-    dtype = _working_dtype(similarity, pose_points)
+    dtype = working_dtype(similarity, pose_points)
     return _StoredSinkhornWarp.apply(similarity, pose_points.to(dtype), float(epsilon), iterations, chunk_size,
                                      compiled, similarity_bound)

@@ -1,0 +1,66 @@
+"""Constants, input checks and the log-domain pieces shared by the Sinkhorn forms of this package."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SINKHORN_EPSILON = 0.03
+SINKHORN_ITERATIONS = 5
+SINKHORN_DIVISION_EPS = 1e-8
+LOG_DIVISION_EPS = math.log(SINKHORN_DIVISION_EPS)
+
+
+def validate_schedule(epsilon: float, iterations: int) -> None:
+    """ValueError unless epsilon > 0 and iterations is a non-negative int."""
+    if not epsilon > 0:
+        raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"Sinkhorn iterations must be a non-negative int, got {iterations!r}")
+
+
+def validate_pose_points(pose_points: torch.Tensor, batch: int, num_pose: int) -> None:
+    """ValueError unless pose_points is (batch, num_pose, 3)."""
+    if pose_points.shape != (batch, num_pose, 3):
+        raise ValueError(f"pose_points must have shape ({batch}, {num_pose}, 3) to match the features, "
+                         f"got {tuple(pose_points.shape)}")
+
+
+def validate_similarity_inputs(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float,
+                                iterations: int) -> None:
+    """ValueError unless similarity is (B, N, M), pose_points (B, M, 3) and the schedule valid."""
+    if similarity.dim() != 3:
+        raise ValueError(f"similarity must have shape (B, N, M), got {tuple(similarity.shape)}")
+    validate_pose_points(pose_points, similarity.shape[0], similarity.shape[2])
+    validate_schedule(epsilon, iterations)
+
+
+def validate_chunk_size(chunk_size: int) -> None:
+    """ValueError unless chunk_size is a positive int."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"Sinkhorn chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def working_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 or wider: bf16/fp16 inputs are upcast before C is scaled by 1 / epsilon."""
+    dtype = torch.float32
+    for tensor in tensors:
+        if not tensor.is_floating_point():
+            raise ValueError(f"Sinkhorn inputs must be floating point, got {tensor.dtype}")
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def log_kernel_of(similarity: torch.Tensor, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
+    """log K = (C - 1) / epsilon, computed in `dtype`."""
+    return (similarity.to(dtype) - 1.0) / epsilon
+
+
+def log_marginal_update(log_mass: torch.Tensor, count: int) -> torch.Tensor:
+    """log((1 / count) / (exp(log_mass) + 1e-8)): the published update, 1e-8 included, in log form."""
+    return -math.log(count) - torch.logaddexp(log_mass, torch.full_like(log_mass, LOG_DIVISION_EPS))
+
+
+def row_blocks(num_rows: int, chunk_size: int) -> list[slice]:
+    """Consecutive slices of at most chunk_size identity rows covering num_rows."""
+    return [slice(start, min(start + chunk_size, num_rows)) for start in range(0, num_rows, chunk_size)]
