@@ -199,12 +199,15 @@ def _profile(run: Callable[[], object], device: torch.device, calls: int) -> str
 def _kernel_table(events: list, calls: int, rows: int = 80) -> str:
     """Device kernels by self time per call, with their share and launches per call: the breakdown of the
     compiled graphs' fused kernels, which the operator tables lump together."""
-    kernels = sorted((event for event in events if event.device_type != torch.autograd.DeviceType.CPU),
+    # "## Call CompiledFxGraph ..." rows are annotations spanning a compiled graph's kernels, not kernels.
+    kernels = sorted((event for event in events
+                      if event.device_type != torch.autograd.DeviceType.CPU and not event.key.startswith("## ")),
                      key=lambda event: event.self_device_time_total, reverse=True)
     total = sum(event.self_device_time_total for event in kernels) or 1
     lines = [f"{event.self_device_time_total / 1e3 / calls:9.3f} ms {100 * event.self_device_time_total / total:5.1f}%"
              f" {event.count // calls:4d}x  {event.key[:150]}" for event in kernels[:rows]]
-    return "\n".join([f"Device kernels per call ({total / 1e3 / calls:.3f} ms in all):", *lines])
+    launches = sum(event.count for event in kernels) // calls
+    return "\n".join([f"Device kernels per call ({total / 1e3 / calls:.3f} ms, {launches} launches in all):", *lines])
 
 
 def profile_training(variant: str, batch: dict, device: torch.device, steps: int = 3) -> str:
