@@ -188,12 +188,12 @@ def _profile(run: Callable[[], object], device: torch.device, calls: int) -> str
             run()
         synchronize(device)
     clock = "cuda" if device.type == "cuda" else "cpu"
-    by_operator = profiler.key_averages().table(sort_by=f"{clock}_time_total", row_limit=30,
-                                                max_name_column_width=70)
+    averages = profiler.key_averages()
+    by_operator = averages.table(sort_by=f"{clock}_time_total", row_limit=30, max_name_column_width=70)
     by_shape = profiler.key_averages(group_by_input_shape=True).table(
         sort_by=f"self_{clock}_time_total", row_limit=25, max_name_column_width=50, max_shapes_column_width=60)
     return (f"{by_operator}\nBy input shape ({calls} calls):\n{by_shape}\n"
-            f"{_kernel_table(profiler.key_averages(), calls)}")
+            f"{_kernel_table(averages, calls)}")
 
 
 def _kernel_table(events: list, calls: int, rows: int = 80) -> str:
