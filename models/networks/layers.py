@@ -48,15 +48,36 @@ def product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
     return out[..., :columns]
 
 
+def half_copies(a: torch.Tensor, b: torch.Tensor, half_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a half-precision backward of a @ b keeps: a (B, P, K) row-major (K, its last, is channels) and
+    b (B, K, Q) with its columns padded (`padded`), both in half_dtype: every leading dimension aligned, and
+    half the memory of float32 copies."""
+    return a.to(half_dtype, memory_format=torch.contiguous_format), padded(b.to(half_dtype))
+
+
+def half_product_gradients(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, columns: int,
+                           needs_grad: tuple[bool, bool],
+                           dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of a @ b from `half_copies` and the output's gradient, as two half-precision products.
+
+    Args:
+        a: half (B, P, K); b: half (B, K, Q'), Q' = Q padded; grad: half (B, P, Q'), zero past column Q.
+        columns: Q. needs_grad: which of (a, b) need a gradient. dtypes: the dtypes to return them in.
+    Returns:
+        dL/da (B, P, K) and dL/db (B, K, Q), or None where not needed.
+    """
+    grad_a = torch.bmm(grad, b.transpose(1, 2)).to(dtypes[0]) if needs_grad[0] else None  # (B, P, K)
+    grad_b = torch.bmm(a.transpose(1, 2), grad)[..., :columns].to(dtypes[1]) if needs_grad[1] else None  # (B, K, Q)
+    return grad_a, grad_b
+
+
 class _MixedProduct(torch.autograd.Function):
     """`mixed_product` with its half-precision backward."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                 half_dtype: torch.dtype) -> torch.Tensor:
-        # Backward needs only the half copies, half the saved memory of float32 inputs. Its products need
-        # every leading dimension aligned: a row-major (K, its last, is channels), b and the gradient padded.
-        ctx.save_for_backward(a.to(half_dtype, memory_format=torch.contiguous_format), padded(b.to(half_dtype)))
+        ctx.save_for_backward(*half_copies(a, b, half_dtype))
         ctx.input_dtypes = a.dtype, b.dtype
         ctx.columns = b.shape[2]
         ctx.bias_shape = None if bias is None else bias.shape
@@ -64,13 +85,10 @@ class _MixedProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        a, b = ctx.saved_tensors  # (B, P, K), (B, K, Q'): half precision, b padded
+        a, b = ctx.saved_tensors
         grad_bias = grad.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[2] else None
-        grad = padded(grad.to(a.dtype))  # (B, P, Q')
-        grad_a = torch.bmm(grad, b.transpose(1, 2)).to(ctx.input_dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_b = torch.bmm(a.transpose(1, 2), grad)[..., :ctx.columns].to(ctx.input_dtypes[1])
+        grad_a, grad_b = half_product_gradients(a, b, padded(grad.to(a.dtype)), ctx.columns,
+                                                ctx.needs_input_grad[:2], ctx.input_dtypes)
         return grad_a, grad_b, grad_bias, None
 
 

@@ -17,7 +17,8 @@ Three equivalent forms follow (issue 4, the fast path):
   too and dL/dC from one elementwise pass, each pass a small function that torch.compile fuses into one
   kernel. Its derivation is in `_StoredSinkhornWarp`. Given a bound on |C| (1 for the model's cosine
   similarities), each log-sum-exp is shifted by a bound known before the pass instead of C's maximum, so
-  a pass is one reduction.
+  a pass is one reduction. `similarity_warp_stored` forms C itself from the features and writes its gradient
+  in the half precision of C's backward products (training under --precision fp16/bf16).
 All compute in at least float32: C enters exp(C / epsilon) with epsilon = 0.03, so any error in C is
 magnified about 33 times (keep TF32 matmuls off on GPUs for the same reason). Constants and input checks
 shared by the forms are in common.py.
@@ -25,8 +26,8 @@ shared by the forms are in common.py.
 from models.networks.ot.chunked import SINKHORN_CHUNK_SIZE, sinkhorn_warp_chunked
 from models.networks.ot.common import SINKHORN_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS
 from models.networks.ot.dense import sinkhorn_warp_dense, sinkhorn_warp_logdomain
-from models.networks.ot.stored import MAX_LOG_KERNEL_RANGE, sinkhorn_warp_stored
+from models.networks.ot.stored import MAX_LOG_KERNEL_RANGE, similarity_warp_stored, sinkhorn_warp_stored
 
 __all__ = ["MAX_LOG_KERNEL_RANGE", "SINKHORN_CHUNK_SIZE", "SINKHORN_DIVISION_EPS", "SINKHORN_EPSILON",
-           "SINKHORN_ITERATIONS", "sinkhorn_warp_chunked", "sinkhorn_warp_dense", "sinkhorn_warp_logdomain",
-           "sinkhorn_warp_stored"]
+           "SINKHORN_ITERATIONS", "similarity_warp_stored", "sinkhorn_warp_chunked", "sinkhorn_warp_dense",
+           "sinkhorn_warp_logdomain", "sinkhorn_warp_stored"]

@@ -7,7 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from models.networks.ot.common import (SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_marginal_update, row_blocks,
-                                       validate_chunk_size, validate_pose_points, validate_schedule, working_dtype)
+                                       validate_chunk_size, validate_feature_inputs, working_dtype)
 
 # Identity rows per block in `sinkhorn_warp_chunked`: a (B, 1024, M) float32 block is 28 MB per pair at
 # M = 6890 and 450 MB at 110K. On CPU 256 to 4096 rows run within 20% of each other (smaller blocks a little
@@ -202,12 +202,7 @@ def sinkhorn_warp_chunked(identity_features: torch.Tensor, pose_features: torch.
         warp_out: float32 or wider (B, N, 3) (bf16/fp16 inputs are upcast to float32), each row a convex
         combination of pose points.
     """
-    if identity_features.dim() != 3 or pose_features.dim() != 3 \
-            or identity_features.shape[:2] != pose_features.shape[:2]:
-        raise ValueError(f"identity and pose features must have shapes (B, C, N) and (B, C, M) with the same B "
-                         f"and C, got {tuple(identity_features.shape)} and {tuple(pose_features.shape)}")
-    validate_pose_points(pose_points, pose_features.shape[0], pose_features.shape[2])
-    validate_schedule(epsilon, iterations)
+    validate_feature_inputs(identity_features, pose_features, pose_points, epsilon, iterations)
     validate_chunk_size(chunk_size)
     dtype = working_dtype(identity_features, pose_features, pose_points)
     return _ChunkedSinkhornWarp.apply(identity_features.to(dtype), pose_features.to(dtype), pose_points.to(dtype),

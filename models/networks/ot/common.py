@@ -35,6 +35,17 @@ def validate_similarity_inputs(similarity: torch.Tensor, pose_points: torch.Tens
     validate_schedule(epsilon, iterations)
 
 
+def validate_feature_inputs(identity_features: torch.Tensor, pose_features: torch.Tensor, pose_points: torch.Tensor,
+                            epsilon: float, iterations: int) -> None:
+    """ValueError unless the features are (B, C, N) and (B, C, M), pose_points (B, M, 3) and the schedule valid."""
+    if identity_features.dim() != 3 or pose_features.dim() != 3 \
+            or identity_features.shape[:2] != pose_features.shape[:2]:
+        raise ValueError(f"identity and pose features must have shapes (B, C, N) and (B, C, M) with the same B "
+                         f"and C, got {tuple(identity_features.shape)} and {tuple(pose_features.shape)}")
+    validate_pose_points(pose_points, pose_features.shape[0], pose_features.shape[2])
+    validate_schedule(epsilon, iterations)
+
+
 def validate_chunk_size(chunk_size: int) -> None:
     """ValueError unless chunk_size is a positive int."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

@@ -7,11 +7,13 @@ import itertools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from models.networks.layers import half_copies, half_product_gradients, product
 from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
                                        log_marginal_update, row_blocks, validate_chunk_size,
-                                       validate_similarity_inputs, working_dtype)
+                                       validate_feature_inputs, validate_similarity_inputs, working_dtype)
 
 # The widest range of log K a bounded shift may span (`_bounded_shift`): exp(-80) is 1.8e-35, well above
 # float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
@@ -164,7 +166,7 @@ def _log_b_gradient(similarity: torch.Tensor, log_b: torch.Tensor, row_max: torc
 def _similarity_gradient(similarity: torch.Tensor, log_b: torch.Tensor, plan_max: torch.Tensor,
                          row_weights: torch.Tensor, column_weights: torch.Tensor,
                          column_terms: list[tuple[torch.Tensor, ...]], row_terms: list[tuple[torch.Tensor, ...]],
-                         epsilon: float) -> torch.Tensor:
+                         epsilon: float, gradient_dtype: torch.dtype, padding: int) -> torch.Tensor:
     """dL/dC for k identity rows: one elementwise pass over C that sums every step's term.
 
     Args:
@@ -172,19 +174,20 @@ def _similarity_gradient(similarity: torch.Tensor, log_b: torch.Tensor, plan_max
         row_weights: (B, k, 4); column_weights: (B, M, 4): the softmax term's factors.
         column_terms: (log a_{t-1} (B, k), column maximum (B, M), coefficient (B, M)) for each step.
         row_terms: (log b_t (B, M), row maximum (B, k), coefficient (B, k)) for each step but the last.
+        gradient_dtype, padding: see `_gradient_layout`.
     Returns:
-        dL/dC, (B, k, M) in the dtype of `similarity`.
+        dL/dC, (B, k, M + padding) in gradient_dtype.
     """
     grad = _row_weights(similarity, log_b, plan_max, epsilon) * _outer_sum(row_weights, column_weights)
     for log_a, column_max, coefficient in column_terms:
         grad = grad + _column_weights(similarity, log_a, column_max, epsilon) * coefficient.unsqueeze(1)
     for log_b_step, row_max, coefficient in row_terms:
         grad = grad + _row_weights(similarity, log_b_step, row_max, epsilon) * coefficient.unsqueeze(2)
-    return (grad / epsilon).to(similarity.dtype)
+    return _gradient_layout(grad / epsilon, gradient_dtype, padding)
 
 
 def _bounded_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tensor, column_factors: torch.Tensor,
-                                 epsilon: float) -> torch.Tensor:
+                                 epsilon: float, gradient_dtype: torch.dtype, padding: int) -> torch.Tensor:
     """dL/dC for k identity rows when every shift is a bound, one per batch element: exp(s) (U V^T) / epsilon.
 
     Then each term's exp(s + x[n] + y[m] - shift) is exp(s) exp(x[n] - shift) exp(y[m]) with the vector factors
@@ -192,11 +195,20 @@ def _bounded_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Te
 
     Args:
         similarity: (B, k, M); row_factors U: (B, k, R); column_factors V: (B, M, R).
+        gradient_dtype, padding: see `_gradient_layout`.
     Returns:
-        dL/dC, (B, k, M) in the dtype of `similarity`.
+        dL/dC, (B, k, M + padding) in gradient_dtype.
     """
     kernel = torch.exp(log_kernel_of(similarity, epsilon, row_factors.dtype))
-    return (kernel * _outer_sum(row_factors, column_factors) / epsilon).to(similarity.dtype)
+    return _gradient_layout(kernel * _outer_sum(row_factors, column_factors) / epsilon, gradient_dtype, padding)
+
+
+def _gradient_layout(grad: torch.Tensor, gradient_dtype: torch.dtype, padding: int) -> torch.Tensor:
+    """dL/dC (B, k, M) as the pass writes it: in gradient_dtype, with `padding` zero columns appended (the
+    layout half-precision products read, `models.networks.layers.padded`). Compiled, the cast and the padding
+    are part of the pass, so no float32 N x M gradient is written when C's own gradient products are half."""
+    grad = grad.to(gradient_dtype)
+    return F.pad(grad, (0, padding)) if padding else grad
 
 
 def _bounded_gradient_factors(log_b: torch.Tensor, plan_max: torch.Tensor, row_weights: torch.Tensor,
@@ -248,7 +260,8 @@ def _over_row_blocks(blocks: list[slice], row_pass, combine):
 
 @functools.cache
 def _compiled_pass(read_pass):
-    """`read_pass` as its own torch.compile graph, which Inductor turns into one kernel reading C once.
+    """`read_pass` as its own torch.compile graph, which Inductor turns into one kernel reading C once (or,
+    for the vector arithmetic between passes, into one or two small kernels instead of several).
 
     Each pass is compiled alone, with its vectors as graph inputs (so they are materialised): traced
     together, AOTAutograd would merge the backward's recomputations with forward intermediates, keep an
@@ -263,6 +276,27 @@ def _run_pass(compiled: bool, read_pass, *args):
 
 def _log_sum(maximum: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return maximum + total.log()
+
+
+def _marginal_step(maximum: torch.Tensor, total: torch.Tensor, similarity_bound: float | None,
+                   epsilon: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The next Sinkhorn vector from a log-sum-exp's (shift, sum), and the shift of the pass that reads it.
+
+    Args:
+        maximum, total: (B, K), K = N for a row log-sum-exp v (giving log a), M for a column one u (log b).
+    Returns:
+        log(1 / K / (exp(lse) + 1e-8)) (B, K), and its `_bounded_shift` (B,) (None without a bound).
+    Compiled, the few small kernels between two passes become one or two.
+    """
+    log_vector = log_marginal_update(_log_sum(maximum, total), total.shape[1])
+    return log_vector, _bounded_shift(log_vector, similarity_bound, epsilon)
+
+
+def _lse_coefficient(maximum: torch.Tensor, total: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """-sigmoid(lse - log 1e-8) * gradient / sum, (B, K) each: the gradient of a Sinkhorn update taken back
+    through logaddexp(lse, log 1e-8) to the log-sum-exp lse = maximum + log sum, then divided by its sum,
+    which turns the recomputed exp(. - maximum) weights into softmax weights (`_StoredSinkhornWarp`)."""
+    return -torch.sigmoid(_log_sum(maximum, total) - LOG_DIVISION_EPS) * gradient / total
 
 
 def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
@@ -282,22 +316,24 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     log_a = [pose_points.new_full((batch, num_identity), -math.log(num_identity))]
     log_b = [pose_points.new_full((batch, num_pose), -math.log(num_pose))]
     column_max, column_sum, row_max, row_sum = [], [], [], []
+    # One shift for every block (a bound over all rows), so the blocks' sums merge as they are.
+    shift = _bounded_shift(log_a[0], similarity_bound, epsilon)
     for step in range(iterations):
-        # One shift for every block (a bound over all rows), so the blocks' sums merge as they are.
-        shift = _bounded_shift(log_a[-1], similarity_bound, epsilon)
         maximum, total = _over_row_blocks(blocks, lambda rows: run(
             _column_normaliser, similarity[:, rows], log_a[-1][:, rows], epsilon, shift), _merge_column_normalisers)
         column_max.append(maximum)
         column_sum.append(total)
-        log_b.append(log_marginal_update(_log_sum(maximum, total), num_pose))
+        next_log_b, shift = run(_marginal_step, maximum, total, similarity_bound, epsilon)
+        log_b.append(next_log_b)
         if step < iterations - 1:
-            shift = _bounded_shift(log_b[-1], similarity_bound, epsilon)
             maximum, total = _over_row_blocks(blocks, lambda rows: run(
                 _row_normaliser, similarity[:, rows], log_b[-1], epsilon, shift), _concatenate_rows)
             row_max.append(maximum)
             row_sum.append(total)
-            log_a.append(log_marginal_update(_log_sum(maximum, total), num_identity))
-    shift = _bounded_shift(log_b[-1], similarity_bound, epsilon)
+            next_log_a, shift = run(_marginal_step, maximum, total, similarity_bound, epsilon)
+            log_a.append(next_log_a)
+    if not iterations:  # the final softmax reads log b_0
+        shift = _bounded_shift(log_b[0], similarity_bound, epsilon)
     pose_major_points = _pose_major(pose_points)
     warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
         _plan_warp, similarity[:, rows], log_b[-1], pose_major_points, epsilon, shift), _concatenate_rows)
@@ -328,38 +364,88 @@ class _StoredSinkhornWarp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled, similarity_bound):
-        blocks = row_blocks(similarity.shape[1], chunk_size or similarity.shape[1])
-        with torch.autocast(similarity.device.type, enabled=False):
-            warp, vectors = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled,
-                                            similarity_bound)
-        # save_for_backward takes a flat list; the group lengths (T, T + 1, T, T, T - 1, T - 1, 2) split it again.
-        ctx.save_for_backward(similarity, pose_points, warp, *itertools.chain(*vectors))
-        ctx.group_lengths = [len(group) for group in vectors]
-        ctx.epsilon, ctx.chunk_size, ctx.compiled = epsilon, chunk_size, compiled
-        ctx.bounded = similarity_bound is not None
+        return _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
+                               similarity_bound)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_warp):
+        grad_similarity, grad_points, _ = _saved_backward(ctx, grad_warp, None, 0, ctx.needs_input_grad[0])
+        return grad_similarity, grad_points, None, None, None, None, None
+
+
+class _StoredSimilarityWarp(torch.autograd.Function):
+    """`_StoredSinkhornWarp` of C = theta^T phi, formed here in float32, with C's backward products in half
+    precision: the gradient pass writes dL/dC once, already half and padded for those products, where a
+    separate product would take a float32 dL/dC (twice the bytes) and convert it in a pass of its own."""
+
+    @staticmethod
+    def forward(ctx, identity_theta, pose_phi, pose_points, half_dtype, epsilon, iterations, chunk_size, compiled,
+                similarity_bound):
+        theta_rows = identity_theta.transpose(1, 2)  # (B, N, C)
+        with torch.autocast(identity_theta.device.type, enabled=False):
+            similarity = product(theta_rows, pose_phi)  # (B, N, M)
+        theta_half, phi_half = half_copies(theta_rows, pose_phi, half_dtype)  # (B, N, C), (B, C, M')
+        warp = _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
+                               similarity_bound, theta_half, phi_half)
+        ctx.half_dtype, ctx.padding = half_dtype, phi_half.shape[2] - similarity.shape[2]
+        ctx.feature_dtypes = identity_theta.dtype, pose_phi.dtype
         return warp
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_warp):
-        similarity, pose_points, warp, *flat_vectors = ctx.saved_tensors
-        ends = list(itertools.accumulate(ctx.group_lengths))
-        vectors = [flat_vectors[end - length:end] for end, length in zip(ends, ctx.group_lengths)]
-        blocks = row_blocks(similarity.shape[1], ctx.chunk_size or similarity.shape[1])
-        with torch.autocast(similarity.device.type, enabled=False):
-            grad_similarity, grad_points = _stored_backward(
-                similarity, pose_points, warp, grad_warp.to(warp.dtype), vectors, ctx.epsilon, blocks, ctx.compiled,
-                ctx.bounded, ctx.needs_input_grad[0])
-        return grad_similarity, grad_points, None, None, None, None, None
+        needs_features = ctx.needs_input_grad[:2]
+        grad_similarity, grad_points, (theta_rows, pose_phi) = _saved_backward(
+            ctx, grad_warp, ctx.half_dtype, ctx.padding, any(needs_features))  # dL/dC: (B, N, M') half
+        grad_theta_rows, grad_phi = (None, None) if grad_similarity is None else half_product_gradients(
+            theta_rows, pose_phi, grad_similarity, grad_points.shape[1], needs_features, ctx.feature_dtypes)
+        grad_theta = None if grad_theta_rows is None else grad_theta_rows.transpose(1, 2)  # (B, C, N)
+        return grad_theta, grad_phi, grad_points, None, None, None, None, None, None
+
+
+def _forward_saving(ctx, similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
+                    chunk_size: int | None, compiled: bool, similarity_bound: float | None,
+                    *kept: torch.Tensor) -> torch.Tensor:
+    """`_stored_forward` for an autograd Function's forward, saving for `_saved_backward` C, the vectors
+    and `kept` (the Function's own tensors). Returns warp (B, N, 3)."""
+    blocks = row_blocks(similarity.shape[1], chunk_size or similarity.shape[1])
+    with torch.autocast(similarity.device.type, enabled=False):
+        warp, vectors = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled,
+                                        similarity_bound)
+    # save_for_backward takes a flat list; the group lengths (T, T + 1, T, T, T - 1, T - 1, 2) split it again.
+    ctx.save_for_backward(similarity, pose_points, warp, *kept, *itertools.chain(*vectors))
+    ctx.group_lengths = [len(group) for group in vectors]
+    ctx.epsilon, ctx.chunk_size, ctx.compiled = epsilon, chunk_size, compiled
+    ctx.bounded = similarity_bound is not None
+    ctx.kept_count = len(kept)
+    return warp
+
+
+def _saved_backward(ctx, grad_warp: torch.Tensor, gradient_dtype: torch.dtype | None, padding: int,
+                    similarity_needs_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
+    """`_stored_backward` from what `_forward_saving` saved: dL/dC (in gradient_dtype, C's by default, with
+    `padding` zero columns; None unless needed), dL/dpose_points and the kept tensors."""
+    similarity, pose_points, warp, *rest = ctx.saved_tensors
+    kept, flat_vectors = rest[:ctx.kept_count], rest[ctx.kept_count:]
+    ends = list(itertools.accumulate(ctx.group_lengths))
+    vectors = [flat_vectors[end - length:end] for end, length in zip(ends, ctx.group_lengths)]
+    blocks = row_blocks(similarity.shape[1], ctx.chunk_size or similarity.shape[1])
+    with torch.autocast(similarity.device.type, enabled=False):
+        grad_similarity, grad_points = _stored_backward(
+            similarity, pose_points, warp, grad_warp.to(warp.dtype), vectors, ctx.epsilon, blocks, ctx.compiled,
+            ctx.bounded, similarity_needs_grad, gradient_dtype or similarity.dtype, padding)
+    return grad_similarity, grad_points, kept
 
 
 def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: torch.Tensor,
                      grad_warp: torch.Tensor, vectors: list[list[torch.Tensor]], epsilon: float,
-                     blocks: list[slice], compiled: bool, bounded: bool,
-                     similarity_needs_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+                     blocks: list[slice], compiled: bool, bounded: bool, similarity_needs_grad: bool,
+                     gradient_dtype: torch.dtype, padding: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients (similarity, pose_points) of <grad_warp, warp_out>; see `_StoredSinkhornWarp`.
 
     `bounded`: the forward shifted by `_bounded_shift`, so dL/dC comes from `_bounded_similarity_gradient`.
+    dL/dC comes in gradient_dtype with `padding` zero columns (`_gradient_layout`).
     """
     log_a, log_b, column_max, column_sum, row_max, row_sum, (plan_max, plan_sum) = vectors
     run = functools.partial(_run_pass, compiled)
@@ -375,16 +461,13 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
     grad_log_b = (column_sums * column_weights).sum(2)  # dL/dlog b_T, (B, M)
     column_coefficients, row_coefficients = [], []  # du_t / sum for t = T..1, dv_t / sum for t = T-1..1
     for step in range(len(log_a), 0, -1):
-        column_lse = _log_sum(column_max[step - 1], column_sum[step - 1])  # u_t
-        column_coefficients.append(
-            -torch.sigmoid(column_lse - LOG_DIVISION_EPS) * grad_log_b / column_sum[step - 1])
+        column_coefficients.append(run(_lse_coefficient, column_max[step - 1], column_sum[step - 1], grad_log_b))
         if step == 1:  # log a_0 is a constant
             break
         grad_log_a = _over_row_blocks(blocks, lambda rows: run(
             _log_a_gradient, similarity[:, rows], log_a[step - 1][:, rows], column_max[step - 1],
             column_coefficients[-1], epsilon), _concatenate_rows)  # dL/dlog a_{t-1}, (B, N)
-        row_lse = _log_sum(row_max[step - 2], row_sum[step - 2])  # v_{t-1}
-        row_coefficients.append(-torch.sigmoid(row_lse - LOG_DIVISION_EPS) * grad_log_a / row_sum[step - 2])
+        row_coefficients.append(run(_lse_coefficient, row_max[step - 2], row_sum[step - 2], grad_log_a))
         grad_log_b = _over_row_blocks(blocks, lambda rows: run(
             _log_b_gradient, similarity[:, rows], log_b[step - 1], row_max[step - 2][:, rows],
             row_coefficients[-1][:, rows], epsilon), _add_parts)  # dL/dlog b_{t-1}, (B, M)
@@ -392,22 +475,23 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
     row_terms = list(zip(log_b[-2:0:-1], row_max[::-1], row_coefficients))
 
     if bounded:
-        row_factors, column_factors = _bounded_gradient_factors(log_b[-1], plan_max, row_weights, column_weights,
-                                                                column_terms, row_terms)
+        row_factors, column_factors = run(_bounded_gradient_factors, log_b[-1], plan_max, row_weights,
+                                          column_weights, column_terms, row_terms)
 
     def gradient_rows(rows: slice) -> torch.Tensor:
         if bounded:
             return run(_bounded_similarity_gradient, similarity[:, rows], row_factors[:, rows], column_factors,
-                       epsilon)
+                       epsilon, gradient_dtype, padding)
         return run(_similarity_gradient, similarity[:, rows], log_b[-1], plan_max[:, rows], row_weights[:, rows],
                    column_weights, [(log_a_step[:, rows], maximum, coefficient)
                                     for log_a_step, maximum, coefficient in column_terms],
                    [(log_b_step, maximum[:, rows], coefficient[:, rows])
-                    for log_b_step, maximum, coefficient in row_terms], epsilon)
+                    for log_b_step, maximum, coefficient in row_terms], epsilon, gradient_dtype, padding)
 
     if len(blocks) == 1:
         return gradient_rows(blocks[0]), grad_points
-    grad_similarity = torch.empty_like(similarity)
+    batch, num_identity, num_pose = similarity.shape
+    grad_similarity = similarity.new_empty((batch, num_identity, num_pose + padding), dtype=gradient_dtype)
     for rows in blocks:
         grad_similarity[:, rows] = gradient_rows(rows)
     return grad_similarity, grad_points
@@ -443,12 +527,42 @@ def sinkhorn_warp_stored(similarity: torch.Tensor, pose_points: torch.Tensor, ep
         warp_out: float32 or wider (B, N, 3), each row a convex combination of pose points.
     """
     validate_similarity_inputs(similarity, pose_points, epsilon, iterations)
+    _validate_stored_options(chunk_size, similarity_bound, epsilon)
+    dtype = working_dtype(similarity, pose_points)
+    return _StoredSinkhornWarp.apply(similarity, pose_points.to(dtype), float(epsilon), iterations, chunk_size,
+                                     compiled, similarity_bound)
+
+
+@torch.compiler.disable
+def similarity_warp_stored(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
+                           half_dtype: torch.dtype, epsilon: float = SINKHORN_EPSILON,
+                           iterations: int = SINKHORN_ITERATIONS, chunk_size: int | None = None,
+                           compiled: bool = False, similarity_bound: float | None = None) -> torch.Tensor:
+    """`sinkhorn_warp_stored(theta^T phi, pose_points, ...)` with C formed inside in float32 and its two
+    backward products in half precision, as `models.networks.layers.mixed_product` computes them, but with
+    dL/dC written once in half precision (`_StoredSimilarityWarp`): the same values, less memory and time.
+
+    Args:
+        identity_theta: float32 (B, C, N); pose_phi: float32 (B, C, M); pose_points: float (B, M, 3).
+        half_dtype: torch.float16 or torch.bfloat16, the backward products' precision.
+        epsilon, iterations, chunk_size, compiled, similarity_bound: as for `sinkhorn_warp_stored`.
+    Returns:
+        warp_out: float32 (B, N, 3).
+    """
+    validate_feature_inputs(identity_theta, pose_phi, pose_points, epsilon, iterations)
+    _validate_stored_options(chunk_size, similarity_bound, epsilon)
+    if identity_theta.dtype != torch.float32 or pose_phi.dtype != torch.float32:
+        raise ValueError(f"similarity_warp_stored forms C in float32 and takes float32 features, got "
+                         f"{identity_theta.dtype} and {pose_phi.dtype}")
+    return _StoredSimilarityWarp.apply(identity_theta, pose_phi, pose_points.to(working_dtype(pose_points)),
+                                       half_dtype, float(epsilon), iterations, chunk_size, compiled,
+                                       similarity_bound)
+
+
+def _validate_stored_options(chunk_size: int | None, similarity_bound: float | None, epsilon: float) -> None:
     if chunk_size is not None:
         validate_chunk_size(chunk_size)
     if similarity_bound is not None and not 0 < similarity_bound <= MAX_LOG_KERNEL_RANGE * epsilon / 2:
         raise ValueError(f"similarity_bound must lie in (0, {MAX_LOG_KERNEL_RANGE * epsilon / 2:g}] at epsilon "
                          f"{epsilon:g} (a wider one could underflow whole rows), got {similarity_bound!r}; "
                          f"pass None to shift by the maxima")
-    dtype = working_dtype(similarity, pose_points)
-    return _StoredSinkhornWarp.apply(similarity, pose_points.to(dtype), float(epsilon), iterations, chunk_size,
-                                     compiled, similarity_bound)

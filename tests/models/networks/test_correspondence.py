@@ -55,3 +55,27 @@ def test_half_precision_gradients_keep_the_float32_forward(warp, compiled):
     total_half = torch.cat([g.flatten() for g in grads_half])
     error = (torch.linalg.norm(total_half - total_exact) / torch.linalg.norm(total_exact)).item()
     assert 0 < error < 2e-2, error
+
+
+@pytest.mark.parametrize("pose_vertices", [50, 40])
+def test_both_meshes_in_one_feature_pass_match_separate_passes(pose_vertices):
+    """Meshes of one shape share a feature pass (concatenated along the batch); outputs and every parameter
+    gradient equal those from one pass per mesh (which meshes of different sizes take) to float32 rounding."""
+    torch.manual_seed(0)
+    model = correspondence.Correspondence(ngf=4, warp=correspondence.WARPS["stored"])
+    generator = torch.Generator().manual_seed(1)
+    identity_points = torch.rand(2, 3, 50, generator=generator) - 0.5
+    pose_points = torch.rand(2, 3, pose_vertices, generator=generator) - 0.5
+    upstream = torch.randn(2, 50, 3, generator=generator)
+    outputs, gradients = _trained_mode_gradients(model, identity_points, pose_points, upstream)
+
+    def separate_passes(identity, pose):
+        identity_features, pose_features = model.features(identity), model.features(pose)
+        theta = correspondence.normalize_features(model.theta(identity_features))
+        phi = correspondence.normalize_features(model.phi(pose_features))
+        return model.warp(theta, phi, pose.transpose(1, 2)), identity_features
+
+    model.forward = separate_passes
+    expected_outputs, expected_gradients = _trained_mode_gradients(model, identity_points, pose_points, upstream)
+    for actual, expected in zip([*outputs, *gradients], [*expected_outputs, *expected_gradients]):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

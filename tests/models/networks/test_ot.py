@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from models.networks import ot
-from models.networks.ot import (sinkhorn_warp_chunked, sinkhorn_warp_dense, sinkhorn_warp_logdomain,
-                                sinkhorn_warp_stored)
+from models.networks.layers import mixed_product
+from models.networks.ot import (similarity_warp_stored, sinkhorn_warp_chunked, sinkhorn_warp_dense,
+                                sinkhorn_warp_logdomain, sinkhorn_warp_stored)
 
 # (N, M): square, more identity than pose vertices, fewer; none divisible by the chunk sizes below.
 SIZES = [(7, 7), (13, 9), (9, 20)]
@@ -397,6 +398,53 @@ def test_stored_reads_half_precision_similarity_without_a_copy():
     torch.testing.assert_close(warp, expected, rtol=0, atol=0)
     warp.sum().backward()
     assert half_similarity.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("half_dtype, chunk_size, similarity_bound",
+                         list(itertools.product([torch.float16, torch.bfloat16], STORED_CHUNK_SIZES,
+                                                SIMILARITY_BOUNDS)))
+def test_similarity_warp_equals_the_half_gradient_product_then_the_warp(half_dtype, chunk_size, similarity_bound):
+    """similarity_warp_stored forms C and writes dL/dC in half precision itself: the warp and every gradient
+    equal those of mixed_product (float32 C, half-precision backward products) followed by sinkhorn_warp_stored,
+    bit for bit (the same float32 dL/dC, rounded once to half either way)."""
+    theta, phi, points = _random_problem(2, 13, 9, torch.float32, seed=18, channels=8)
+    options = dict(chunk_size=chunk_size, similarity_bound=similarity_bound)
+
+    def composed(theta, phi, points):
+        return sinkhorn_warp_stored(mixed_product(theta.transpose(1, 2), phi, half_dtype), points, **options)
+
+    results = []
+    for warp_function in (functools.partial(similarity_warp_stored, half_dtype=half_dtype, **options), composed):
+        inputs = [tensor.clone().requires_grad_() for tensor in (theta, phi, points)]
+        warp = warp_function(*inputs)
+        warp.backward(torch.randn(warp.shape, generator=torch.Generator().manual_seed(19)))
+        results.append([warp, *(tensor.grad for tensor in inputs)])
+    for actual, expected in zip(*results):
+        assert actual.dtype == torch.float32
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_similarity_warp_saves_half_copies_and_similarity_only():
+    theta, phi, points = _random_problem(2, 40, 30, torch.float32, seed=20)
+    theta.requires_grad_()
+    saved, warp = _saved_tensors(lambda: similarity_warp_stored(theta, phi, points, torch.float16))
+    large = [tensor for tensor in saved if tensor.numel() >= 40 * 30 * 2]
+    assert [tensor.dtype for tensor in large] == [torch.float32], "C alone, in float32"
+    assert sorted(str(tensor.dtype) for tensor in saved if tensor.dtype != torch.float32) == ["torch.float16"] * 2
+    warp.sum().backward()
+    assert theta.grad.dtype == torch.float32 and phi.grad is None and torch.isfinite(theta.grad).all()
+
+
+def test_similarity_warp_checks_its_inputs():
+    theta, phi, points = _random_problem(1, 6, 5, torch.float32, seed=21)
+    with pytest.raises(ValueError, match="float32 features"):
+        similarity_warp_stored(theta.double(), phi.double(), points, torch.float16)
+    with pytest.raises(ValueError, match=r"shapes \(B, C, N\) and \(B, C, M\)"):
+        similarity_warp_stored(theta, phi[:, :2], points, torch.float16)
+    with pytest.raises(ValueError, match="pose_points must have shape"):
+        similarity_warp_stored(theta, phi, points[:, :4], torch.float16)
+    with pytest.raises(ValueError, match="similarity_bound must lie in"):
+        similarity_warp_stored(theta, phi, points, torch.float16, similarity_bound=2.0)
 
 
 @pytest.mark.slow
