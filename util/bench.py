@@ -2,6 +2,7 @@
 
     python -m util.bench --out bench.json                 # everything, on the GPU
     python -m util.bench --device cpu --vertices 500 --sweep "" --loader_pairs 0   # a quick CPU check
+    python -m util.bench --fused_passes                   # the fused Sinkhorn passes alone (a GPU)
 
 Tables printed (and written as JSON with --out):
 - training step (forward, losses, backward, Adam) at --batch and --vertices: ms, pairs/s, peak GiB, the
@@ -18,6 +19,7 @@ measured bf16 matrix rate).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -227,6 +229,44 @@ def profile_inference(variant: str, batch: dict, device: torch.device, calls: in
         return _profile(lambda: model.transfer(batch["identity_points"], batch["pose_points"]), device, calls)
 
 
+def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: int, repeats: int) -> dict:
+    """A fused row + column Sinkhorn pass (models/networks/ot/fused.py) against the compiled row pass, vector
+    step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
+    features: ms of each, for the default number of programs per batch element and a few others."""
+    from models.networks.ot import fused, stored
+
+    run = functools.partial(stored._run_pass, True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    theta, phi = (torch.nn.functional.normalize(torch.randn(batch, 256, vertices, device=device, generator=generator),
+                                                dim=1) for _ in range(2))
+    similarity = torch.bmm(theta.transpose(1, 2), phi)  # (B, N, M)
+    log_b = -math.log(vertices) + 0.1 * torch.randn(batch, vertices, device=device, generator=generator)
+    shift = log_b.amax(1)
+
+    def separate() -> None:
+        maximum, total = run(stored._row_normaliser, similarity, log_b, stored.SINKHORN_EPSILON, shift)
+        log_a, column_shift = run(stored._marginal_step, maximum, total, 1.0, stored.SINKHORN_EPSILON)
+        run(stored._column_normaliser, similarity, log_a, stored.SINKHORN_EPSILON, column_shift)
+
+    results = {"separate_ms": time_median(separate, device, warmup, repeats), "fused": {}}
+    program_counts = [None]  # the default rule, then 1, 2 and 4 programs per SM over the batch
+    if device.type == "cuda":
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        program_counts += [max(1, per_sm * sm_count // batch) for per_sm in (1, 2, 4)]
+    for programs in program_counts:
+        row_sum, log_a, column_shift, _ = fused.fused_row_column_forward(
+            similarity, log_b, shift, stored.SINKHORN_EPSILON, 1.0, programs_per_batch=programs)
+        backward_inputs = (similarity, log_a, column_shift, torch.randn_like(log_b), shift, row_sum, log_b,
+                           stored.SINKHORN_EPSILON)
+        results["fused"][str(programs or "default")] = {
+            "forward_ms": time_median(lambda: fused.fused_row_column_forward(
+                similarity, log_b, shift, stored.SINKHORN_EPSILON, 1.0, programs_per_batch=programs),
+                device, warmup, repeats),
+            "backward_ms": time_median(lambda: fused.fused_row_column_backward(
+                *backward_inputs, programs_per_batch=programs), device, warmup, repeats)}
+    return results
+
+
 def golden_check(device: torch.device, variants: list[str]) -> dict:
     """The variants on the golden fixture (tests/golden.py): max |diff| and relative L2 of warp_out and the
     output against the published code's, and the output's relative L2 to the first variant's (our reference)."""
@@ -294,6 +334,8 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="only print a profile of this variant's training step")
     parser.add_argument("--profile_inference", default="", help="only print a profile of this variant's "
                         "one-pair inference")
+    parser.add_argument("--fused_passes", action="store_true", help="only time the fused Sinkhorn row + column "
+                        "pass against the separate passes, at --batch and at one pair (a GPU with triton)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -302,6 +344,17 @@ def main() -> None:
         return
     if args.profile_inference:
         print(profile_inference(args.profile_inference, synthetic_batch(1, args.vertices, device), device))
+        return
+    if args.fused_passes:
+        results = {size: bench_fused_passes(device, size, args.vertices, args.warmup, args.repeats)
+                   for size in sorted({args.batch, 1}, reverse=True)}
+        for size, row in results.items():
+            print(f"batch {size}: separate row + column passes {row['separate_ms']:.3f} ms; fused, by programs per "
+                  f"batch element: " + ", ".join(f"{programs} {times['forward_ms']:.3f} ms forward "
+                                                 f"{times['backward_ms']:.3f} ms backward"
+                                                 for programs, times in row["fused"].items()))
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
         return
     if args.golden:
         variants = args.variants.split(",")

@@ -1,10 +1,12 @@
-"""util/bench.py on the CPU at toy size: the tables and JSON it writes, and its profile tables."""
+"""util/bench.py on the CPU at toy size: the tables and JSON it writes, its profile tables and the fused-pass timing."""
 import json
 import math
 import sys
 
+import pytest
 import torch
 
+from models.networks.ot import fused
 from util import bench
 
 
@@ -45,3 +47,21 @@ def test_kernel_table_lists_device_kernels_per_call_by_self_time():
     assert lines[1].split() == ["1.500", "ms", "75.0%", "1x", "big_kernel"]
     assert lines[2].split() == ["0.500", "ms", "25.0%", "2x", "small_kernel"]
     assert len(lines) == 3  # the CPU operator and the graph annotation are left out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fused.fused_pass_supported(torch.empty(1, 1, 1, device="cuda" if torch.cuda.is_available()
+                                                              else "cpu")),
+                    reason="the fused Sinkhorn passes need triton (a GPU, or its interpreter on the CPU)")
+def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fused.json"
+    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cuda" if torch.cuda.is_available() else "cpu",
+                                      "--fused_passes", "--vertices", "40", "--batch", "2", "--warmup", "1",
+                                      "--repeats", "2", "--out", str(out)])
+    bench.main()
+    results = json.loads(out.read_text())
+    assert set(results) == {"2", "1"}
+    for row in results.values():
+        assert row["separate_ms"] > 0 and all(times["forward_ms"] > 0 and times["backward_ms"] > 0
+                                              for times in row["fused"].values())
+    assert "fused, by programs per batch element: default" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """The Sinkhorn warp on a materialised similarity C that keeps nothing N x M but C for backward: each pass is a
-small function of C and vectors that torch.compile fuses into one kernel reading C once."""
+small function of C and vectors that torch.compile fuses into one kernel reading C once. On a GPU with triton,
+each row pass and the column pass after it read C once together instead (fused.py)."""
 from __future__ import annotations
 
 import functools
@@ -14,6 +15,7 @@ from models.networks.layers import half_copies, half_product_gradients, product
 from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
                                        log_marginal_update, row_blocks, validate_chunk_size,
                                        validate_feature_inputs, validate_similarity_inputs, working_dtype)
+from models.networks.ot.fused import fused_pass_supported, fused_row_column_backward, fused_row_column_forward
 
 # The widest range of log K a bounded shift may span (`_bounded_shift`): exp(-80) is 1.8e-35, well above
 # float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
@@ -274,6 +276,12 @@ def _run_pass(compiled: bool, read_pass, *args):
     return (_compiled_pass(read_pass) if compiled else read_pass)(*args)
 
 
+def _fused_passes(similarity: torch.Tensor, compiled: bool, bounded: bool, blocks: list[slice]) -> bool:
+    """Whether each row pass and the column pass after it read C once together (fused.py, Triton): on a GPU
+    (`compiled`), with bounded shifts (known before a pass) and C in one block."""
+    return compiled and bounded and len(blocks) == 1 and fused_pass_supported(similarity)
+
+
 def _log_sum(maximum: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return maximum + total.log()
 
@@ -316,22 +324,33 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     log_a = [pose_points.new_full((batch, num_identity), -math.log(num_identity))]
     log_b = [pose_points.new_full((batch, num_pose), -math.log(num_pose))]
     column_max, column_sum, row_max, row_sum = [], [], [], []
+    fused = _fused_passes(similarity, compiled, similarity_bound is not None, blocks)
     # One shift for every block (a bound over all rows), so the blocks' sums merge as they are.
     shift = _bounded_shift(log_a[0], similarity_bound, epsilon)
     for step in range(iterations):
-        maximum, total = _over_row_blocks(blocks, lambda rows: run(
-            _column_normaliser, similarity[:, rows], log_a[-1][:, rows], epsilon, shift), _merge_column_normalisers)
-        column_max.append(maximum)
-        column_sum.append(total)
-        next_log_b, shift = run(_marginal_step, maximum, total, similarity_bound, epsilon)
-        log_b.append(next_log_b)
-        if step < iterations - 1:
-            maximum, total = _over_row_blocks(blocks, lambda rows: run(
-                _row_normaliser, similarity[:, rows], log_b[-1], epsilon, shift), _concatenate_rows)
-            row_max.append(maximum)
+        if step and fused:  # v_t's row pass and u_{t+1}'s column pass in one read of C
+            total, next_log_a, column_shift, column_total = fused_row_column_forward(
+                similarity, log_b[-1], shift, epsilon, similarity_bound)
+            row_max.append(shift.unsqueeze(1).expand(batch, num_identity))
             row_sum.append(total)
-            next_log_a, shift = run(_marginal_step, maximum, total, similarity_bound, epsilon)
             log_a.append(next_log_a)
+            column_max.append(column_shift.unsqueeze(1).expand(batch, num_pose))
+            column_sum.append(column_total)
+        else:
+            if step:
+                maximum, total = _over_row_blocks(blocks, lambda rows: run(
+                    _row_normaliser, similarity[:, rows], log_b[-1], epsilon, shift), _concatenate_rows)
+                row_max.append(maximum)
+                row_sum.append(total)
+                next_log_a, shift = run(_marginal_step, maximum, total, similarity_bound, epsilon)
+                log_a.append(next_log_a)
+            maximum, total = _over_row_blocks(blocks, lambda rows: run(
+                _column_normaliser, similarity[:, rows], log_a[-1][:, rows], epsilon, shift),
+                _merge_column_normalisers)
+            column_max.append(maximum)
+            column_sum.append(total)
+        next_log_b, shift = run(_marginal_step, column_max[-1], column_sum[-1], similarity_bound, epsilon)
+        log_b.append(next_log_b)
     if not iterations:  # the final softmax reads log b_0
         shift = _bounded_shift(log_b[0], similarity_bound, epsilon)
     pose_major_points = _pose_major(pose_points)
@@ -449,6 +468,7 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
     """
     log_a, log_b, column_max, column_sum, row_max, row_sum, (plan_max, plan_sum) = vectors
     run = functools.partial(_run_pass, compiled)
+    fused = _fused_passes(similarity, compiled, bounded, blocks)
     # Softmax term: P (g.x[m] - g.out[n]) = exp(s + log b_T - plan_max) * ([g, -g.out] / plan_sum @ [x, 1]^T).
     row_weights = torch.cat([grad_warp, -(grad_warp * warp).sum(2, keepdim=True)], dim=2) / plan_sum.unsqueeze(2)
     column_weights = _pose_major(torch.cat([pose_points, torch.ones_like(pose_points[..., :1])], dim=2))  # (B, M, 4)
@@ -464,6 +484,12 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
         column_coefficients.append(run(_lse_coefficient, column_max[step - 1], column_sum[step - 1], grad_log_b))
         if step == 1:  # log a_0 is a constant
             break
+        if fused:  # both passes below in one read of C; every shift is one number per batch element
+            _, row_coefficient, grad_log_b = fused_row_column_backward(
+                similarity, log_a[step - 1], column_max[step - 1][:, 0], column_coefficients[-1],
+                row_max[step - 2][:, 0], row_sum[step - 2], log_b[step - 1], epsilon)
+            row_coefficients.append(row_coefficient)
+            continue
         grad_log_a = _over_row_blocks(blocks, lambda rows: run(
             _log_a_gradient, similarity[:, rows], log_a[step - 1][:, rows], column_max[step - 1],
             column_coefficients[-1], epsilon), _concatenate_rows)  # dL/dlog a_{t-1}, (B, N)
@@ -505,7 +531,9 @@ def sinkhorn_warp_stored(similarity: torch.Tensor, pose_points: torch.Tensor, ep
 
     Meant for training at moderate N, where C fits in memory: the forward makes 2T read passes over C
     (T column and T - 1 row log-sum-exps, then the warp with its own row normaliser), the backward 2T - 1
-    read passes for its vectors and one pass that writes dL/dC, its only N x M output. Each pass is a
+    read passes for its vectors and one pass that writes dL/dC, its only N x M output; on a GPU, compiled,
+    with a bound and one block, each row pass shares its read with the column pass after it (fused.py),
+    T + 1 reads forward and T + 1 backward. Each pass is a
     small pure function of C and vectors: with `compiled`, torch.compile turns each into one fused kernel
     (for GPUs); in eager mode a pass allocates N x M temporaries that are freed at once, which `chunk_size`
     bounds. A torch.compile of the caller does not trace into this function (it breaks the graph here);

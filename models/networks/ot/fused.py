@@ -1,0 +1,342 @@
+"""A Sinkhorn row pass and the column pass that follows it in one read of a materialised similarity C (Triton).
+
+The stored warp (stored.py) reads C (B, N, M) once per pass, and on a GPU every pass is memory-bound, so a
+half-step costs one read of C however little arithmetic it does. A column pass needs the per-row result of
+the row pass before it; here both happen in the same read: each program owns a contiguous range of identity
+rows, loads one whole row of C at a time (BLOCK_M = next_power_of_2(M) lanes, at most MAX_FUSED_POSE_VERTICES),
+finishes that row's reduction, forms the row's scalar and adds the row's contribution to all M column sums,
+which it holds in registers. Each program writes its column partial sums to a (B, P, M) scratch tensor and a
+torch epilogue adds the P partials in a fixed order, so results are deterministic (no atomics).
+
+- `fused_row_column_forward`: the row log-sum-exp of s + log b, the update log a, then the column log-sum-exp
+  of s + log a (one forward Sinkhorn step pair of `_StoredSinkhornWarp`, s = log K = (C - 1) / epsilon).
+- `fused_row_column_backward`: the reverse-mode passes of the same pair, dlog a and then dlog b.
+Both take the bounded shifts of `_bounded_shift` (one number per batch element), which need no pass over C.
+`fused_row_column_forward_naive` and `fused_row_column_backward_naive` are their float64 references.
+
+triton is imported only if it is installed (CPU-only installs have none). With TRITON_INTERPRET=1 set before
+triton is imported, the kernels run in Triton's interpreter on CPU tensors (the tests do this without a GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+
+from models.networks.ot.common import LOG_DIVISION_EPS, log_marginal_update
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: `fused_pass_supported` then answers False
+    triton = tl = None
+# Triton's interpreter is chosen when triton is imported (its library functions are compiled then), so whether it
+# runs CPU tensors is known from then on.
+_INTERPRETED = triton is not None and triton.knobs.runtime.interpret
+
+# The widest row a program holds in registers: with num_warps = BLOCK_M / 512 (at most 32) each thread keeps
+# 16 lanes of every row-wide value (the row, a per-column vector or two, the column sums).
+MAX_FUSED_POSE_VERTICES = 16384
+# Programs per streaming multiprocessor over the whole batch, rounded down so that the last wave is never a few
+# programs alone (a program of 8192 lanes, 16 warps of about 110 registers a thread, fills an H100 SM's registers,
+# so each wave is one program per SM). Measured on the H100 at N = M = 6890 (docs/benchmarks.md, 2026-12-06), one
+# fused forward pass: batch 8, 0.905 ms at 2 per SM, 0.953 at 4, 1.52 at 136 programs (a second wave of 4);
+# one pair, 0.196 ms at 2 per SM, 0.215 at 4.
+PROGRAMS_PER_SM = 2
+# Programs per batch element without a GPU (the interpreter): enough that tests cover several per batch.
+INTERPRETER_PROGRAMS = 4
+# Rows in flight in a program's loop: the next row's load overlaps the current row's arithmetic.
+PIPELINE_STAGES = 2
+
+
+def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
+                               program_shift_ptr, num_identity, num_pose, rows_per_program, inverse_epsilon,
+                               log_num_identity, log_division_eps, BLOCK_M: tl.constexpr,
+                               NUM_STAGES: tl.constexpr):
+    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_forward`.
+
+    The column sums are shifted by the largest log a of the program's rows so far: when a row raises it, the
+    sums are rescaled by exp(old - new) (0 for the first row, whose old shift is -inf).
+    """
+    program = tl.program_id(0)
+    batch = tl.program_id(1)
+    columns = tl.arange(0, BLOCK_M)
+    in_row = columns < num_pose
+    row_shift = tl.load(row_shift_ptr + batch)
+    # Lanes past M have log b = -inf, so their row terms are 0 (their column sums are never stored).
+    row_offset = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
+    column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    program_shift = tl.full([], float("-inf"), tl.float32)
+    first = program * rows_per_program
+    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+        index = batch * num_identity + row
+        similarity_row = tl.load(similarity_ptr + index.to(tl.int64) * num_pose + columns, mask=in_row, other=0.0)
+        log_kernel = (similarity_row - 1.0) * inverse_epsilon
+        row_sum = tl.sum(tl.exp(log_kernel + row_offset), axis=0)
+        row_lse = row_shift + tl.log(row_sum)
+        # logaddexp(row_lse, log 1e-8). tl has no log1p (libdevice's does not run in the interpreter); log(1 + x)
+        # is off by less than 6e-8 absolute.
+        high = tl.maximum(row_lse, log_division_eps)
+        log_a = -log_num_identity - (high + tl.log(1.0 + tl.exp(tl.minimum(row_lse, log_division_eps) - high)))
+        shift = tl.maximum(program_shift, log_a)
+        column_sum = column_sum * tl.exp(program_shift - shift) + tl.exp(log_kernel + (log_a - shift))
+        program_shift = shift
+        tl.store(row_sum_ptr + index, row_sum)
+        tl.store(log_a_ptr + index, log_a)
+    partial = batch * tl.num_programs(0) + program
+    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, column_sum, mask=in_row)
+    tl.store(program_shift_ptr + partial, program_shift)
+
+
+def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr, column_coefficient_ptr,
+                                row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
+                                partial_ptr, num_identity, num_pose, rows_per_program, inverse_epsilon,
+                                log_division_eps, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
+    program = tl.program_id(0)
+    batch = tl.program_id(1)
+    columns = tl.arange(0, BLOCK_M)
+    in_row = columns < num_pose
+    column_shift = tl.load(column_shift_ptr + batch)
+    row_shift = tl.load(row_shift_ptr + batch)
+    # Lanes past M have coefficient 0 and log b = -inf, so that all their terms are 0.
+    column_coefficient = tl.load(column_coefficient_ptr + batch * num_pose + columns, mask=in_row, other=0.0)
+    column_offset = tl.load(log_b_prev_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
+    grad_log_b = tl.zeros([BLOCK_M], dtype=tl.float32)
+    first = program * rows_per_program
+    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+        index = batch * num_identity + row
+        similarity_row = tl.load(similarity_ptr + index.to(tl.int64) * num_pose + columns, mask=in_row, other=0.0)
+        log_kernel = (similarity_row - 1.0) * inverse_epsilon
+        row_offset = tl.load(log_a_prev_ptr + index) - column_shift
+        grad_log_a = tl.sum(tl.exp(log_kernel + row_offset) * column_coefficient, axis=0)
+        row_sum = tl.load(row_sum_ptr + index)
+        row_coefficient = (-tl.sigmoid(row_shift + tl.log(row_sum) - log_division_eps) * grad_log_a) / row_sum
+        grad_log_b += tl.exp(log_kernel + column_offset) * row_coefficient
+        tl.store(grad_log_a_ptr + index, grad_log_a)
+        tl.store(row_coefficient_ptr + index, row_coefficient)
+    partial = batch * tl.num_programs(0) + program
+    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, grad_log_b, mask=in_row)
+
+
+@functools.cache
+def _jitted(kernel: Callable) -> Callable:
+    """`kernel` compiled by triton.jit on first use, so that importing this module needs no triton."""
+    return triton.jit(kernel)
+
+
+def _unsupported_reason(similarity: torch.Tensor) -> str | None:
+    """Why the fused kernels cannot read `similarity`, in one sentence, or None when they can."""
+    if triton is None:
+        return "the fused Sinkhorn passes need triton, which is not installed"
+    if similarity.dtype != torch.float32 or similarity.dim() != 3 or not similarity.is_contiguous():
+        return (f"the fused Sinkhorn passes need a contiguous float32 (B, N, M) similarity, got a "
+                f"{'' if similarity.is_contiguous() else 'non-contiguous '}{similarity.dtype} tensor of shape "
+                f"{tuple(similarity.shape)}")
+    if not (similarity.is_cuda or (similarity.device.type == "cpu" and _INTERPRETED)):
+        return (f"the fused Sinkhorn passes run on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set "
+                f"before triton was imported), got one on {similarity.device}")
+    if similarity.shape[2] > MAX_FUSED_POSE_VERTICES:
+        return (f"the fused Sinkhorn passes hold a whole row of C in registers, at most {MAX_FUSED_POSE_VERTICES} "
+                f"pose vertices, got M = {similarity.shape[2]}")
+    return None
+
+
+def fused_pass_supported(similarity: torch.Tensor) -> bool:
+    """Whether `fused_row_column_forward` and `fused_row_column_backward` can read `similarity`.
+
+    True when triton is installed and similarity is a contiguous float32 (B, N, M) CUDA tensor (or a CPU
+    one while TRITON_INTERPRET=1 selects Triton's interpreter) with M <= MAX_FUSED_POSE_VERTICES.
+    """
+    return _unsupported_reason(similarity) is None
+
+
+def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_per_batch: int | None,
+                           **vectors: tuple[torch.Tensor, str]) -> None:
+    """ValueError unless similarity is (B, N, M) with N, M >= 1, epsilon > 0, programs_per_batch None or a
+    positive int, and each named (vector, dims) float32 of shape dims ("BN": (B, N), "BM": (B, M), "B": (B,)) on
+    similarity's device; then RuntimeError when the kernels cannot read similarity (`fused_pass_supported`)."""
+    if similarity.dim() != 3 or similarity.shape[1] == 0 or similarity.shape[2] == 0:
+        raise ValueError(f"similarity must have shape (B, N, M) with N, M >= 1, got {tuple(similarity.shape)}")
+    if not epsilon > 0:
+        raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
+    if programs_per_batch is not None and (isinstance(programs_per_batch, bool)
+                                           or not isinstance(programs_per_batch, int) or programs_per_batch < 1):
+        raise ValueError(f"programs_per_batch must be a positive int or None, got {programs_per_batch!r}")
+    sizes = dict(zip("BNM", similarity.shape))
+    for name, (vector, dims) in vectors.items():
+        shape = tuple(sizes[dim] for dim in dims)
+        if vector.shape != shape or vector.dtype != torch.float32 or vector.device != similarity.device:
+            raise ValueError(f"{name} must be a float32 tensor of shape {shape} on {similarity.device} to match "
+                             f"similarity {tuple(similarity.shape)}, got {vector.dtype} {tuple(vector.shape)} on "
+                             f"{vector.device}")
+    reason = _unsupported_reason(similarity)
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None) -> tuple[int, int, int, int]:
+    """(P programs per batch element, rows per program, BLOCK_M, num_warps) for a pass over `similarity`.
+
+    P defaults to PROGRAMS_PER_SM programs per SM over the whole batch (rounded down), at most N. num_warps
+    keeps 16 lanes of a row per thread (each row-wide value is then 16 registers), between 4 and 32 warps.
+    """
+    batch, num_identity, num_pose = similarity.shape
+    if programs_per_batch is None:
+        if similarity.is_cuda:
+            sm_count = torch.cuda.get_device_properties(similarity.device).multi_processor_count
+            programs_per_batch = max(1, PROGRAMS_PER_SM * sm_count // batch)
+        else:
+            programs_per_batch = INTERPRETER_PROGRAMS
+    programs = min(programs_per_batch, num_identity)
+    block = triton.next_power_of_2(num_pose)
+    return programs, triton.cdiv(num_identity, programs), block, min(32, max(4, block // 512))
+
+
+def _on_device(similarity: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launches on similarity's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(similarity.device) if similarity.is_cuda else contextlib.nullcontext()
+
+
+def _merge_column_partials(partial: torch.Tensor, program_shift: torch.Tensor,
+                           column_shift: torch.Tensor) -> torch.Tensor:
+    """Column sums shifted by column_shift from the programs' partial sums, each shifted by its program's own.
+
+    A program without rows has shift -inf and partial sums 0, and adds 0.
+
+    Args:
+        partial: (B, P, M); program_shift: (B, P); column_shift: (B,), less than 80 below the largest
+            program shift (so that no factor overflows).
+    Returns:
+        (B, M).
+    """
+    return (partial * torch.exp(program_shift - column_shift.unsqueeze(1)).unsqueeze(2)).sum(1)  # (B, M)
+
+
+def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_shift: torch.Tensor, epsilon: float,
+                             similarity_bound: float, *, programs_per_batch: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A row pass with log b, the log a update, then the column pass with that log a, in one read of C.
+
+    With s = (C - 1) / epsilon and L = log 1e-8:
+    row_sum[n] = sum_m exp(s[n, m] + log_b[m] - row_shift), log_a[n] = -log N - logaddexp(row_shift +
+    log row_sum[n], L), column_shift = max_n log_a[n] + (similarity_bound - 1) / epsilon and
+    column_sum[m] = sum_n exp(s[n, m] + log_a[n] - column_shift), for each batch element. s is formed as
+    (C - 1) times the float32 reciprocal of epsilon, as torch's CUDA division by a Python number forms it.
+
+    Args:
+        similarity: C, float32 (B, N, M), contiguous, |C| <= similarity_bound up to rounding; see
+            `fused_pass_supported`.
+        log_b: float32 (B, M).
+        row_shift: float32 (B,), an upper bound of s + log b over each batch element (`_bounded_shift`).
+        epsilon: entropic temperature.
+        similarity_bound: the bound on |C| that places column_shift above every column logit.
+        programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
+    Returns:
+        row_sum: float32 (B, N).
+        log_a: float32 (B, N).
+        column_shift: float32 (B,).
+        column_sum: float32 (B, M).
+    """
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, log_b=(log_b, "BM"), row_shift=(row_shift, "B"))
+    batch, num_identity, num_pose = similarity.shape
+    programs, rows_per_program, block, num_warps = _launch_layout(similarity, programs_per_batch)
+    row_sum = similarity.new_empty(batch, num_identity)
+    log_a = similarity.new_empty(batch, num_identity)
+    partial = similarity.new_empty(batch, programs, num_pose)
+    program_shift = similarity.new_empty(batch, programs)
+    with _on_device(similarity):
+        _jitted(_row_column_forward_kernel)[(programs, batch)](
+            similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
+            num_identity, num_pose, rows_per_program, 1.0 / epsilon, math.log(num_identity), LOG_DIVISION_EPS,
+            BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
+    column_shift = program_shift.amax(1) + (similarity_bound - 1.0) / epsilon
+    return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
+
+
+def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor, column_shift: torch.Tensor,
+                              column_coefficient: torch.Tensor, row_shift: torch.Tensor, row_sum: torch.Tensor,
+                              log_b_prev: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dlog a_{t-1}, then the row coefficients and dlog b_{t-1} from it, in one read of C.
+
+    The reverse-mode passes of one Sinkhorn step pair (`_StoredSinkhornWarp`). With s = (C - 1) / epsilon
+    (formed as in `fused_row_column_forward`) and L = log 1e-8:
+    grad_log_a[n] = sum_m exp(s[n, m] + log_a_prev[n] - column_shift) column_coefficient[m],
+    row_coefficient[n] = -sigmoid(row_shift + log row_sum[n] - L) grad_log_a[n] / row_sum[n] and
+    grad_log_b[m] = sum_n exp(s[n, m] + log_b_prev[m] - row_shift) row_coefficient[n], for each batch element.
+
+    Args:
+        similarity: C, float32 (B, N, M), contiguous; see `fused_pass_supported`.
+        log_a_prev: float32 (B, N), the log a that the column pass of column_shift read.
+        column_shift: float32 (B,), that pass's shift.
+        column_coefficient: float32 (B, M).
+        row_shift: float32 (B,), the shift of the row pass that summed to row_sum.
+        row_sum: float32 (B, N), positive.
+        log_b_prev: float32 (B, M), the log b that row pass read.
+        epsilon: entropic temperature.
+        programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
+    Returns:
+        grad_log_a: float32 (B, N).
+        row_coefficient: float32 (B, N).
+        grad_log_b: float32 (B, M).
+    """
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, log_a_prev=(log_a_prev, "BN"),
+                           column_shift=(column_shift, "B"), column_coefficient=(column_coefficient, "BM"),
+                           row_shift=(row_shift, "B"), row_sum=(row_sum, "BN"), log_b_prev=(log_b_prev, "BM"))
+    batch, num_identity, num_pose = similarity.shape
+    programs, rows_per_program, block, num_warps = _launch_layout(similarity, programs_per_batch)
+    grad_log_a = similarity.new_empty(batch, num_identity)
+    row_coefficient = similarity.new_empty(batch, num_identity)
+    partial = similarity.new_empty(batch, programs, num_pose)
+    with _on_device(similarity):
+        _jitted(_row_column_backward_kernel)[(programs, batch)](
+            similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
+            row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
+            partial, num_identity, num_pose, rows_per_program, 1.0 / epsilon, LOG_DIVISION_EPS,
+            BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
+    return grad_log_a, row_coefficient, partial.sum(1)
+
+
+def fused_row_column_forward_naive(similarity: torch.Tensor, log_b: torch.Tensor, row_shift: torch.Tensor,
+                                   epsilon: float, similarity_bound: float
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_row_column_forward` in float64 on whole (B, N, M) tensors, for testing.
+
+    Args:
+        similarity: float (B, N, M); log_b: float (B, M); row_shift: float (B,).
+    Returns:
+        row_sum (B, N), log_a (B, N), column_shift (B,), column_sum (B, M), all float64.
+    """
+    log_kernel = (similarity.double() - 1.0) / epsilon  # (B, N, M)
+    row_shift = row_shift.double()
+    row_sum = torch.exp(log_kernel + log_b.double().unsqueeze(1) - row_shift.view(-1, 1, 1)).sum(2)  # (B, N)
+    log_a = log_marginal_update(row_shift.unsqueeze(1) + row_sum.log(), similarity.shape[1])
+    column_shift = log_a.amax(1) + (similarity_bound - 1.0) / epsilon
+    column_sum = torch.exp(log_kernel + log_a.unsqueeze(2) - column_shift.view(-1, 1, 1)).sum(1)  # (B, M)
+    return row_sum, log_a, column_shift, column_sum
+
+
+def fused_row_column_backward_naive(similarity: torch.Tensor, log_a_prev: torch.Tensor, column_shift: torch.Tensor,
+                                    column_coefficient: torch.Tensor, row_shift: torch.Tensor, row_sum: torch.Tensor,
+                                    log_b_prev: torch.Tensor, epsilon: float
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_row_column_backward` in float64 on whole (B, N, M) tensors, for testing.
+
+    Args:
+        similarity: float (B, N, M); log_a_prev, row_sum: float (B, N); column_coefficient, log_b_prev:
+            float (B, M); column_shift, row_shift: float (B,).
+    Returns:
+        grad_log_a (B, N), row_coefficient (B, N), grad_log_b (B, M), all float64.
+    """
+    log_kernel = (similarity.double() - 1.0) / epsilon  # (B, N, M)
+    column_weights = torch.exp(log_kernel + (log_a_prev.double() - column_shift.double().unsqueeze(1)).unsqueeze(2))
+    grad_log_a = (column_weights * column_coefficient.double().unsqueeze(1)).sum(2)  # (B, N)
+    row_shift, row_sum = row_shift.double(), row_sum.double()
+    row_coefficient = (-torch.sigmoid(row_shift.unsqueeze(1) + row_sum.log() - LOG_DIVISION_EPS) * grad_log_a
+                       / row_sum)
+    row_weights = torch.exp(log_kernel + (log_b_prev.double() - row_shift.unsqueeze(1)).unsqueeze(1))  # (B, N, M)
+    return grad_log_a, row_coefficient, (row_weights * row_coefficient.unsqueeze(2)).sum(1)

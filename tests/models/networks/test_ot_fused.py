@@ -1,0 +1,282 @@
+"""Tests for models/networks/ot/fused.py: the fused row/column Sinkhorn passes against their float64 references.
+
+The kernels run on the GPU when there is one, and otherwise in Triton's interpreter on CPU tensors (the root
+conftest.py sets TRITON_INTERPRET=1 before triton is imported); both need triton. Without it (CI) the kernel tests are
+skipped, and the references' math and the merge of per-program column sums are still tested.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from models.networks.ot import fused
+from models.networks.ot.common import LOG_DIVISION_EPS, log_marginal_update
+
+EPSILON = 0.03
+SIMILARITY_BOUND = 1.0
+# (B, N, M): a tiny case, B = 1 with N < M, B = 3 with N > M and with N < M, and N = M = 64; only 64 is a power of
+# two, so the other rows have masked lanes.
+SHAPES = [(1, 2, 3), (1, 33, 47), (3, 48, 20), (3, 20, 70), (2, 64, 64)]
+# The default, one program streaming every row (the running shift rises many times), several programs.
+PROGRAMS_PER_BATCH = [None, 1, 5]
+# Elementwise, against float64: sums relative, logs absolute (which is a's relative error).
+SUM_TOLERANCE = 1e-5
+LOG_TOLERANCE = 1e-5
+# The gradient sums mix signs, so their error is measured against the largest entry.
+GRADIENT_TOLERANCE = 1e-5
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_KERNELS_UNAVAILABLE = fused._unsupported_reason(torch.empty(1, 1, 1, device=KERNEL_DEVICE))
+requires_kernels = pytest.mark.skipif(_KERNELS_UNAVAILABLE is not None, reason=str(_KERNELS_UNAVAILABLE))
+
+
+def _cosine_similarity(batch: int, num_identity: int, num_pose: int, generator: torch.Generator) -> torch.Tensor:
+    """C = theta^T phi of random unit 4-channel features (few channels spread C over [-1, 1]): float64 (B, N, M)."""
+    theta = torch.nn.functional.normalize(torch.randn(batch, 4, num_identity, generator=generator,
+                                                      dtype=torch.float64), dim=1)
+    phi = torch.nn.functional.normalize(torch.randn(batch, 4, num_pose, generator=generator, dtype=torch.float64),
+                                        dim=1)
+    return theta.transpose(1, 2) @ phi  # (B, N, M)
+
+
+def _sinkhorn_state(batch: int, num_identity: int, num_pose: int, seed: int,
+                    steps: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """C (B, N, M) and log a (B, N), log b (B, M) after `steps` Sinkhorn step pairs from a = 1 / N, all float64."""
+    similarity = _cosine_similarity(batch, num_identity, num_pose, torch.Generator().manual_seed(seed))
+    log_kernel = (similarity - 1.0) / EPSILON  # (B, N, M)
+    log_a = similarity.new_full((batch, num_identity), -math.log(num_identity))
+    for _ in range(steps):
+        log_b = log_marginal_update(torch.logsumexp(log_kernel + log_a.unsqueeze(2), 1), num_pose)
+        log_a = log_marginal_update(torch.logsumexp(log_kernel + log_b.unsqueeze(1), 2), num_identity)
+    return similarity, log_a, log_b
+
+
+def _forward_inputs(batch: int, num_identity: int, num_pose: int, seed: int,
+                    similarity_bound: float = SIMILARITY_BOUND) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 similarity, log b and its bounded row shift (as stored.py's `_bounded_shift` forms it)."""
+    similarity, _, log_b = _sinkhorn_state(batch, num_identity, num_pose, seed)
+    log_b = log_b.float()
+    return similarity.float(), log_b, log_b.amax(1) + (similarity_bound - 1.0) / EPSILON
+
+
+def _backward_inputs(batch: int, num_identity: int, num_pose: int, seed: int) -> tuple:
+    """float32 arguments of `fused_row_column_backward` for the step pair that starts from a real log b.
+
+    The column coefficient is that of a random dL/dlog b_t, as `_stored_backward` forms it.
+    """
+    similarity, log_b_prev, row_shift = _forward_inputs(batch, num_identity, num_pose, seed)
+    row_sum, log_a, column_shift, column_sum = fused.fused_row_column_forward_naive(
+        similarity, log_b_prev, row_shift, EPSILON, SIMILARITY_BOUND)
+    grad_log_b = torch.randn(batch, num_pose, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    column_lse = column_shift.unsqueeze(1) + column_sum.log()
+    column_coefficient = -torch.sigmoid(column_lse - LOG_DIVISION_EPS) * grad_log_b / column_sum
+    return (similarity, log_a.float(), column_shift.float(), column_coefficient.float(), row_shift, row_sum.float(),
+            log_b_prev, EPSILON)
+
+
+def _to_kernel_device(tensors) -> list:
+    return [tensor.to(KERNEL_DEVICE) if isinstance(tensor, torch.Tensor) else tensor for tensor in tensors]
+
+
+def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> None:
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape, f"{name}: {actual.dtype} {actual.shape}"
+    torch.testing.assert_close(actual.double().cpu(), expected, rtol=rtol, atol=atol,
+                               msg=lambda text: f"{name}: {text}")
+
+
+def _assert_gradient_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    _assert_close(name, actual, expected, rtol=0, atol=GRADIENT_TOLERANCE * expected.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The references and the merge of program partials (no triton needed)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, similarity_bound", list(itertools.product(SHAPES, [1.0, 1.2])))
+def test_naive_forward_matches_log_sum_exp_definition(shape, similarity_bound):
+    similarity, _, log_b = _sinkhorn_state(*shape, seed=sum(shape))
+    row_shift = log_b.amax(1) + (similarity_bound - 1.0) / EPSILON
+    row_sum, log_a, column_shift, column_sum = fused.fused_row_column_forward_naive(
+        similarity, log_b, row_shift, EPSILON, similarity_bound)
+    log_kernel = (similarity - 1.0) / EPSILON  # (B, N, M)
+    row_lse = torch.logsumexp(log_kernel + log_b.unsqueeze(1), 2)  # (B, N)
+    expected_log_a = -math.log(shape[1]) - torch.logaddexp(row_lse, torch.full_like(row_lse, LOG_DIVISION_EPS))
+    column_lse = torch.logsumexp(log_kernel + expected_log_a.unsqueeze(2), 1)  # (B, M)
+    torch.testing.assert_close(row_shift.unsqueeze(1) + row_sum.log(), row_lse, rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_a, expected_log_a, rtol=0, atol=1e-12)
+    torch.testing.assert_close(column_shift, expected_log_a.amax(1) + (similarity_bound - 1.0) / EPSILON)
+    torch.testing.assert_close(column_shift.unsqueeze(1) + column_sum.log(), column_lse, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_naive_backward_is_the_vector_jacobian_product(shape):
+    """Through log b_{t-1} -> log a_{t-1} -> log b_t, autograd's gradients of <g, log b_t> in log a_{t-1} and
+    log b_{t-1} are grad_log_a and grad_log_b, given the column coefficient of g."""
+    batch, num_identity, num_pose = shape
+    similarity, _, log_b_prev = _sinkhorn_state(*shape, seed=sum(shape) + 1)
+    log_b_prev.requires_grad_()
+    row_shift = log_b_prev.detach().amax(1)
+    row_sum, log_a, column_shift, column_sum = fused.fused_row_column_forward_naive(
+        similarity, log_b_prev, row_shift, EPSILON, SIMILARITY_BOUND)
+    column_lse = column_shift.unsqueeze(1) + column_sum.log()
+    log_b = log_marginal_update(column_lse, num_pose)
+    grad_output = torch.randn(batch, num_pose, generator=torch.Generator().manual_seed(sum(shape)),
+                              dtype=torch.float64)
+    expected_grad_log_a, expected_grad_log_b = torch.autograd.grad((log_b * grad_output).sum(), [log_a, log_b_prev])
+    column_coefficient = -torch.sigmoid(column_lse - LOG_DIVISION_EPS) * grad_output / column_sum
+    grad_log_a, _, grad_log_b = fused.fused_row_column_backward_naive(
+        similarity, log_a.detach(), column_shift.detach(), column_coefficient.detach(), row_shift, row_sum.detach(),
+        log_b_prev.detach(), EPSILON)
+    torch.testing.assert_close(grad_log_a, expected_grad_log_a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_log_b, expected_grad_log_b, rtol=1e-10, atol=1e-12)
+
+
+def _program_partials(log_kernel: torch.Tensor, log_a: torch.Tensor,
+                      programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel's column partial sums (B, P, M) and program shifts (B, P), in float64: each program
+    streams its rows and shifts its sums by the largest log a so far, rescaling them when that rises."""
+    batch, num_identity, num_pose = log_kernel.shape
+    rows_per_program = math.ceil(num_identity / programs)
+    partial = log_kernel.new_zeros(batch, programs, num_pose)
+    program_shift = log_kernel.new_full((batch, programs), -math.inf)
+    for program in range(programs):
+        for row in range(program * rows_per_program, min((program + 1) * rows_per_program, num_identity)):
+            shift = torch.maximum(program_shift[:, program], log_a[:, row])  # (B,)
+            partial[:, program] = (partial[:, program] * torch.exp(program_shift[:, program] - shift).unsqueeze(1)
+                                   + torch.exp(log_kernel[:, row] + (log_a[:, row] - shift).unsqueeze(1)))
+            program_shift[:, program] = shift
+    return partial, program_shift
+
+
+@pytest.mark.parametrize("programs", [1, 4, 9])
+def test_program_partials_merge_to_the_column_sums(programs):
+    # N = 9 in rows of ceil(9 / 4) = 3 leaves the fourth of 4 programs without rows.
+    similarity, log_b, row_shift = (tensor.double() for tensor in _forward_inputs(2, 9, 13, seed=20))
+    _, log_a, column_shift, column_sum = fused.fused_row_column_forward_naive(
+        similarity, log_b, row_shift, EPSILON, SIMILARITY_BOUND)
+    partial, program_shift = _program_partials((similarity - 1.0) / EPSILON, log_a, programs)
+    merged = fused._merge_column_partials(partial, program_shift, column_shift)
+    assert torch.isfinite(merged).all()
+    torch.testing.assert_close(merged, column_sum, rtol=1e-12, atol=0)
+
+
+def test_fused_pass_supported_rejects_what_the_kernels_cannot_read():
+    similarity = torch.zeros(2, 3, 4, device=KERNEL_DEVICE)
+    assert not fused.fused_pass_supported(similarity.double())
+    assert not fused.fused_pass_supported(similarity.transpose(1, 2))
+    assert not fused.fused_pass_supported(similarity[0])
+    assert not fused.fused_pass_supported(torch.zeros(1, 1, fused.MAX_FUSED_POSE_VERTICES + 1, device=KERNEL_DEVICE))
+    assert fused.fused_pass_supported(similarity) == (_KERNELS_UNAVAILABLE is None)
+
+
+def test_invalid_inputs_raise():
+    similarity, log_b, row_shift = _forward_inputs(2, 5, 6, seed=21)
+    with pytest.raises(ValueError, match="similarity must have shape"):
+        fused.fused_row_column_forward(similarity[0], log_b, row_shift, EPSILON, SIMILARITY_BOUND)
+    with pytest.raises(ValueError, match=r"log_b must be a float32 tensor of shape \(2, 6\)"):
+        fused.fused_row_column_forward(similarity, log_b[:, :5], row_shift, EPSILON, SIMILARITY_BOUND)
+    with pytest.raises(ValueError, match="row_shift must be a float32 tensor"):
+        fused.fused_row_column_forward(similarity, log_b, row_shift.double(), EPSILON, SIMILARITY_BOUND)
+    with pytest.raises(ValueError, match="epsilon must be positive"):
+        fused.fused_row_column_forward(similarity, log_b, row_shift, 0.0, SIMILARITY_BOUND)
+    with pytest.raises(ValueError, match="programs_per_batch"):
+        fused.fused_row_column_forward(similarity, log_b, row_shift, EPSILON, SIMILARITY_BOUND, programs_per_batch=0)
+    backward_inputs = list(_backward_inputs(2, 5, 6, seed=22))
+    backward_inputs[5] = backward_inputs[5][:, :4]
+    with pytest.raises(ValueError, match=r"row_sum must be a float32 tensor of shape \(2, 5\)"):
+        fused.fused_row_column_backward(*backward_inputs)
+    non_contiguous = similarity.transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(RuntimeError, match="the fused Sinkhorn passes need"):
+        fused.fused_row_column_forward(non_contiguous, log_b, row_shift, EPSILON, SIMILARITY_BOUND)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernels (GPU, or Triton's interpreter on CPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _assert_forward_matches_naive(shape, programs_per_batch, seed: int,
+                                  similarity_bound: float = SIMILARITY_BOUND) -> None:
+    inputs = _forward_inputs(*shape, seed=seed, similarity_bound=similarity_bound)
+    expected = fused.fused_row_column_forward_naive(*inputs, EPSILON, similarity_bound)
+    actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), EPSILON, similarity_bound,
+                                            programs_per_batch=programs_per_batch)
+    for name, value, reference, rtol, atol in zip(
+            ("row_sum", "log_a", "column_shift", "column_sum"), actual, expected,
+            (SUM_TOLERANCE, 0, 0, SUM_TOLERANCE), (0, LOG_TOLERANCE, LOG_TOLERANCE, 0)):
+        _assert_close(name, value, reference, rtol, atol)
+
+
+def _assert_backward_matches_naive(shape, programs_per_batch, seed: int) -> None:
+    inputs = _backward_inputs(*shape, seed=seed)
+    expected = fused.fused_row_column_backward_naive(*inputs)
+    actual = fused.fused_row_column_backward(*_to_kernel_device(inputs), programs_per_batch=programs_per_batch)
+    for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual, expected):
+        _assert_gradient_close(name, value, reference)
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape, programs_per_batch", list(itertools.product(SHAPES, PROGRAMS_PER_BATCH)))
+def test_fused_forward_matches_naive(shape, programs_per_batch):
+    _assert_forward_matches_naive(shape, programs_per_batch, seed=100 * shape[0] + shape[1] + shape[2])
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape, programs_per_batch", list(itertools.product(SHAPES, PROGRAMS_PER_BATCH)))
+def test_fused_backward_matches_naive(shape, programs_per_batch):
+    _assert_backward_matches_naive(shape, programs_per_batch, seed=100 * shape[0] + shape[1] + shape[2] + 1)
+
+
+@requires_kernels
+def test_fused_passes_with_a_program_without_rows():
+    # N = 9 in rows of ceil(9 / 4) = 3: the fourth program of each batch element has none.
+    _assert_forward_matches_naive((2, 9, 13), programs_per_batch=4, seed=30)
+    _assert_backward_matches_naive((2, 9, 13), programs_per_batch=4, seed=31)
+
+
+@requires_kernels
+def test_fused_forward_applies_the_similarity_bound():
+    _assert_forward_matches_naive((2, 17, 23), None, seed=32, similarity_bound=1.2)
+
+
+@requires_kernels
+@pytest.mark.parametrize("num_pose", [6890, fused.MAX_FUSED_POSE_VERTICES])
+def test_fused_passes_on_wide_rows(num_pose):
+    # The SMPL vertex count (BLOCK_M = 8192, 16 warps) and the widest supported row (16384, 32 warps).
+    _assert_forward_matches_naive((1, 12, num_pose), None, seed=num_pose)
+    _assert_backward_matches_naive((1, 12, num_pose), None, seed=num_pose + 1)
+
+
+@requires_kernels
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, monkeypatch):
+    """sinkhorn_warp_stored with its row and column passes fused (as on a GPU) gives the warp and gradients of
+    the separate passes. The passes around the fused ones run eagerly here (compiled=False, so no torch.compile
+    on the CPU): `_fused_passes` is told to ignore `compiled`."""
+    from models.networks.ot import stored
+
+    generator = torch.Generator().manual_seed(40)
+    similarity = _cosine_similarity(2, 30, 26, generator).float().to(KERNEL_DEVICE)
+    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
+    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
+    chosen = []
+
+    def fused_unless_told_otherwise(use_fused):
+        def choose(similarity, compiled, bounded, blocks):
+            chosen.append(use_fused)
+            return use_fused and bounded and len(blocks) == 1 and fused.fused_pass_supported(similarity)
+        return choose
+
+    results = []
+    for use_fused in (True, False):
+        monkeypatch.setattr(stored, "_fused_passes", fused_unless_told_otherwise(use_fused))
+        inputs = [similarity.clone().requires_grad_(), points.clone().requires_grad_()]
+        warp = stored.sinkhorn_warp_stored(*inputs, iterations=iterations, similarity_bound=1.0)
+        warp.backward(upstream)
+        results.append([warp, *(tensor.grad for tensor in inputs)])
+    assert chosen == [True, True, False, False], "forward and backward each ask once"
+    for name, actual, expected in zip(("warp", "dL/dC", "dL/dpose_points"), *results):
+        error = ((actual - expected).norm() / expected.norm()).item()
+        assert error < 1e-5, f"{name} differs by {error:.3g} relative"
