@@ -280,3 +280,27 @@ def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, m
     for name, actual, expected in zip(("warp", "dL/dC", "dL/dpose_points"), *results):
         error = ((actual - expected).norm() / expected.norm()).item()
         assert error < 1e-5, f"{name} differs by {error:.3g} relative"
+
+
+@requires_kernels
+def test_fused_passes_keep_rows_and_columns_far_below_the_shift():
+    """An identity row and a pose column whose every cosine is -1: their terms lie 2 / epsilon (about 67) below the
+    shifts, where exp is about 1e-29, still a normal float32; the kernels must keep them as the references do."""
+    similarity, log_a, log_b = _sinkhorn_state(2, 11, 13, seed=50)
+    similarity[0, 0] = -1.0  # (N, M) row 0 of batch 0
+    similarity[1, :, 0] = -1.0  # column 0 of batch 1
+    log_b = log_b.float()
+    inputs = (similarity.float(), log_b, log_b.amax(1))
+    expected = fused.fused_row_column_forward_naive(*inputs, EPSILON, SIMILARITY_BOUND)
+    actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), EPSILON, SIMILARITY_BOUND)
+    for name, value, reference in zip(("row_sum", "log_a", "column_shift", "column_sum"), actual, expected):
+        assert (value.cpu() > -math.inf).all() and (name in ("log_a", "column_shift") or (value.cpu() > 0).all())
+        _assert_close(name, value, reference, *((SUM_TOLERANCE, 0) if "sum" in name else (0, LOG_TOLERANCE)))
+    backward_inputs = (inputs[0], expected[1].float(), expected[2].float(),
+                       torch.randn(2, 13, generator=torch.Generator().manual_seed(51)), inputs[2],
+                       expected[0].float(), log_b, EPSILON)
+    expected_gradients = fused.fused_row_column_backward_naive(*backward_inputs)
+    actual_gradients = fused.fused_row_column_backward(*_to_kernel_device(backward_inputs))
+    for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual_gradients,
+                                      expected_gradients):
+        _assert_gradient_close(name, value, reference)
