@@ -33,6 +33,7 @@ import torch
 
 from models.cuda_graphs import GraphedTransfer, TransferFunction
 from models.pose_transfer_model import PoseTransferModel
+from util.cli import run_main
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
 
@@ -339,6 +340,8 @@ def main() -> None:
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} needs a CUDA GPU and torch sees none; run with --device cpu")
     if args.profile:
         print(profile_training(args.profile, synthetic_batch(args.batch, args.vertices, device), device))
         return
@@ -346,6 +349,10 @@ def main() -> None:
         print(profile_inference(args.profile_inference, synthetic_batch(1, args.vertices, device), device))
         return
     if args.fused_passes:
+        from models.networks.ot import fused
+        reason = fused.unsupported_reason(torch.empty(1, 1, 1, device=device))
+        if reason is not None:
+            raise RuntimeError(reason)
         results = {size: bench_fused_passes(device, size, args.vertices, args.warmup, args.repeats)
                    for size in sorted({args.batch, 1}, reverse=True)}
         for size, row in results.items():
@@ -430,4 +437,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,6 +1,7 @@
 """util/bench.py on the CPU at toy size: the tables and JSON it writes, its profile tables and the fused-pass timing."""
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -65,3 +66,19 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
         assert row["separate_ms"] > 0 and all(times["forward_ms"] > 0 and times["backward_ms"] > 0
                                               for times in row["fused"].values())
     assert "fused, by programs per batch element: default" in capsys.readouterr().out
+
+
+def test_bench_says_in_one_line_what_the_machine_lacks():
+    """A GPU asked for where torch sees none, and the fused passes where they cannot run: one line each, status 2."""
+    import subprocess
+
+    cases = [["--device", "cuda"]] if not torch.cuda.is_available() else []
+    if not fused.fused_pass_supported(torch.empty(1, 1, 1)):  # on the CPU without triton's interpreter
+        cases.append(["--device", "cpu", "--fused_passes"])
+    if not cases:
+        pytest.skip("this machine has a GPU and the fused passes run on its CPU too")
+    for arguments in cases:
+        finished = subprocess.run([sys.executable, "-m", "util.bench", *arguments], capture_output=True, text=True,
+                                  timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
+        assert finished.returncode == 2 and finished.stderr.startswith("error: "), finished.stderr
+        assert len(finished.stderr.strip().splitlines()) == 1, finished.stderr

@@ -128,7 +128,7 @@ def _jitted(kernel: Callable) -> Callable:
     return triton.jit(kernel)
 
 
-def _unsupported_reason(similarity: torch.Tensor) -> str | None:
+def unsupported_reason(similarity: torch.Tensor) -> str | None:
     """Why the fused kernels cannot read `similarity`, in one sentence, or None when they can."""
     if triton is None:
         return "the fused Sinkhorn passes need triton, which is not installed"
@@ -151,7 +151,7 @@ def fused_pass_supported(similarity: torch.Tensor) -> bool:
     True when triton is installed and similarity is a contiguous float32 (B, N, M) CUDA tensor (or a CPU
     one while TRITON_INTERPRET=1 selects Triton's interpreter) with M <= MAX_FUSED_POSE_VERTICES.
     """
-    return _unsupported_reason(similarity) is None
+    return unsupported_reason(similarity) is None
 
 
 def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_per_batch: int | None,
@@ -173,7 +173,7 @@ def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_pe
             raise ValueError(f"{name} must be a float32 tensor of shape {shape} on {similarity.device} to match "
                              f"similarity {tuple(similarity.shape)}, got {vector.dtype} {tuple(vector.shape)} on "
                              f"{vector.device}")
-    reason = _unsupported_reason(similarity)
+    reason = unsupported_reason(similarity)
     if reason is not None:
         raise RuntimeError(reason)
 

@@ -29,7 +29,7 @@ LOG_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-5
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_KERNELS_UNAVAILABLE = fused._unsupported_reason(torch.empty(1, 1, 1, device=KERNEL_DEVICE))
+_KERNELS_UNAVAILABLE = fused.unsupported_reason(torch.empty(1, 1, 1, device=KERNEL_DEVICE))
 requires_kernels = pytest.mark.skipif(_KERNELS_UNAVAILABLE is not None, reason=str(_KERNELS_UNAVAILABLE))
 
 
