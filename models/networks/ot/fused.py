@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -34,8 +35,9 @@ try:
 except ImportError:  # CPU-only installs: `fused_pass_supported` then answers False
     triton = tl = None
 # Triton's interpreter is chosen when triton is imported (its library functions are compiled then), so whether it
-# runs CPU tensors is known from then on.
-_INTERPRETED = triton is not None and triton.knobs.runtime.interpret
+# runs CPU tensors is known from then on. Older triton releases have no `knobs` and read the variable themselves.
+_INTERPRETED = triton is not None and bool(
+    triton.knobs.runtime.interpret if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # The widest row a program holds in registers: with num_warps = BLOCK_M / 512 (at most 32) each thread keeps
 # 16 lanes of every row-wide value (the row, a per-column vector or two, the column sums).
