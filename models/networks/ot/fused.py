@@ -144,7 +144,23 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
     if similarity.shape[2] > MAX_FUSED_POSE_VERTICES:
         return (f"the fused Sinkhorn passes hold a whole row of C in registers, at most {MAX_FUSED_POSE_VERTICES} "
                 f"pose vertices, got M = {similarity.shape[2]}")
+    if similarity.is_cuda:
+        properties = torch.cuda.get_device_properties(similarity.device)
+        return shared_memory_shortfall(similarity.shape[2], getattr(properties, "shared_memory_per_block_optin", None),
+                                       properties.name)
     return None
+
+
+def shared_memory_shortfall(num_pose: int, available: int | None, device_name: str) -> str | None:
+    """Why a GPU with `available` bytes of shared memory per block (None: unknown, assumed enough) cannot run
+    the kernels for rows of num_pose, or None. The bound is PIPELINE_STAGES rows of BLOCK_M float32 lanes (64 KiB
+    at M = 6890, 128 KiB at 16,384), twice what the kernels used compiled for sm_90 (the next row's load in
+    flight): a GPU below it takes the separate passes rather than risk failing to launch."""
+    needed = PIPELINE_STAGES * 4 * (1 << max(num_pose - 1, 0).bit_length())
+    if available is None or needed <= available:
+        return None
+    return (f"the fused Sinkhorn passes need {needed // 1024} KiB of shared memory per block for rows of {num_pose} "
+            f"pose vertices, and the {device_name} has {available // 1024} KiB")
 
 
 def fused_pass_supported(similarity: torch.Tensor) -> bool:

@@ -304,3 +304,13 @@ def test_fused_passes_keep_rows_and_columns_far_below_the_shift():
     for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual_gradients,
                                       expected_gradients):
         _assert_gradient_close(name, value, reference)
+
+
+def test_shared_memory_shortfall_counts_the_pipelined_rows():
+    # PIPELINE_STAGES rows of next_power_of_2(M) float32 lanes: 2 x 8192 x 4 bytes = 64 KiB at M = 6890.
+    assert fused.PIPELINE_STAGES == 2
+    assert fused.shared_memory_shortfall(6890, 64 * 1024, "H100") is None
+    assert fused.shared_memory_shortfall(8192, None, "unknown GPU") is None
+    message = fused.shared_memory_shortfall(8193, 99 * 1024, "small GPU")
+    assert message == ("the fused Sinkhorn passes need 128 KiB of shared memory per block for rows of 8193 pose "
+                       "vertices, and the small GPU has 99 KiB")
