@@ -235,6 +235,7 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
     features: ms of each, for the default number of programs per batch element and a few others."""
     from models.networks.ot import fused, stored
+    from models.networks.ot.common import bounded_shift
 
     run = functools.partial(stored._run_pass, True)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -242,7 +243,7 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
                                                 dim=1) for _ in range(2))
     similarity = torch.bmm(theta.transpose(1, 2), phi)  # (B, N, M)
     log_b = -math.log(vertices) + 0.1 * torch.randn(batch, vertices, device=device, generator=generator)
-    shift = log_b.amax(1)
+    shift = bounded_shift(log_b, 1.0, stored.SINKHORN_EPSILON)  # cosine similarities: |C| <= 1
 
     def separate() -> None:
         maximum, total = run(stored._row_normaliser, similarity, log_b, stored.SINKHORN_EPSILON, shift)

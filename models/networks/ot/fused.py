@@ -11,7 +11,8 @@ torch epilogue adds the P partials in a fixed order, so results are deterministi
 - `fused_row_column_forward`: the row log-sum-exp of s + log b, the update log a, then the column log-sum-exp
   of s + log a (one forward Sinkhorn step pair of `_StoredSinkhornWarp`, s = log K = (C - 1) / epsilon).
 - `fused_row_column_backward`: the reverse-mode passes of the same pair, dlog a and then dlog b.
-Both take the bounded shifts of `_bounded_shift` (one number per batch element), which need no pass over C.
+Both take the bounded shifts of common.py's `bounded_shift` (one number per batch element), which need no
+pass over C.
 `fused_row_column_forward_naive` and `fused_row_column_backward_naive` are their float64 references.
 
 triton is imported only if it is installed (CPU-only installs have none). With TRITON_INTERPRET=1 set before
@@ -27,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from models.networks.ot.common import LOG_DIVISION_EPS, log_marginal_update
+from models.networks.ot.common import LOG_DIVISION_EPS, bounded_shift, log_marginal_update
 
 try:
     import triton
@@ -151,12 +152,17 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
     return None
 
 
+def _block_width(num_pose: int) -> int:
+    """BLOCK_M, the lanes a program holds a row of C in: the power of two at or above num_pose."""
+    return 1 << max(num_pose - 1, 0).bit_length()
+
+
 def shared_memory_shortfall(num_pose: int, available: int | None, device_name: str) -> str | None:
     """Why a GPU with `available` bytes of shared memory per block (None: unknown, assumed enough) cannot run
     the kernels for rows of num_pose, or None. The bound is PIPELINE_STAGES rows of BLOCK_M float32 lanes (64 KiB
     at M = 6890, 128 KiB at 16,384), twice what the kernels used compiled for sm_90 (the next row's load in
     flight): a GPU below it takes the separate passes rather than risk failing to launch."""
-    needed = PIPELINE_STAGES * 4 * (1 << max(num_pose - 1, 0).bit_length())
+    needed = PIPELINE_STAGES * 4 * _block_width(num_pose)
     if available is None or needed <= available:
         return None
     return (f"the fused Sinkhorn passes need {needed // 1024} KiB of shared memory per block for rows of {num_pose} "
@@ -210,7 +216,7 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None) -> 
         else:
             programs_per_batch = INTERPRETER_PROGRAMS
     programs = min(programs_per_batch, num_identity)
-    block = triton.next_power_of_2(num_pose)
+    block = _block_width(num_pose)
     return programs, triton.cdiv(num_identity, programs), block, min(32, max(4, block // 512))
 
 
@@ -249,7 +255,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         similarity: C, float32 (B, N, M), contiguous, |C| <= similarity_bound up to rounding; see
             `fused_pass_supported`.
         log_b: float32 (B, M).
-        row_shift: float32 (B,), an upper bound of s + log b over each batch element (`_bounded_shift`).
+        row_shift: float32 (B,), an upper bound of s + log b over each batch element (`bounded_shift`).
         epsilon: entropic temperature.
         similarity_bound: the bound on |C| that places column_shift above every column logit.
         programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
@@ -271,7 +277,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, rows_per_program, 1.0 / epsilon, math.log(num_identity), LOG_DIVISION_EPS,
             BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
-    column_shift = program_shift.amax(1) + (similarity_bound - 1.0) / epsilon
+    column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
 
@@ -333,7 +339,7 @@ def fused_row_column_forward_naive(similarity: torch.Tensor, log_b: torch.Tensor
     row_shift = row_shift.double()
     row_sum = torch.exp(log_kernel + log_b.double().unsqueeze(1) - row_shift.view(-1, 1, 1)).sum(2)  # (B, N)
     log_a = log_marginal_update(row_shift.unsqueeze(1) + row_sum.log(), similarity.shape[1])
-    column_shift = log_a.amax(1) + (similarity_bound - 1.0) / epsilon
+    column_shift = bounded_shift(log_a, similarity_bound, epsilon)
     column_sum = torch.exp(log_kernel + log_a.unsqueeze(2) - column_shift.view(-1, 1, 1)).sum(1)  # (B, M)
     return row_sum, log_a, column_shift, column_sum
 

@@ -13,11 +13,11 @@ from torch.autograd.function import once_differentiable
 
 from models.networks.layers import half_copies, half_product_gradients, product
 from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
-                                       log_marginal_update, row_blocks, validate_chunk_size,
+                                       bounded_shift, log_marginal_update, row_blocks, validate_chunk_size,
                                        validate_feature_inputs, validate_similarity_inputs, working_dtype)
 from models.networks.ot.fused import fused_pass_supported, fused_row_column_backward, fused_row_column_forward
 
-# The widest range of log K a bounded shift may span (`_bounded_shift`): exp(-80) is 1.8e-35, well above
+# The widest range of log K a bounded shift may span (`bounded_shift`): exp(-80) is 1.8e-35, well above
 # float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
 MAX_LOG_KERNEL_RANGE = 80.0
 
@@ -70,7 +70,7 @@ def _softmax_parts(logits: torch.Tensor, dim: int,
     exp(logits - shift) / sum exactly as the forward formed it, so the recomputed softmax weights still
     sum to 1 to rounding. Recomputing them as exp(logits - logsumexp) instead would carry the rounding of
     logsumexp, which the float32 ulp at |logsumexp| ~ 20 makes about 1e-6 relative, into every weight.
-    A given `shift` (B,), a bound from `_bounded_shift`, spares the pass over C that finds the maximum.
+    A given `shift` (B,), a bound from `bounded_shift`, spares the pass over C that finds the maximum.
     """
     if shift is None:
         maximum = logits.amax(dim, keepdim=True)
@@ -80,20 +80,6 @@ def _softmax_parts(logits: torch.Tensor, dim: int,
         maximum = shift.view(-1, 1, 1).expand(shape)
     weights = torch.exp(logits - maximum)
     return maximum.squeeze(dim), weights, weights.sum(dim)
-
-
-def _bounded_shift(log_weights: torch.Tensor, similarity_bound: float | None, epsilon: float) -> torch.Tensor | None:
-    """An upper bound (B,) of log K[n, m] + log_weights over a whole row or column, or None without a bound.
-
-    With |C| <= similarity_bound, log K = (C - 1) / epsilon lies in [(-bound - 1) / epsilon,
-    (bound - 1) / epsilon], so max(log_weights) + (bound - 1) / epsilon bounds every logit of a row (or
-    column), and the largest of them lies at most 2 * bound / epsilon below it (about 67 for cosine
-    similarities at epsilon 0.03, checked below 80 by `sinkhorn_warp_stored`): shifted by this bound, every
-    weight is at most 1 and each row's largest at least exp(-80), far above float32's smallest normal number.
-    """
-    if similarity_bound is None:
-        return None
-    return log_weights.amax(1) + (similarity_bound - 1.0) / epsilon
 
 
 def _column_logits(similarity: torch.Tensor, log_a: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -217,7 +203,7 @@ def _bounded_gradient_factors(log_b: torch.Tensor, plan_max: torch.Tensor, row_w
                               column_weights: torch.Tensor, column_terms: list[tuple[torch.Tensor, ...]],
                               row_terms: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
     """U (B, N, R) and V (B, M, R), R = 4 + 2T - 1, with dL/ds = exp(s) U V^T: `_similarity_gradient`'s terms
-    factored, for shifts that are the same over a whole row or column (`_bounded_shift`).
+    factored, for shifts that are the same over a whole row or column (`bounded_shift`).
 
     Each factor exp(log a[n] - shift) or exp(log b[m] - shift) lies in (0, 1], since the shift bounds the
     vector's maximum; the coefficients are those `_similarity_gradient` multiplies by.
@@ -293,11 +279,11 @@ def _marginal_step(maximum: torch.Tensor, total: torch.Tensor, similarity_bound:
     Args:
         maximum, total: (B, K), K = N for a row log-sum-exp v (giving log a), M for a column one u (log b).
     Returns:
-        log(1 / K / (exp(lse) + 1e-8)) (B, K), and its `_bounded_shift` (B,) (None without a bound).
+        log(1 / K / (exp(lse) + 1e-8)) (B, K), and its `bounded_shift` (B,) (None without a bound).
     Compiled, the few small kernels between two passes become one or two.
     """
     log_vector = log_marginal_update(_log_sum(maximum, total), total.shape[1])
-    return log_vector, _bounded_shift(log_vector, similarity_bound, epsilon)
+    return log_vector, bounded_shift(log_vector, similarity_bound, epsilon)
 
 
 def _lse_coefficient(maximum: torch.Tensor, total: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -312,7 +298,7 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
                     similarity_bound: float | None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """warp_out and the vectors backward needs, one read pass over C per Sinkhorn half-step.
 
-    Each log-sum-exp is shifted by its maximum, or with `similarity_bound` by `_bounded_shift`, which
+    Each log-sum-exp is shifted by its maximum, or with `similarity_bound` by `bounded_shift`, which
     the pass then need not find: one reduction over C instead of two.
 
     Returns warp (B, N, 3) and the lists [log a_0..a_{T-1} (B, N); log b_0..b_T (B, M); (maximum, sum) of
@@ -326,7 +312,7 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     column_max, column_sum, row_max, row_sum = [], [], [], []
     fused = _fused_passes(similarity, compiled, similarity_bound is not None, blocks)
     # One shift for every block (a bound over all rows), so the blocks' sums merge as they are.
-    shift = _bounded_shift(log_a[0], similarity_bound, epsilon)
+    shift = bounded_shift(log_a[0], similarity_bound, epsilon)
     for step in range(iterations):
         if step and fused:  # v_t's row pass and u_{t+1}'s column pass in one read of C
             total, next_log_a, column_shift, column_total = fused_row_column_forward(
@@ -352,7 +338,7 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
         next_log_b, shift = run(_marginal_step, column_max[-1], column_sum[-1], similarity_bound, epsilon)
         log_b.append(next_log_b)
     if not iterations:  # the final softmax reads log b_0
-        shift = _bounded_shift(log_b[0], similarity_bound, epsilon)
+        shift = bounded_shift(log_b[0], similarity_bound, epsilon)
     pose_major_points = _pose_major(pose_points)
     warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
         _plan_warp, similarity[:, rows], log_b[-1], pose_major_points, epsilon, shift), _concatenate_rows)
@@ -463,7 +449,7 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
                      gradient_dtype: torch.dtype, padding: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients (similarity, pose_points) of <grad_warp, warp_out>; see `_StoredSinkhornWarp`.
 
-    `bounded`: the forward shifted by `_bounded_shift`, so dL/dC comes from `_bounded_similarity_gradient`.
+    `bounded`: the forward shifted by `bounded_shift`, so dL/dC comes from `_bounded_similarity_gradient`.
     dL/dC comes in gradient_dtype with `padding` zero columns (`_gradient_layout`).
     """
     log_a, log_b, column_max, column_sum, row_max, row_sum, (plan_max, plan_sum) = vectors
@@ -550,7 +536,7 @@ def sinkhorn_warp_stored(similarity: torch.Tensor, pose_points: torch.Tensor, ep
         compiled: run each pass as a torch.compile'd kernel (compiled once per pass, shape and dtype).
         similarity_bound: a bound on |C| that the caller guarantees, up to rounding (1 for cosine
             similarities), at most 40 * epsilon: each forward pass then shifts its log-sum-exp by a bound
-            from its vector instead of first finding the maximum over C (`_bounded_shift`). None: maxima.
+            from its vector instead of first finding the maximum over C (`bounded_shift`). None: maxima.
     Returns:
         warp_out: float32 or wider (B, N, 3), each row a convex combination of pose points.
     """

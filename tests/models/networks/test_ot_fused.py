@@ -56,7 +56,7 @@ def _sinkhorn_state(batch: int, num_identity: int, num_pose: int, seed: int,
 
 def _forward_inputs(batch: int, num_identity: int, num_pose: int, seed: int,
                     similarity_bound: float = SIMILARITY_BOUND) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 similarity, log b and its bounded row shift (as stored.py's `_bounded_shift` forms it)."""
+    """float32 similarity, log b and its bounded row shift (as common.py's `bounded_shift` forms it)."""
     similarity, _, log_b = _sinkhorn_state(batch, num_identity, num_pose, seed)
     log_b = log_b.float()
     return similarity.float(), log_b, log_b.amax(1) + (similarity_bound - 1.0) / EPSILON
