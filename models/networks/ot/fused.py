@@ -56,7 +56,8 @@ PIPELINE_STAGES = 2
 
 
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
-                               program_shift_ptr, num_identity, num_pose, rows_per_program, inverse_epsilon,
+                               program_shift_ptr, num_identity, num_pose, batch_stride, row_stride,
+                               rows_per_program, inverse_epsilon,
                                log_num_identity, log_division_eps, BLOCK_M: tl.constexpr,
                                NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_forward`.
@@ -73,10 +74,12 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     row_offset = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
     column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     program_shift = tl.full([], float("-inf"), tl.float32)
+    batch_offset = batch.to(tl.int64) * batch_stride
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        similarity_row = tl.load(similarity_ptr + index.to(tl.int64) * num_pose + columns, mask=in_row, other=0.0)
+        similarity_row = tl.load(similarity_ptr + batch_offset + tl.cast(row, tl.int64) * row_stride + columns,
+                                 mask=in_row, other=0.0)
         log_kernel = (similarity_row - 1.0) * inverse_epsilon
         row_sum = tl.sum(tl.exp(log_kernel + row_offset), axis=0)
         row_lse = row_shift + tl.log(row_sum)
@@ -96,8 +99,8 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
 
 def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr, column_coefficient_ptr,
                                 row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
-                                partial_ptr, num_identity, num_pose, rows_per_program, inverse_epsilon,
-                                log_division_eps, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+                                partial_ptr, num_identity, num_pose, batch_stride, row_stride, rows_per_program,
+                                inverse_epsilon, log_division_eps, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
     program = tl.program_id(0)
     batch = tl.program_id(1)
@@ -109,10 +112,12 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     column_coefficient = tl.load(column_coefficient_ptr + batch * num_pose + columns, mask=in_row, other=0.0)
     column_offset = tl.load(log_b_prev_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
     grad_log_b = tl.zeros([BLOCK_M], dtype=tl.float32)
+    batch_offset = batch.to(tl.int64) * batch_stride
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        similarity_row = tl.load(similarity_ptr + index.to(tl.int64) * num_pose + columns, mask=in_row, other=0.0)
+        similarity_row = tl.load(similarity_ptr + batch_offset + tl.cast(row, tl.int64) * row_stride + columns,
+                                 mask=in_row, other=0.0)
         log_kernel = (similarity_row - 1.0) * inverse_epsilon
         row_offset = tl.load(log_a_prev_ptr + index) - column_shift
         grad_log_a = tl.sum(tl.exp(log_kernel + row_offset) * column_coefficient, axis=0)
@@ -135,9 +140,10 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
     """Why the fused kernels cannot read `similarity`, in one sentence, or None when they can."""
     if triton is None:
         return "the fused Sinkhorn passes need triton, which is not installed"
-    if similarity.dtype != torch.float32 or similarity.dim() != 3 or not similarity.is_contiguous():
-        return (f"the fused Sinkhorn passes need a contiguous float32 (B, N, M) similarity, got a "
-                f"{'' if similarity.is_contiguous() else 'non-contiguous '}{similarity.dtype} tensor of shape "
+    rows_contiguous = similarity.dim() == 3 and similarity.stride(2) == 1
+    if similarity.dtype != torch.float32 or not rows_contiguous:
+        return (f"the fused Sinkhorn passes need a float32 (B, N, M) similarity with contiguous rows, got a "
+                f"{'' if rows_contiguous else 'non-contiguous '}{similarity.dtype} tensor of shape "
                 f"{tuple(similarity.shape)}")
     if not (similarity.is_cuda or (similarity.device.type == "cpu" and _INTERPRETED)):
         return (f"the fused Sinkhorn passes run on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set "
@@ -172,7 +178,7 @@ def shared_memory_shortfall(num_pose: int, available: int | None, device_name: s
 def fused_pass_supported(similarity: torch.Tensor) -> bool:
     """Whether `fused_row_column_forward` and `fused_row_column_backward` can read `similarity`.
 
-    True when triton is installed and similarity is a contiguous float32 (B, N, M) CUDA tensor (or a CPU
+    True when triton is installed and similarity is a float32 (B, N, M) CUDA tensor with contiguous rows (or a CPU
     one while TRITON_INTERPRET=1 selects Triton's interpreter) with M <= MAX_FUSED_POSE_VERTICES.
     """
     return unsupported_reason(similarity) is None
@@ -252,7 +258,8 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     (C - 1) times the float32 reciprocal of epsilon, as torch's CUDA division by a Python number forms it.
 
     Args:
-        similarity: C, float32 (B, N, M), contiguous, |C| <= similarity_bound up to rounding; see
+        similarity: C, float32 (B, N, M), rows contiguous (any row and batch strides, such as a view of
+            padded rows), |C| <= similarity_bound up to rounding; see
             `fused_pass_supported`.
         log_b: float32 (B, M).
         row_shift: float32 (B,), an upper bound of s + log b over each batch element (`bounded_shift`).
@@ -275,8 +282,8 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     with _on_device(similarity):
         _jitted(_row_column_forward_kernel)[(programs, batch)](
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
-            num_identity, num_pose, rows_per_program, 1.0 / epsilon, math.log(num_identity), LOG_DIVISION_EPS,
-            BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
+            num_identity, num_pose, similarity.stride(0), similarity.stride(1), rows_per_program, 1.0 / epsilon,
+            math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
     column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
@@ -294,7 +301,7 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
     grad_log_b[m] = sum_n exp(s[n, m] + log_b_prev[m] - row_shift) row_coefficient[n], for each batch element.
 
     Args:
-        similarity: C, float32 (B, N, M), contiguous; see `fused_pass_supported`.
+        similarity: C, float32 (B, N, M), rows contiguous; see `fused_pass_supported`.
         log_a_prev: float32 (B, N), the log a that the column pass of column_shift read.
         column_shift: float32 (B,), that pass's shift.
         column_coefficient: float32 (B, M).
@@ -320,8 +327,8 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
         _jitted(_row_column_backward_kernel)[(programs, batch)](
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
-            partial, num_identity, num_pose, rows_per_program, 1.0 / epsilon, LOG_DIVISION_EPS,
-            BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
+            partial, num_identity, num_pose, similarity.stride(0), similarity.stride(1), rows_per_program,
+            1.0 / epsilon, LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
 
 

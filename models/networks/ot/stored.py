@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from models.networks.layers import half_copies, half_product_gradients, product
+from models.networks.layers import (float_product_of_halves, half_copies, half_product_gradients, product,
+                                    split_operands)
 from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
                                        bounded_shift, log_marginal_update, row_blocks, validate_chunk_size,
                                        validate_feature_inputs, validate_similarity_inputs, working_dtype)
@@ -379,8 +380,20 @@ class _StoredSinkhornWarp(torch.autograd.Function):
         return grad_similarity, grad_points, None, None, None, None, None
 
 
+def _similarity(theta_rows: torch.Tensor, pose_phi: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """C = theta^T phi in float32 accuracy: (B, N, C), (B, C, M) -> (B, N, M).
+
+    On a GPU, `models.networks.layers.split_product`'s one fp16 product (its operands formed by a compiled pass
+    when `compiled`), whose rows are padded to an aligned length (C is a view of them); on a CPU, float32's.
+    """
+    if not theta_rows.is_cuda:
+        return product(theta_rows, pose_phi)
+    left, right = _run_pass(compiled, split_operands, theta_rows, pose_phi)
+    return float_product_of_halves(left, right)[..., :pose_phi.shape[2]]
+
+
 class _StoredSimilarityWarp(torch.autograd.Function):
-    """`_StoredSinkhornWarp` of C = theta^T phi, formed here in float32, with C's backward products in half
+    """`_StoredSinkhornWarp` of C = theta^T phi, formed here (`_similarity`), with C's backward products in half
     precision: the gradient pass writes dL/dC once, already half and padded for those products, where a
     separate product would take a float32 dL/dC (twice the bytes) and convert it in a pass of its own."""
 
@@ -389,7 +402,7 @@ class _StoredSimilarityWarp(torch.autograd.Function):
                 similarity_bound):
         theta_rows = identity_theta.transpose(1, 2)  # (B, N, C)
         with torch.autocast(identity_theta.device.type, enabled=False):
-            similarity = product(theta_rows, pose_phi)  # (B, N, M)
+            similarity = _similarity(theta_rows, pose_phi, compiled)  # (B, N, M)
         theta_half, phi_half = half_copies(theta_rows, pose_phi, half_dtype)  # (B, N, C), (B, C, M')
         warp = _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
                                similarity_bound, theta_half, phi_half)
@@ -552,9 +565,10 @@ def similarity_warp_stored(identity_theta: torch.Tensor, pose_phi: torch.Tensor,
                            half_dtype: torch.dtype, epsilon: float = SINKHORN_EPSILON,
                            iterations: int = SINKHORN_ITERATIONS, chunk_size: int | None = None,
                            compiled: bool = False, similarity_bound: float | None = None) -> torch.Tensor:
-    """`sinkhorn_warp_stored(theta^T phi, pose_points, ...)` with C formed inside in float32 and its two
-    backward products in half precision, as `models.networks.layers.mixed_product` computes them, but with
-    dL/dC written once in half precision (`_StoredSimilarityWarp`): the same values, less memory and time.
+    """`sinkhorn_warp_stored(theta^T phi, pose_points, ...)` with C formed inside in float32 accuracy (on a GPU
+    from fp16 pieces, `models.networks.layers.split_product`) and its two backward products in half precision,
+    as `models.networks.layers.mixed_product` computes them, but with dL/dC written once in half precision
+    (`_StoredSimilarityWarp`): less memory and time.
 
     Args:
         identity_theta: float32 (B, C, N); pose_phi: float32 (B, C, M); pose_points: float (B, M, 3).

@@ -162,3 +162,89 @@ def test_product_adds_the_bias_after_the_product_when_compiling(monkeypatch, dty
     out = product(a, b, c)
     assert not calls and out.dtype == dtype and out.shape == expected.shape
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return (torch.linalg.norm(value.double() - reference) / torch.linalg.norm(reference)).item()
+
+
+def _pieces(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return layers._half_pieces(x)
+
+
+@pytest.mark.parametrize("pieces", [_pieces, torch.compile(_pieces)], ids=["eager", "compiled"])
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 300.0])
+def test_half_pieces_hold_a_float32_to_21_bits(scale, pieces):
+    """Compiled too: Inductor keeps a float16 round trip in float32 inside a kernel, so a split that relied on
+    one would have lo = 0 there."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(8)) * scale
+    hi, lo = pieces(x)
+    assert hi.dtype == lo.dtype == torch.float16
+    error = (hi.double() + lo.double() - x.double()).abs()
+    # lo's rounding, 2^-11 of |lo| < 2^-10 |x|, and below float16's normal range half its smallest subnormal
+    # for hi and for lo.
+    assert (error <= 2.0 ** -21 * x.abs().double() + 2.0 ** -24).all()
+    assert (hi.double() - x.double()).abs().max() > 10 * error.max()  # lo carries what hi lost
+
+
+def test_split_operands_sum_the_three_piece_products_on_padded_columns():
+    generator = torch.Generator().manual_seed(9)
+    a, b = torch.randn(2, 5, 4, generator=generator), torch.randn(2, 4, 11, generator=generator)
+    left, right = layers.split_operands(a, b)
+    assert left.shape == (2, 5, 12) and right.shape == (2, 12, 16) and left.dtype == right.dtype == torch.float16
+    a_hi, a_lo = layers._half_pieces(a)
+    b_hi, b_lo = layers._half_pieces(b)
+    assert torch.equal(left, torch.cat([a_hi, a_hi, a_lo], dim=2))
+    assert torch.equal(right[..., :11], torch.cat([b_hi, b_lo, b_hi], dim=1)) and not right[..., 11:].any()
+    expected = a_hi.double() @ b_hi.double() + a_hi.double() @ b_lo.double() + a_lo.double() @ b_hi.double()
+    torch.testing.assert_close(left.double() @ right[..., :11].double(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_product_is_as_accurate_as_float32_at_the_similarity_shape(bias):
+    """C = theta^T phi of unit 256-channel features, as the correspondence network forms it (on the CPU the fp16
+    pieces' products are summed in float32, as the tensor cores sum them)."""
+    generator = torch.Generator().manual_seed(10)
+    theta = F.normalize(torch.randn(2, 256, 300, generator=generator), dim=1)
+    phi = F.normalize(torch.randn(2, 256, 203, generator=generator), dim=1)
+    c = torch.randn(300, 1, generator=generator) if bias else None
+    a = theta.transpose(1, 2)
+    out = layers.split_product(a, phi, c)
+    exact = a.double() @ phi.double() + (0 if c is None else c.double())
+    assert out.dtype == torch.float32 and out.shape == (2, 300, 203)
+    assert out.stride(1) == (203 if bias else 208)  # without a bias, a view of the padded product
+    half = a.half().double() @ phi.half().double() + (0 if c is None else c.double())
+    assert _relative_error(out, exact) < 3e-6
+    assert _relative_error(out, exact) < _relative_error(half, exact) / 50  # one fp16 product: ~3e-4
+
+
+def test_mixed_product_forward_splits_only_when_compiled_on_a_gpu(monkeypatch):
+    """On a CPU mixed_product's forward is float32's product even when compiling (the split pays only on tensor
+    cores); the GPU side is the CUDA test below."""
+    calls = []
+    monkeypatch.setattr(layers, "split_product", lambda *args: calls.append(args))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    a, b, _ = _product_case(12, bias=False)
+    out = mixed_product(a, b, torch.float16)
+    assert not calls and torch.equal(out, a.detach() @ b.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_split_product_on_a_gpu_is_as_accurate_as_float32():
+    generator = torch.Generator(device="cuda").manual_seed(13)
+    theta = F.normalize(torch.randn(2, 256, 6890, device="cuda", generator=generator), dim=1)
+    phi = F.normalize(torch.randn(2, 256, 6890, device="cuda", generator=generator), dim=1)
+    a = theta.transpose(1, 2)
+    exact = a.double() @ phi.double()
+    out = layers.split_product(a, phi)
+    assert out.shape == (2, 6890, 6890) and out.stride(1) == 6896
+    assert _relative_error(out, exact) < 3e-6
+    compiled_product = torch.compile(lambda x, y: mixed_product(x, y, torch.float16))
+    with torch.no_grad():
+        assert _relative_error(compiled_product(a, phi), exact) < 3e-6
+    weight = torch.randn(2, 256, 256, device="cuda", generator=generator, requires_grad=True)
+    x = torch.randn(2, 256, 6890, device="cuda", generator=generator, requires_grad=True)
+    out = compiled_product(weight, x)  # the autograd Function traced: split forward, half backward
+    assert _relative_error(out, weight.double() @ x.double()) < 3e-6
+    out.sum().backward()
+    assert torch.isfinite(weight.grad).all() and torch.isfinite(x.grad).all()

@@ -435,6 +435,32 @@ def test_similarity_warp_saves_half_copies_and_similarity_only():
     assert theta.grad.dtype == torch.float32 and phi.grad is None and torch.isfinite(theta.grad).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("num_pose", [203, 6890])
+def test_similarity_warp_on_a_gpu_forms_c_from_fp16_pieces_to_float32_accuracy(num_pose):
+    """On a GPU C comes from split_product (fp16 pieces, padded rows): the warp and its gradients match the
+    warp of C formed in float64 and rounded to float32, as closely as two float32 computations agree."""
+    theta, phi, points = (tensor.cuda() for tensor in _random_problem(2, 300, num_pose, torch.float32, seed=22,
+                                                                        channels=256))
+    upstream = torch.randn(2, 300, 3, device="cuda", generator=torch.Generator(device="cuda").manual_seed(23))
+    options = dict(compiled=True, similarity_bound=1.0)
+    results = []
+    for split in (True, False):
+        inputs = [tensor.clone().requires_grad_() for tensor in (theta, phi, points)]
+        if split:
+            warp = similarity_warp_stored(*inputs, torch.float16, **options)
+        else:
+            exact = (inputs[0].double().transpose(1, 2) @ inputs[1].double()).float()
+            warp = sinkhorn_warp_stored(exact, inputs[2], **options)
+        warp.backward(upstream)
+        results.append([warp, *(tensor.grad for tensor in inputs)])
+    (warp, *grads), (expected, *expected_grads) = results
+    torch.testing.assert_close(warp, expected, rtol=1e-5, atol=1e-5)
+    for grad, reference in zip(grads, expected_grads):  # C's products run in fp16 on one side only
+        assert torch.isfinite(grad).all()
+        assert (torch.linalg.norm(grad - reference) / torch.linalg.norm(reference)).item() < 1e-2
+
+
 def test_similarity_warp_checks_its_inputs():
     theta, phi, points = _random_problem(1, 6, 5, torch.float32, seed=21)
     with pytest.raises(ValueError, match="float32 features"):

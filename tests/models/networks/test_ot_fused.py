@@ -197,10 +197,20 @@ def test_invalid_inputs_raise():
 # The kernels (GPU, or Triton's interpreter on CPU)
 # ---------------------------------------------------------------------------------------------------------------
 
+def _padded_rows(similarity: torch.Tensor, extra: int) -> torch.Tensor:
+    """similarity as a view of rows `extra` lanes longer, the lanes past M NaN (a kernel that read them would
+    show it), as `split_product` forms C on a GPU."""
+    if not extra:
+        return similarity
+    filler = similarity.new_full((*similarity.shape[:2], extra), float("nan"))
+    return torch.cat([similarity, filler], dim=2)[..., :similarity.shape[2]]
+
+
 def _assert_forward_matches_naive(shape, programs_per_batch, seed: int,
-                                  similarity_bound: float = SIMILARITY_BOUND) -> None:
+                                  similarity_bound: float = SIMILARITY_BOUND, row_padding: int = 0) -> None:
     inputs = _forward_inputs(*shape, seed=seed, similarity_bound=similarity_bound)
     expected = fused.fused_row_column_forward_naive(*inputs, EPSILON, similarity_bound)
+    inputs = (_padded_rows(inputs[0], row_padding), *inputs[1:])
     actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), EPSILON, similarity_bound,
                                             programs_per_batch=programs_per_batch)
     for name, value, reference, rtol, atol in zip(
@@ -209,9 +219,10 @@ def _assert_forward_matches_naive(shape, programs_per_batch, seed: int,
         _assert_close(name, value, reference, rtol, atol)
 
 
-def _assert_backward_matches_naive(shape, programs_per_batch, seed: int) -> None:
+def _assert_backward_matches_naive(shape, programs_per_batch, seed: int, row_padding: int = 0) -> None:
     inputs = _backward_inputs(*shape, seed=seed)
     expected = fused.fused_row_column_backward_naive(*inputs)
+    inputs = (_padded_rows(inputs[0], row_padding), *inputs[1:])
     actual = fused.fused_row_column_backward(*_to_kernel_device(inputs), programs_per_batch=programs_per_batch)
     for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual, expected):
         _assert_gradient_close(name, value, reference)
@@ -234,6 +245,14 @@ def test_fused_passes_with_a_program_without_rows():
     # N = 9 in rows of ceil(9 / 4) = 3: the fourth program of each batch element has none.
     _assert_forward_matches_naive((2, 9, 13), programs_per_batch=4, seed=30)
     _assert_backward_matches_naive((2, 9, 13), programs_per_batch=4, seed=31)
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape, row_padding", [((2, 9, 13), 3), ((1, 12, 6890), 6)])
+def test_fused_passes_read_a_view_of_padded_rows(shape, row_padding):
+    # C as split_product leaves it on a GPU: rows padded to a multiple of 8 lanes, the view keeps the first M.
+    _assert_forward_matches_naive(shape, None, seed=33, row_padding=row_padding)
+    _assert_backward_matches_naive(shape, None, seed=34, row_padding=row_padding)
 
 
 @requires_kernels
