@@ -13,6 +13,8 @@ torch epilogue adds the P partials in a fixed order, so results are deterministi
 - `fused_row_column_backward`: the reverse-mode passes of the same pair, dlog a and then dlog b.
 Both take the bounded shifts of common.py's `bounded_shift` (one number per batch element), which need no
 pass over C.
+- `fused_similarity_gradient`: dL/dC = exp(s) (U V^T) / epsilon of the bounded backward, written in half
+  precision and padded, in one read of C (Inductor's version of this pass wrote U V^T out first).
 `fused_row_column_forward_naive` and `fused_row_column_backward_naive` are their float64 references.
 
 triton is imported only if it is installed (CPU-only installs have none). With TRITON_INTERPRET=1 set before
@@ -128,6 +130,31 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
         tl.store(row_coefficient_ptr + index, row_coefficient)
     partial = batch * tl.num_programs(0) + program
     tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, grad_log_b, mask=in_row)
+
+
+def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
+                                 num_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
+                                 inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One (BLOCK_N, BLOCK_M) tile of dL/dC for program (row block, column block, b); see
+    `fused_similarity_gradient`. Lanes from num_pose to padded_pose store zeros."""
+    batch = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    columns = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < num_identity
+    in_columns = columns < num_pose
+    inside = in_rows[:, None] & in_columns[None, :]
+    similarity = tl.load(similarity_ptr + batch.to(tl.int64) * batch_stride + rows[:, None].to(tl.int64) * row_stride
+                         + columns[None, :], mask=inside, other=1.0)
+    outer = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for rank in tl.static_range(RANK):
+        row_factor = tl.load(row_factors_ptr + (batch * num_identity + rows) * RANK + rank, mask=in_rows, other=0.0)
+        column_factor = tl.load(column_factors_ptr + batch * RANK * column_factor_stride + rank * column_factor_stride
+                                + columns, mask=in_columns, other=0.0)
+        outer += row_factor[:, None] * column_factor[None, :]
+    gradient = tl.exp((similarity - 1.0) * inverse_epsilon) * outer * inverse_epsilon
+    gradient = tl.where(inside, gradient, 0.0)
+    tl.store(gradient_ptr + (batch * num_identity + rows[:, None]).to(tl.int64) * padded_pose + columns[None, :],
+             gradient.to(gradient_ptr.dtype.element_ty), mask=in_rows[:, None] & (columns[None, :] < padded_pose))
 
 
 @functools.cache
@@ -330,6 +357,46 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
             partial, num_identity, num_pose, similarity.stride(0), similarity.stride(1), rows_per_program,
             1.0 / epsilon, LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
+
+
+# dL/dC tiles: 32 identity rows by 256 pose columns (8192 lanes, 16 a thread at 4 warps).
+GRADIENT_BLOCK_N = 32
+GRADIENT_BLOCK_M = 256
+
+
+def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tensor, column_factors: torch.Tensor,
+                              epsilon: float, gradient_dtype: torch.dtype, padding: int) -> torch.Tensor:
+    """dL/dC = exp((C - 1) / epsilon) (U V^T) / epsilon in one read of C, written in gradient_dtype with
+    `padding` zero columns: stored.py's `_bounded_similarity_gradient` (its float32 reference) as one kernel.
+
+    Args:
+        similarity: C, float32 (B, N, M), rows contiguous; see `fused_pass_supported`.
+        row_factors: U, float32 (B, N, R); column_factors: V, float32 (B, M, R) stored pose-major, as (B, R, M)
+            (stored.py's `_pose_major`).
+        epsilon: entropic temperature. gradient_dtype: float16, bfloat16 or float32. padding: >= 0.
+    Returns:
+        dL/dC, (B, N, M + padding) in gradient_dtype.
+    """
+    batch, num_identity, num_pose = similarity.shape
+    rank = row_factors.shape[2]
+    if row_factors.shape != (batch, num_identity, rank) or column_factors.shape != (batch, num_pose, rank):
+        raise ValueError(f"row_factors (B, N, R) and column_factors (B, M, R) must match similarity "
+                         f"{tuple(similarity.shape)}, got {tuple(row_factors.shape)} and {tuple(column_factors.shape)}")
+    if column_factors.stride(1) != 1 or column_factors.stride(0) != rank * column_factors.stride(2):
+        raise ValueError("column_factors must be stored pose-major, as (B, R, M) (stored.py's _pose_major)")
+    if padding < 0 or gradient_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"padding must be >= 0 and gradient_dtype float16, bfloat16 or float32, got {padding} and "
+                         f"{gradient_dtype}")
+    _validate_fused_inputs(similarity, epsilon, None)
+    padded_pose = num_pose + padding
+    gradient = similarity.new_empty(batch, num_identity, padded_pose, dtype=gradient_dtype)
+    grid = (triton.cdiv(num_identity, GRADIENT_BLOCK_N), triton.cdiv(padded_pose, GRADIENT_BLOCK_M), batch)
+    with _on_device(similarity):
+        _jitted(_similarity_gradient_kernel)[grid](
+            similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose, padded_pose,
+            similarity.stride(0), similarity.stride(1), column_factors.stride(2), 1.0 / epsilon, RANK=rank,
+            BLOCK_N=GRADIENT_BLOCK_N, BLOCK_M=GRADIENT_BLOCK_M, num_warps=4)
+    return gradient
 
 
 def fused_row_column_forward_naive(similarity: torch.Tensor, log_b: torch.Tensor, row_shift: torch.Tensor,

@@ -16,7 +16,8 @@ from models.networks.layers import (float_product_of_halves, half_copies, half_p
 from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
                                        bounded_shift, log_marginal_update, row_blocks, validate_chunk_size,
                                        validate_feature_inputs, validate_similarity_inputs, working_dtype)
-from models.networks.ot.fused import fused_pass_supported, fused_row_column_backward, fused_row_column_forward
+from models.networks.ot.fused import (fused_pass_supported, fused_row_column_backward, fused_row_column_forward,
+                                      fused_similarity_gradient)
 
 # The widest range of log K a bounded shift may span (`bounded_shift`): exp(-80) is 1.8e-35, well above
 # float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
@@ -264,8 +265,8 @@ def _run_pass(compiled: bool, read_pass, *args):
 
 
 def _fused_passes(similarity: torch.Tensor, compiled: bool, bounded: bool, blocks: list[slice]) -> bool:
-    """Whether each row pass and the column pass after it read C once together (fused.py, Triton): on a GPU
-    (`compiled`), with bounded shifts (known before a pass) and C in one block."""
+    """Whether each row pass and the column pass after it read C once together, and dL/dC is one kernel
+    (fused.py, Triton): on a GPU (`compiled`), with bounded shifts (known before a pass) and C in one block."""
     return compiled and bounded and len(blocks) == 1 and fused_pass_supported(similarity)
 
 
@@ -504,6 +505,9 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
                                           column_weights, column_terms, row_terms)
 
     def gradient_rows(rows: slice) -> torch.Tensor:
+        if fused:  # one block: the whole of C in one Triton kernel
+            return fused_similarity_gradient(similarity, row_factors, column_factors, epsilon, gradient_dtype,
+                                             padding)
         if bounded:
             return run(_bounded_similarity_gradient, similarity[:, rows], row_factors[:, rows], column_factors,
                        epsilon, gradient_dtype, padding)

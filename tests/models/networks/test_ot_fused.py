@@ -268,6 +268,54 @@ def test_fused_passes_on_wide_rows(num_pose):
     _assert_backward_matches_naive((1, 12, num_pose), None, seed=num_pose + 1)
 
 
+def _gradient_factors(batch: int, num_identity: int, num_pose: int, rank: int, seed: int):
+    """U (B, N, R) and pose-major V (B, M, R) of the bounded dL/dC, with the magnitudes of factors in (0, 1]
+    times coefficients."""
+    from models.networks.ot import stored
+
+    generator = torch.Generator().manual_seed(seed)
+    row_factors = torch.randn(batch, num_identity, rank, generator=generator)
+    column_factors = stored._pose_major(torch.rand(batch, num_pose, rank, generator=generator))
+    return row_factors, column_factors
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape, rank, padding, row_padding",
+                         [((1, 2, 3), 4, 0, 0), ((2, 33, 47), 13, 1, 0), ((3, 20, 70), 13, 2, 2),
+                          ((1, 40, 6890), 9, 6, 6)])
+@pytest.mark.parametrize("gradient_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_similarity_gradient_matches_the_compiled_pass_reference(shape, rank, padding, row_padding,
+                                                                       gradient_dtype):
+    """fused_similarity_gradient against stored.py's `_bounded_similarity_gradient` (eager float32, the pass it
+    replaces), rounded alike: tiles cut at the edges, padding lanes zero, C read through padded rows."""
+    from models.networks.ot import stored
+
+    similarity = _cosine_similarity(*shape, torch.Generator().manual_seed(60)).float()
+    row_factors, column_factors = _gradient_factors(*shape, rank, seed=61)
+    expected = stored._bounded_similarity_gradient(similarity, row_factors, column_factors, EPSILON, gradient_dtype,
+                                                   padding)
+    actual = fused.fused_similarity_gradient(*_to_kernel_device((_padded_rows(similarity, row_padding), row_factors,
+                                                                  column_factors)), EPSILON, gradient_dtype, padding)
+    assert actual.dtype == gradient_dtype and actual.shape == expected.shape
+    assert not actual[..., shape[2]:].any()
+    # Both round a float32 value that differs by float32 rounding (the order of the R products' sum).
+    rtol = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 1e-5}[gradient_dtype]
+    torch.testing.assert_close(actual.cpu().double(), expected.double(), rtol=rtol,
+                               atol=1e-5 * expected.double().abs().max().item())
+
+
+def test_fused_similarity_gradient_rejects_mismatched_factors():
+    similarity = torch.zeros(2, 5, 6, device=KERNEL_DEVICE)
+    row_factors, column_factors = _to_kernel_device(_gradient_factors(2, 5, 6, 3, seed=62))
+    with pytest.raises(ValueError, match="must match similarity"):
+        fused.fused_similarity_gradient(similarity, row_factors[:, :4], column_factors, EPSILON, torch.float16, 0)
+    with pytest.raises(ValueError, match="pose-major"):
+        fused.fused_similarity_gradient(similarity, row_factors, column_factors.contiguous(), EPSILON,
+                                        torch.float16, 0)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, torch.float16, -1)
+
+
 @requires_kernels
 @pytest.mark.parametrize("iterations", [1, 2, 5])
 def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, monkeypatch):
