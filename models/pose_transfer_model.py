@@ -7,9 +7,11 @@ The model does no file I/O and holds no optimizer.
 
 Two switches select the fast path (issue 4); their reference settings reproduce the published numbers:
 - `ot`: how the optimal-transport warp is computed (networks/correspondence.py WARPS; "dense" = published).
-- `precision`: the generator's autocast dtype. The correspondence network's forward always runs in float32:
-  its similarity C enters exp(C / 0.03), so its error would be magnified about 33 times. With fp16/bf16 its
-  backward's matrix products run in that dtype (networks/layers.py `mixed_product`).
+- `precision`: the generator's autocast dtype. The correspondence network's forward always keeps float32
+  accuracy: its similarity C enters exp(C / 0.03), so its error would be magnified about 33 times. With
+  fp16/bf16 on a GPU its products (C, and the 1x1 convolutions when compiled) run as one fp16 product of
+  split operands, as accurate as float32 in practice (networks/layers.py `split_product`), and its
+  backward's matrix products run in that dtype (`mixed_product`).
 - `fold_linear`: the generator's consecutive affine layers composed into one (networks/generator.py): the
   same function with about half its arithmetic.
 """
