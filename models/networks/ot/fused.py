@@ -57,6 +57,19 @@ INTERPRETER_PROGRAMS = 4
 PIPELINE_STAGES = 2
 
 
+def _device_function(function: Callable) -> Callable:
+    """function as a Triton device function, which the kernels call, where triton is installed."""
+    return function if triton is None else triton.jit(function)
+
+
+@_device_function
+def _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, inverse_epsilon):
+    """s = (C - 1) / epsilon of one row of C at the lanes `columns` (-1 / epsilon past M, where in_row is False)."""
+    similarity_row = tl.load(similarity_ptr + batch_offset + tl.cast(row, tl.int64) * row_stride + columns,
+                             mask=in_row, other=0.0)
+    return (similarity_row - 1.0) * inverse_epsilon
+
+
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
                                program_shift_ptr, num_identity, num_pose, batch_stride, row_stride,
                                rows_per_program, inverse_epsilon,
@@ -80,9 +93,7 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        similarity_row = tl.load(similarity_ptr + batch_offset + tl.cast(row, tl.int64) * row_stride + columns,
-                                 mask=in_row, other=0.0)
-        log_kernel = (similarity_row - 1.0) * inverse_epsilon
+        log_kernel = _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, inverse_epsilon)
         row_sum = tl.sum(tl.exp(log_kernel + row_offset), axis=0)
         row_lse = row_shift + tl.log(row_sum)
         # logaddexp(row_lse, log 1e-8). tl has no log1p (libdevice's does not run in the interpreter); log(1 + x)
@@ -118,9 +129,7 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        similarity_row = tl.load(similarity_ptr + batch_offset + tl.cast(row, tl.int64) * row_stride + columns,
-                                 mask=in_row, other=0.0)
-        log_kernel = (similarity_row - 1.0) * inverse_epsilon
+        log_kernel = _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, inverse_epsilon)
         row_offset = tl.load(log_a_prev_ptr + index) - column_shift
         grad_log_a = tl.sum(tl.exp(log_kernel + row_offset) * column_coefficient, axis=0)
         row_sum = tl.load(row_sum_ptr + index)
