@@ -12,6 +12,9 @@ import torch.nn.functional as F
 # (docs/benchmarks.md, "Aligned vertex axis").
 ALIGNMENT = 8
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# torch.bmm(..., out_dtype=torch.float32) on fp16 CUDA tensors (`float_product_of_halves`) arrived in PyTorch 2.8;
+# with an older torch, `split_product` is not used and float32's products run instead.
+FLOAT_OUTPUT_HALF_PRODUCTS = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def padded(t: torch.Tensor) -> torch.Tensor:
@@ -87,6 +90,11 @@ def float_product_of_halves(left: torch.Tensor, right: torch.Tensor) -> torch.Te
     return torch.bmm(left.float(), right.float())
 
 
+def split_products_run_on(t: torch.Tensor) -> bool:
+    """Whether products with t use `split_product` where they may (a CUDA tensor and a torch that has it)."""
+    return t.is_cuda and FLOAT_OUTPUT_HALF_PRODUCTS
+
+
 def split_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """bias + a @ b for float32 a, b, as accurate as float32 in practice, on fp16 tensor cores.
 
@@ -133,7 +141,7 @@ def _mixed_forward(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) 
     """`mixed_product`'s float32-class forward: `split_product` when compiled on a GPU, where Inductor fuses the
     split into the kernels that produce b; eager, the split's own passes would cost what it saves, so there
     (and on a CPU) it is cuBLAS's or the CPU's float32 product."""
-    if a.is_cuda and torch.compiler.is_compiling():
+    if split_products_run_on(a) and torch.compiler.is_compiling():
         return split_product(a, b, bias)
     return product(a, b, bias)
 

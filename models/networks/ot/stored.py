@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from models.networks.layers import (float_product_of_halves, half_copies, half_product_gradients, product,
-                                    split_operands)
+                                    split_operands, split_products_run_on)
 from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
                                        bounded_shift, log_marginal_update, row_blocks, validate_chunk_size,
                                        validate_feature_inputs, validate_similarity_inputs, working_dtype)
@@ -385,9 +385,10 @@ def _similarity(theta_rows: torch.Tensor, pose_phi: torch.Tensor, compiled: bool
     """C = theta^T phi in float32 accuracy: (B, N, C), (B, C, M) -> (B, N, M).
 
     On a GPU, `models.networks.layers.split_product`'s one fp16 product (its operands formed by a compiled pass
-    when `compiled`), whose rows are padded to an aligned length (C is a view of them); on a CPU, float32's.
+    when `compiled`), whose rows are padded to an aligned length (C is a view of them); on a CPU (or with a torch
+    before 2.8), float32's.
     """
-    if not theta_rows.is_cuda:
+    if not split_products_run_on(theta_rows):
         return product(theta_rows, pose_phi)
     left, right = _run_pass(compiled, split_operands, theta_rows, pose_phi)
     return float_product_of_halves(left, right)[..., :pose_phi.shape[2]]

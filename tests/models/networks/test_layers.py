@@ -218,6 +218,15 @@ def test_split_product_is_as_accurate_as_float32_at_the_similarity_shape(bias):
     assert _relative_error(out, exact) < _relative_error(half, exact) / 50  # one fp16 product: ~3e-4
 
 
+def test_split_products_run_on_gpus_with_a_torch_that_has_float_output_half_products(monkeypatch):
+    assert layers.FLOAT_OUTPUT_HALF_PRODUCTS  # the pinned torch has torch.bmm(..., out_dtype=...)
+    assert not layers.split_products_run_on(torch.zeros(1))
+    cuda_like = type("CudaTensor", (), {"is_cuda": True})()
+    assert layers.split_products_run_on(cuda_like)
+    monkeypatch.setattr(layers, "FLOAT_OUTPUT_HALF_PRODUCTS", False)
+    assert not layers.split_products_run_on(cuda_like)
+
+
 def test_mixed_product_forward_splits_only_when_compiled_on_a_gpu(monkeypatch):
     """On a CPU mixed_product's forward is float32's product even when compiling (the split pays only on tensor
     cores); the GPU side is the CUDA test below."""
