@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU checks that need no quiet machine (no timings): the CUDA-graph equality test and torch.profiler tables
-# of the fast path's training step and one-pair inference (kernel times, where the time goes). Writes
+# GPU checks that need no quiet machine (no timings): the GPU tests of the Triton kernels, the split and aligned
+# products and the CUDA graphs, and torch.profiler tables of the fast path's training step and one-pair inference
+# (kernel times, where the time goes). Writes
 # $OUT/gpu_checks.txt. Sourced setup expected (scripts/device_setup.sh); scripts/device_reproduce.sh PHASE=1
 # runs it alongside the data generation when GPU_CHECKS=1.
 set -uo pipefail
 {
-  echo "== tests/models/test_cuda_graphs.py"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/models/test_cuda_graphs.py 2>&1 | tail -15
+  echo "== GPU tests: Triton kernels, split and aligned products, stored warp, CUDA graphs"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/models/networks/test_ot_fused.py \
+    tests/models/networks/test_layers.py tests/models/networks/test_ot.py tests/models/test_cuda_graphs.py \
+    -k "fused or gpu or cuda or graphs or similarity_gradient or padded_rows" 2>&1 | tail -15
   echo "== training step profile, fast-fp16-compiled, batch 8, 6890 vertices"
   timeout 180 python3 -m util.bench --profile fast-fp16-compiled 2>&1 | grep -v -i warn | head -45
   echo "== one-pair inference profile, fast-fp16-compiled, 6890 vertices"
