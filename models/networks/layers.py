@@ -102,7 +102,7 @@ def split_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
     lo hi; lo lo is below float32's rounding) run as one fp16 product with the contraction tripled, accumulated
     in float32. On the H100 this is 3.7 times faster than cuBLAS's float32 product for C = theta^T phi at batch
     8 (1.09 against 4.04 ms), at 1.4e-6 relative error to float64 against float32's 2.9e-7
-    (docs/benchmarks.md, "Float32 products from one fp16 product").
+    (docs/benchmarks.md, "Float32-class products from one fp16 product").
 
     Args:
         a: float32 (B, P, K); b: float32 (B, K, Q), both within float16's range; bias: None or (P, 1).

@@ -1,6 +1,7 @@
 """The Sinkhorn warp on a materialised similarity C that keeps nothing N x M but C for backward: each pass is a
 small function of C and vectors that torch.compile fuses into one kernel reading C once. On a GPU with triton,
-each row pass and the column pass after it read C once together instead (fused.py)."""
+each row pass and the column pass after it read C once together instead, and dL/dC is one Triton kernel
+(fused.py)."""
 from __future__ import annotations
 
 import functools
