@@ -23,7 +23,6 @@ triton is imported, the kernels run in Triton's interpreter on CPU tensors (the 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from collections.abc import Callable
@@ -57,12 +56,13 @@ INTERPRETER_PROGRAMS = 4
 PIPELINE_STAGES = 2
 
 
-def _device_function(function: Callable) -> Callable:
-    """function as a Triton device function, which the kernels call, where triton is installed."""
+def _triton_jit(function: Callable) -> Callable:
+    """triton.jit(function) where triton is installed (it compiles at the first launch), else function as it is,
+    so that this module imports without triton."""
     return function if triton is None else triton.jit(function)
 
 
-@_device_function
+@_triton_jit
 def _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, inverse_epsilon):
     """s = (C - 1) / epsilon of one row of C at the lanes `columns` (-1 / epsilon past M, where in_row is False)."""
     similarity_row = tl.load(similarity_ptr + batch_offset + tl.cast(row, tl.int64) * row_stride + columns,
@@ -70,6 +70,7 @@ def _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_r
     return (similarity_row - 1.0) * inverse_epsilon
 
 
+@_triton_jit
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
                                program_shift_ptr, num_identity, num_pose, batch_stride, row_stride,
                                rows_per_program, inverse_epsilon,
@@ -110,6 +111,7 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     tl.store(program_shift_ptr + partial, program_shift)
 
 
+@_triton_jit
 def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr, column_coefficient_ptr,
                                 row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
                                 partial_ptr, num_identity, num_pose, batch_stride, row_stride, rows_per_program,
@@ -141,6 +143,7 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, grad_log_b, mask=in_row)
 
 
+@_triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
                                  num_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
                                  inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -164,12 +167,6 @@ def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_
     gradient = tl.where(inside, gradient, 0.0)
     tl.store(gradient_ptr + (batch * num_identity + rows[:, None]).to(tl.int64) * padded_pose + columns[None, :],
              gradient.to(gradient_ptr.dtype.element_ty), mask=in_rows[:, None] & (columns[None, :] < padded_pose))
-
-
-@functools.cache
-def _jitted(kernel: Callable) -> Callable:
-    """`kernel` compiled by triton.jit on first use, so that importing this module needs no triton."""
-    return triton.jit(kernel)
 
 
 def unsupported_reason(similarity: torch.Tensor) -> str | None:
@@ -316,7 +313,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     partial = similarity.new_empty(batch, programs, num_pose)
     program_shift = similarity.new_empty(batch, programs)
     with _on_device(similarity):
-        _jitted(_row_column_forward_kernel)[(programs, batch)](
+        _row_column_forward_kernel[(programs, batch)](
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, similarity.stride(0), similarity.stride(1), rows_per_program, 1.0 / epsilon,
             math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
@@ -360,7 +357,7 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
     row_coefficient = similarity.new_empty(batch, num_identity)
     partial = similarity.new_empty(batch, programs, num_pose)
     with _on_device(similarity):
-        _jitted(_row_column_backward_kernel)[(programs, batch)](
+        _row_column_backward_kernel[(programs, batch)](
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
             partial, num_identity, num_pose, similarity.stride(0), similarity.stride(1), rows_per_program,
@@ -401,7 +398,7 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     gradient = similarity.new_empty(batch, num_identity, padded_pose, dtype=gradient_dtype)
     grid = (triton.cdiv(num_identity, GRADIENT_BLOCK_N), triton.cdiv(padded_pose, GRADIENT_BLOCK_M), batch)
     with _on_device(similarity):
-        _jitted(_similarity_gradient_kernel)[grid](
+        _similarity_gradient_kernel[grid](
             similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose, padded_pose,
             similarity.stride(0), similarity.stride(1), column_factors.stride(2), 1.0 / epsilon, RANK=rank,
             BLOCK_N=GRADIENT_BLOCK_N, BLOCK_M=GRADIENT_BLOCK_M, num_warps=4)

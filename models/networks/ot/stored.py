@@ -505,11 +505,11 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
     if bounded:
         row_factors, column_factors = run(_bounded_gradient_factors, log_b[-1], plan_max, row_weights,
                                           column_weights, column_terms, row_terms)
+    if fused:  # C in one block: dL/dC in one Triton kernel
+        return fused_similarity_gradient(similarity, row_factors, column_factors, epsilon, gradient_dtype,
+                                         padding), grad_points
 
     def gradient_rows(rows: slice) -> torch.Tensor:
-        if fused:  # one block: the whole of C in one Triton kernel
-            return fused_similarity_gradient(similarity, row_factors, column_factors, epsilon, gradient_dtype,
-                                             padding)
         if bounded:
             return run(_bounded_similarity_gradient, similarity[:, rows], row_factors[:, rows], column_factors,
                        epsilon, gradient_dtype, padding)
