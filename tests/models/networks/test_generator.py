@@ -1,7 +1,10 @@
-"""The generator's folded affine layers (--fold_linear): the same function, gradients and checkpoint."""
+"""The generator's folded affine layers (--fold_linear): the same function, gradients and checkpoint; its folded
+input convolution as a matrix product."""
 import pytest
 import torch
+import torch.nn.functional as F
 
+from models.networks import generator as generator_module
 from models.networks import init_weights
 from models.networks.generator import ElaIN, ElaINGenerator
 
@@ -74,3 +77,30 @@ def test_folded_generator_under_autocast_is_as_close_to_float32_as_the_literal_o
             literal_error = relative_l2(literal(warp_points, identity_features).float(), reference)
             folded_error = relative_l2(folded(warp_points, identity_features).float(), reference)
     assert 0 < folded_error <= 1.1 * literal_error
+
+
+@pytest.mark.parametrize("on_tensor_cores", [False, True])
+@pytest.mark.parametrize("kernel_size, channels", [(3, 3), (5, 2), (1, 4)])
+def test_kernel_conv_as_product_equals_conv1d_in_value_and_gradient(kernel_size, channels, on_tensor_cores,
+                                                                     monkeypatch):
+    """On tensor cores the contraction is zero-padded (forced here on the CPU in float64)."""
+    monkeypatch.setattr(generator_module, "runs_on_tensor_cores", lambda b: on_tensor_cores)
+    generator = torch.Generator().manual_seed(kernel_size)
+    points = torch.randn(2, channels, 11, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(7, channels, kernel_size, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, generator=generator, requires_grad=True)
+    out = generator_module.kernel_conv_as_product(points, weight, bias)
+    expected = F.conv1d(points, weight, bias, padding=kernel_size // 2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    for grad, reference in zip(torch.autograd.grad(out, (points, weight, bias), upstream),
+                               torch.autograd.grad(expected, (points, weight, bias), upstream)):
+        torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_neighbour_columns_are_the_windows_in_weight_order():
+    points = torch.arange(8.0).view(1, 2, 4)  # channel 0: 0 1 2 3, channel 1: 4 5 6 7
+    columns = generator_module.neighbour_columns(points, 3)
+    expected = torch.tensor([[[0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 0],
+                              [0, 4, 5, 6], [4, 5, 6, 7], [5, 6, 7, 0]]], dtype=torch.float32)
+    assert torch.equal(columns, expected)
