@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--golden", action="store_true", help="only check the variants on the golden fixture")
     parser.add_argument("--profile", default="", help="only print a profile of this variant's training step")
     parser.add_argument("--profile_inference", default="", help="only print a profile of this variant's "
-                        "one-pair inference")
+                        "inference at --batch pairs")
     parser.add_argument("--fused_passes", action="store_true", help="only time the fused Sinkhorn row + column "
                         "pass against the separate passes, at --batch and at one pair (a GPU with triton)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
@@ -347,7 +347,7 @@ def main() -> None:
         print(profile_training(args.profile, synthetic_batch(args.batch, args.vertices, device), device))
         return
     if args.profile_inference:
-        print(profile_inference(args.profile_inference, synthetic_batch(1, args.vertices, device), device))
+        print(profile_inference(args.profile_inference, synthetic_batch(args.batch, args.vertices, device), device))
         return
     if args.fused_passes:
         from models.networks.ot import fused

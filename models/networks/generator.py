@@ -8,8 +8,9 @@ ElaIN blends the statistics of the conditioning (gamma_id, beta_id) with the inp
 at 6890 vertices, ngf 64): two affine layers with nothing between them are one affine layer, so ElaIN's
 mlp_gamma(mlp_same(f)) and mlp_beta(mlp_same(f)) become one (2C x Cid) product of the identity features
 (instead of C x Cid, then two C x C), and conv1(fc(x)) one kernel-3 convolution of the 3-channel input
-(instead of a 1024 x 1024 product per vertex), computed as one product over each vertex's window. The folded weights are made from the parameters on every
-call, so training, gradients and checkpoints are unchanged; only the rounding differs.
+(instead of a 1024 x 1024 product per vertex), computed as one product over each vertex's window. The folded
+weights are made from the parameters on every call, so training, gradients and checkpoints are unchanged; only
+the rounding differs.
 """
 from __future__ import annotations
 
