@@ -63,16 +63,19 @@ def _triton_jit(function: Callable) -> Callable:
 
 
 @_triton_jit
-def _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, inverse_epsilon):
-    """s = (C - 1) / epsilon of one row of C at the lanes `columns` (-1 / epsilon past M, where in_row is False)."""
+def _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, in_readable, inverse_epsilon):
+    """s = (C - 1) / epsilon of one row of C at the lanes `columns` (-1 / epsilon past M, where in_row is False).
+
+    The load reads every lane of in_readable (`_readable_width`), padding past M included, and discards the
+    padding after the load: a mask whose bound is a multiple of 16 lets Triton issue 16-byte loads."""
     similarity_row = tl.load(similarity_ptr + batch_offset + tl.cast(row, tl.int64) * row_stride + columns,
-                             mask=in_row, other=0.0)
-    return (similarity_row - 1.0) * inverse_epsilon
+                             mask=in_readable, other=0.0)
+    return (tl.where(in_row, similarity_row, 0.0) - 1.0) * inverse_epsilon
 
 
 @_triton_jit
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
-                               program_shift_ptr, num_identity, num_pose, batch_stride, row_stride,
+                               program_shift_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
                                rows_per_program, inverse_epsilon,
                                log_num_identity, log_division_eps, BLOCK_M: tl.constexpr,
                                NUM_STAGES: tl.constexpr):
@@ -85,6 +88,7 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     batch = tl.program_id(1)
     columns = tl.arange(0, BLOCK_M)
     in_row = columns < num_pose
+    in_readable = columns < readable_pose
     row_shift = tl.load(row_shift_ptr + batch)
     # Lanes past M have log b = -inf, so their row terms are 0 (their column sums are never stored).
     row_offset = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
@@ -94,7 +98,8 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        log_kernel = _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, inverse_epsilon)
+        log_kernel = _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, in_readable,
+                                     inverse_epsilon)
         row_sum = tl.sum(tl.exp(log_kernel + row_offset), axis=0)
         row_lse = row_shift + tl.log(row_sum)
         # logaddexp(row_lse, log 1e-8). tl has no log1p (libdevice's does not run in the interpreter); log(1 + x)
@@ -114,13 +119,15 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
 @_triton_jit
 def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr, column_coefficient_ptr,
                                 row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
-                                partial_ptr, num_identity, num_pose, batch_stride, row_stride, rows_per_program,
-                                inverse_epsilon, log_division_eps, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+                                partial_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
+                                rows_per_program, inverse_epsilon, log_division_eps, BLOCK_M: tl.constexpr,
+                                NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
     program = tl.program_id(0)
     batch = tl.program_id(1)
     columns = tl.arange(0, BLOCK_M)
     in_row = columns < num_pose
+    in_readable = columns < readable_pose
     column_shift = tl.load(column_shift_ptr + batch)
     row_shift = tl.load(row_shift_ptr + batch)
     # Lanes past M have coefficient 0 and log b = -inf, so that all their terms are 0.
@@ -131,7 +138,8 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        log_kernel = _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, inverse_epsilon)
+        log_kernel = _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, in_readable,
+                                     inverse_epsilon)
         row_offset = tl.load(log_a_prev_ptr + index) - column_shift
         grad_log_a = tl.sum(tl.exp(log_kernel + row_offset) * column_coefficient, axis=0)
         row_sum = tl.load(row_sum_ptr + index)
@@ -145,7 +153,7 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
 
 @_triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
-                                 num_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
+                                 num_pose, readable_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
                                  inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One (BLOCK_N, BLOCK_M) tile of dL/dC for program (row block, column block, b); see
     `fused_similarity_gradient`. Lanes from num_pose to padded_pose store zeros."""
@@ -155,8 +163,9 @@ def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_
     in_rows = rows < num_identity
     in_columns = columns < num_pose
     inside = in_rows[:, None] & in_columns[None, :]
+    # Padding past M is read too (see `_log_kernel_row`) and discarded by the last `tl.where`.
     similarity = tl.load(similarity_ptr + batch.to(tl.int64) * batch_stride + rows[:, None].to(tl.int64) * row_stride
-                         + columns[None, :], mask=inside, other=1.0)
+                         + columns[None, :], mask=in_rows[:, None] & (columns[None, :] < readable_pose), other=1.0)
     outer = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for rank in tl.static_range(RANK):
         row_factor = tl.load(row_factors_ptr + (batch * num_identity + rows) * RANK + rank, mask=in_rows, other=0.0)
@@ -259,6 +268,21 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None) -> 
     return programs, triton.cdiv(num_identity, programs), block, min(32, max(4, block // 512))
 
 
+def _readable_width(similarity: torch.Tensor) -> int:
+    """The lanes of each row of C (B, N, M) a kernel may load: the row stride where C is a view of longer rows
+    that lie in its storage (`split_product` pads them to a multiple of 8), else M.
+
+    The kernels load the padding too and discard it: with M = 6890 a mask bound of M lets Triton issue only
+    8-byte loads, with the padded 6896 (Triton treats an integer argument divisible by 16 as such) 16-byte ones.
+    """
+    batch, num_identity, num_pose = similarity.shape
+    row_stride = similarity.stride(1)
+    if row_stride <= num_pose:
+        return num_pose
+    end = similarity.storage_offset() + (batch - 1) * similarity.stride(0) + num_identity * row_stride
+    return row_stride if end * similarity.element_size() <= similarity.untyped_storage().nbytes() else num_pose
+
+
 def _on_device(similarity: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launches on similarity's GPU (Triton launches on the current device)."""
     return torch.cuda.device(similarity.device) if similarity.is_cuda else contextlib.nullcontext()
@@ -315,8 +339,9 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     with _on_device(similarity):
         _row_column_forward_kernel[(programs, batch)](
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
-            num_identity, num_pose, similarity.stride(0), similarity.stride(1), rows_per_program, 1.0 / epsilon,
-            math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
+            num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
+            rows_per_program, 1.0 / epsilon, math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=block,
+            NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
     column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
@@ -360,8 +385,9 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
         _row_column_backward_kernel[(programs, batch)](
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
-            partial, num_identity, num_pose, similarity.stride(0), similarity.stride(1), rows_per_program,
-            1.0 / epsilon, LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
+            partial, num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
+            rows_per_program, 1.0 / epsilon, LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES,
+            num_warps=num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
 
 
@@ -399,9 +425,10 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     grid = (triton.cdiv(num_identity, GRADIENT_BLOCK_N), triton.cdiv(padded_pose, GRADIENT_BLOCK_M), batch)
     with _on_device(similarity):
         _similarity_gradient_kernel[grid](
-            similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose, padded_pose,
-            similarity.stride(0), similarity.stride(1), column_factors.stride(2), 1.0 / epsilon, RANK=rank,
-            BLOCK_N=GRADIENT_BLOCK_N, BLOCK_M=GRADIENT_BLOCK_M, num_warps=4)
+            similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose,
+            _readable_width(similarity), padded_pose, similarity.stride(0), similarity.stride(1),
+            column_factors.stride(2), 1.0 / epsilon, RANK=rank, BLOCK_N=GRADIENT_BLOCK_N, BLOCK_M=GRADIENT_BLOCK_M,
+            num_warps=4)
     return gradient
 
 

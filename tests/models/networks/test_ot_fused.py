@@ -172,6 +172,17 @@ def test_fused_pass_supported_rejects_what_the_kernels_cannot_read():
     assert fused.fused_pass_supported(similarity) == (_KERNELS_UNAVAILABLE is None)
 
 
+def test_readable_width_reads_padding_only_inside_the_storage():
+    padded = torch.zeros(2, 5, 16)
+    assert fused._readable_width(padded) == 16
+    assert fused._readable_width(padded[..., :13]) == 16  # split_product's C: every row's padding is stored
+    assert fused._readable_width(padded[:, 1:, :13]) == 16
+    # The same strides over a storage that ends at the last row's M-th lane: its padding is not there to read.
+    flat = torch.zeros(5 * 16 + 4 * 16 + 13)
+    assert fused._readable_width(flat.as_strided((2, 5, 13), (5 * 16, 16, 1))) == 13
+    assert fused._readable_width(padded.transpose(1, 2)[:, :13]) == 5  # row stride 1: no padding
+
+
 def test_invalid_inputs_raise():
     similarity, log_b, row_shift = _forward_inputs(2, 5, 6, seed=21)
     with pytest.raises(ValueError, match="similarity must have shape"):
