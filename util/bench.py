@@ -233,7 +233,10 @@ def profile_inference(variant: str, batch: dict, device: torch.device, calls: in
 def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: int, repeats: int) -> dict:
     """A fused row + column Sinkhorn pass (models/networks/ot/fused.py) against the compiled row pass, vector
     step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
-    features: ms of each, for the default number of programs per batch element and a few others."""
+    features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
+    the default number of programs per batch element and a few others, for 2 to 4 pipeline stages, and of the
+    dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16)."""
+    from models.networks.layers import ALIGNMENT
     from models.networks.ot import fused, stored
     from models.networks.ot.common import bounded_shift
 
@@ -241,7 +244,8 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     generator = torch.Generator(device=device).manual_seed(0)
     theta, phi = (torch.nn.functional.normalize(torch.randn(batch, 256, vertices, device=device, generator=generator),
                                                 dim=1) for _ in range(2))
-    similarity = torch.bmm(theta.transpose(1, 2), phi)  # (B, N, M)
+    padding = -vertices % ALIGNMENT
+    similarity = torch.bmm(theta.transpose(1, 2), torch.nn.functional.pad(phi, (0, padding)))[..., :vertices]
     log_b = -math.log(vertices) + 0.1 * torch.randn(batch, vertices, device=device, generator=generator)
     shift = bounded_shift(log_b, 1.0, stored.SINKHORN_EPSILON)  # cosine similarities: |C| <= 1
 
@@ -250,22 +254,30 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
         log_a, column_shift = run(stored._marginal_step, maximum, total, 1.0, stored.SINKHORN_EPSILON)
         run(stored._column_normaliser, similarity, log_a, stored.SINKHORN_EPSILON, column_shift)
 
-    results = {"separate_ms": time_median(separate, device, warmup, repeats), "fused": {}}
+    results = {"separate_ms": time_median(separate, device, warmup, repeats)}
     program_counts = [None]  # the default rule, then 1, 2 and 4 programs per SM over the batch
     if device.type == "cuda":
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         program_counts += [max(1, per_sm * sm_count // batch) for per_sm in (1, 2, 4)]
-    for programs in program_counts:
-        row_sum, log_a, column_shift, _ = fused.fused_row_column_forward(
-            similarity, log_b, shift, stored.SINKHORN_EPSILON, 1.0, programs_per_batch=programs)
-        backward_inputs = (similarity, log_a, column_shift, torch.randn_like(log_b), shift, row_sum, log_b,
-                           stored.SINKHORN_EPSILON)
-        results["fused"][str(programs or "default")] = {
-            "forward_ms": time_median(lambda: fused.fused_row_column_forward(
-                similarity, log_b, shift, stored.SINKHORN_EPSILON, 1.0, programs_per_batch=programs),
-                device, warmup, repeats),
-            "backward_ms": time_median(lambda: fused.fused_row_column_backward(
-                *backward_inputs, programs_per_batch=programs), device, warmup, repeats)}
+    row_sum, log_a, column_shift, _ = fused.fused_row_column_forward(similarity, log_b, shift,
+                                                                     stored.SINKHORN_EPSILON, 1.0)
+    backward_inputs = (similarity, log_a, column_shift, torch.randn_like(log_b), shift, row_sum, log_b,
+                       stored.SINKHORN_EPSILON)
+
+    def pass_times(**layout) -> dict[str, float]:
+        return {"forward_ms": time_median(lambda: fused.fused_row_column_forward(
+                    similarity, log_b, shift, stored.SINKHORN_EPSILON, 1.0, **layout), device, warmup, repeats),
+                "backward_ms": time_median(lambda: fused.fused_row_column_backward(*backward_inputs, **layout),
+                                           device, warmup, repeats)}
+    results["fused"] = {str(programs or "default"): pass_times(programs_per_batch=programs)
+                        for programs in program_counts}
+    results["stages"] = {str(stages): pass_times(pipeline_stages=stages) for stages in (2, 3, 4)}
+    rank = 4 + 2 * stored.SINKHORN_ITERATIONS - 1
+    row_factors = torch.rand(batch, vertices, rank, device=device, generator=generator)
+    column_factors = stored._pose_major(torch.rand(batch, vertices, rank, device=device, generator=generator))
+    results["similarity_gradient_ms"] = time_median(lambda: fused.fused_similarity_gradient(
+        similarity, row_factors, column_factors, stored.SINKHORN_EPSILON, torch.float16, padding),
+        device, warmup, repeats)
     return results
 
 
@@ -357,10 +369,11 @@ def main() -> None:
         results = {size: bench_fused_passes(device, size, args.vertices, args.warmup, args.repeats)
                    for size in sorted({args.batch, 1}, reverse=True)}
         for size, row in results.items():
-            print(f"batch {size}: separate row + column passes {row['separate_ms']:.3f} ms; fused, by programs per "
-                  f"batch element: " + ", ".join(f"{programs} {times['forward_ms']:.3f} ms forward "
-                                                 f"{times['backward_ms']:.3f} ms backward"
-                                                 for programs, times in row["fused"].items()))
+            for key, label in (("fused", "programs per batch element"), ("stages", "pipeline stages")):
+                print(f"batch {size}: separate row + column passes {row['separate_ms']:.3f} ms; fused, by {label}: "
+                      + ", ".join(f"{value} {times['forward_ms']:.3f} ms forward {times['backward_ms']:.3f} ms "
+                                  "backward" for value, times in row[key].items()))
+            print(f"batch {size}: dL/dC kernel {row['similarity_gradient_ms']:.3f} ms")
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return

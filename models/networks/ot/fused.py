@@ -227,17 +227,18 @@ def fused_pass_supported(similarity: torch.Tensor) -> bool:
 
 
 def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_per_batch: int | None,
-                           **vectors: tuple[torch.Tensor, str]) -> None:
-    """ValueError unless similarity is (B, N, M) with N, M >= 1, epsilon > 0, programs_per_batch None or a
-    positive int, and each named (vector, dims) float32 of shape dims ("BN": (B, N), "BM": (B, M), "B": (B,)) on
-    similarity's device; then RuntimeError when the kernels cannot read similarity (`fused_pass_supported`)."""
+                           pipeline_stages: int | None, **vectors: tuple[torch.Tensor, str]) -> None:
+    """ValueError unless similarity is (B, N, M) with N, M >= 1, epsilon > 0, programs_per_batch and
+    pipeline_stages None or a positive int, and each named (vector, dims) float32 of shape dims ("BN": (B, N),
+    "BM": (B, M), "B": (B,)) on similarity's device; then RuntimeError when the kernels cannot read similarity
+    (`fused_pass_supported`)."""
     if similarity.dim() != 3 or similarity.shape[1] == 0 or similarity.shape[2] == 0:
         raise ValueError(f"similarity must have shape (B, N, M) with N, M >= 1, got {tuple(similarity.shape)}")
     if not epsilon > 0:
         raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
-    if programs_per_batch is not None and (isinstance(programs_per_batch, bool)
-                                           or not isinstance(programs_per_batch, int) or programs_per_batch < 1):
-        raise ValueError(f"programs_per_batch must be a positive int or None, got {programs_per_batch!r}")
+    for name, value in (("programs_per_batch", programs_per_batch), ("pipeline_stages", pipeline_stages)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     sizes = dict(zip("BNM", similarity.shape))
     for name, (vector, dims) in vectors.items():
         shape = tuple(sizes[dim] for dim in dims)
@@ -250,11 +251,14 @@ def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_pe
         raise RuntimeError(reason)
 
 
-def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None) -> tuple[int, int, int, int]:
-    """(P programs per batch element, rows per program, BLOCK_M, num_warps) for a pass over `similarity`.
+def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
+                   pipeline_stages: int | None) -> tuple[int, int, int, int, int]:
+    """(P programs per batch element, rows per program, BLOCK_M, num_warps, pipeline stages) for a pass over
+    `similarity`.
 
     P defaults to PROGRAMS_PER_SM programs per SM over the whole batch (rounded down), at most N. num_warps
-    keeps 16 lanes of a row per thread (each row-wide value is then 16 registers), between 4 and 32 warps.
+    keeps 16 lanes of a row per thread (each row-wide value is then 16 registers), between 4 and 32 warps. The
+    stages default to PIPELINE_STAGES.
     """
     batch, num_identity, num_pose = similarity.shape
     if programs_per_batch is None:
@@ -265,7 +269,8 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None) -> 
             programs_per_batch = INTERPRETER_PROGRAMS
     programs = min(programs_per_batch, num_identity)
     block = _block_width(num_pose)
-    return programs, triton.cdiv(num_identity, programs), block, min(32, max(4, block // 512))
+    stages = pipeline_stages or PIPELINE_STAGES
+    return programs, triton.cdiv(num_identity, programs), block, min(32, max(4, block // 512)), stages
 
 
 def _readable_width(similarity: torch.Tensor) -> int:
@@ -304,7 +309,8 @@ def _merge_column_partials(partial: torch.Tensor, program_shift: torch.Tensor,
 
 
 def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_shift: torch.Tensor, epsilon: float,
-                             similarity_bound: float, *, programs_per_batch: int | None = None
+                             similarity_bound: float, *, programs_per_batch: int | None = None,
+                             pipeline_stages: int | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A row pass with log b, the log a update, then the column pass with that log a, in one read of C.
 
@@ -323,15 +329,19 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         epsilon: entropic temperature.
         similarity_bound: the bound on |C| that places column_shift above every column logit.
         programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
+        pipeline_stages: rows in flight in a program's loop, or None for PIPELINE_STAGES (for benchmarks; more
+            than the default may exceed a GPU's shared memory and fail to launch).
     Returns:
         row_sum: float32 (B, N).
         log_a: float32 (B, N).
         column_shift: float32 (B,).
         column_sum: float32 (B, M).
     """
-    _validate_fused_inputs(similarity, epsilon, programs_per_batch, log_b=(log_b, "BM"), row_shift=(row_shift, "B"))
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, log_b=(log_b, "BM"),
+                           row_shift=(row_shift, "B"))
     batch, num_identity, num_pose = similarity.shape
-    programs, rows_per_program, block, num_warps = _launch_layout(similarity, programs_per_batch)
+    programs, rows_per_program, block, num_warps, stages = _launch_layout(similarity, programs_per_batch,
+                                                                          pipeline_stages)
     row_sum = similarity.new_empty(batch, num_identity)
     log_a = similarity.new_empty(batch, num_identity)
     partial = similarity.new_empty(batch, programs, num_pose)
@@ -341,14 +351,15 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
             rows_per_program, 1.0 / epsilon, math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=block,
-            NUM_STAGES=PIPELINE_STAGES, num_warps=num_warps)
+            NUM_STAGES=stages, num_warps=num_warps)
     column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
 
 def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor, column_shift: torch.Tensor,
                               column_coefficient: torch.Tensor, row_shift: torch.Tensor, row_sum: torch.Tensor,
-                              log_b_prev: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None
+                              log_b_prev: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None,
+                              pipeline_stages: int | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dlog a_{t-1}, then the row coefficients and dlog b_{t-1} from it, in one read of C.
 
@@ -368,16 +379,19 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
         log_b_prev: float32 (B, M), the log b that row pass read.
         epsilon: entropic temperature.
         programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
+        pipeline_stages: rows in flight in a program's loop, or None for PIPELINE_STAGES (for benchmarks; more
+            than the default may exceed a GPU's shared memory and fail to launch).
     Returns:
         grad_log_a: float32 (B, N).
         row_coefficient: float32 (B, N).
         grad_log_b: float32 (B, M).
     """
-    _validate_fused_inputs(similarity, epsilon, programs_per_batch, log_a_prev=(log_a_prev, "BN"),
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, log_a_prev=(log_a_prev, "BN"),
                            column_shift=(column_shift, "B"), column_coefficient=(column_coefficient, "BM"),
                            row_shift=(row_shift, "B"), row_sum=(row_sum, "BN"), log_b_prev=(log_b_prev, "BM"))
     batch, num_identity, num_pose = similarity.shape
-    programs, rows_per_program, block, num_warps = _launch_layout(similarity, programs_per_batch)
+    programs, rows_per_program, block, num_warps, stages = _launch_layout(similarity, programs_per_batch,
+                                                                          pipeline_stages)
     grad_log_a = similarity.new_empty(batch, num_identity)
     row_coefficient = similarity.new_empty(batch, num_identity)
     partial = similarity.new_empty(batch, programs, num_pose)
@@ -386,7 +400,7 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
             partial, num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            rows_per_program, 1.0 / epsilon, LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=PIPELINE_STAGES,
+            rows_per_program, 1.0 / epsilon, LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=stages,
             num_warps=num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
 
@@ -419,7 +433,7 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     if padding < 0 or gradient_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"padding must be >= 0 and gradient_dtype float16, bfloat16 or float32, got {padding} and "
                          f"{gradient_dtype}")
-    _validate_fused_inputs(similarity, epsilon, None)
+    _validate_fused_inputs(similarity, epsilon, None, None)
     padded_pose = num_pose + padding
     gradient = similarity.new_empty(batch, num_identity, padded_pose, dtype=gradient_dtype)
     grid = (triton.cdiv(num_identity, GRADIENT_BLOCK_N), triton.cdiv(padded_pose, GRADIENT_BLOCK_M), batch)
