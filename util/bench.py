@@ -36,6 +36,9 @@ from models.pose_transfer_model import PoseTransferModel
 from util.cli import run_main
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
+# Tiles (rows, columns, warps) of the dL/dC kernel that --fused_passes times besides the default.
+GRADIENT_TILES = [(16, 256, 4), (64, 128, 4), (32, 128, 4), (64, 256, 8), (128, 128, 8), (8, 1024, 4), (16, 512, 8),
+                  (32, 256, 8)]
 
 # name -> (ot, precision, compile, tf32, fold_linear). The first is the faithful reference every ratio is
 # against: exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with
@@ -235,7 +238,8 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
     features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
     the default number of programs per batch element and a few others, for 2 to 4 pipeline stages, and of the
-    dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16)."""
+    dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16) with its default tile and
+    GRADIENT_TILES."""
     from models.networks.layers import ALIGNMENT
     from models.networks.ot import fused, stored
     from models.networks.ot.common import bounded_shift
@@ -275,9 +279,11 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     rank = 4 + 2 * stored.SINKHORN_ITERATIONS - 1
     row_factors = torch.rand(batch, vertices, rank, device=device, generator=generator)
     column_factors = stored._pose_major(torch.rand(batch, vertices, rank, device=device, generator=generator))
-    results["similarity_gradient_ms"] = time_median(lambda: fused.fused_similarity_gradient(
-        similarity, row_factors, column_factors, stored.SINKHORN_EPSILON, torch.float16, padding),
-        device, warmup, repeats)
+    results["similarity_gradient"] = {
+        "x".join(map(str, tile)): time_median(lambda: fused.fused_similarity_gradient(
+            similarity, row_factors, column_factors, stored.SINKHORN_EPSILON, torch.float16, padding, tile=tile),
+            device, warmup, repeats)
+        for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES])}
     return results
 
 
@@ -373,7 +379,8 @@ def main() -> None:
                 print(f"batch {size}: separate row + column passes {row['separate_ms']:.3f} ms; fused, by {label}: "
                       + ", ".join(f"{value} {times['forward_ms']:.3f} ms forward {times['backward_ms']:.3f} ms "
                                   "backward" for value, times in row[key].items()))
-            print(f"batch {size}: dL/dC kernel {row['similarity_gradient_ms']:.3f} ms")
+            print(f"batch {size}: dL/dC kernel, by tile (rows x columns x warps): "
+                  + ", ".join(f"{tile} {ms:.3f} ms" for tile, ms in row["similarity_gradient"].items()))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return

@@ -63,13 +63,15 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
     results = json.loads(out.read_text())
     assert set(results) == {"2", "1"}
     for row in results.values():
-        assert row["separate_ms"] > 0 and row["similarity_gradient_ms"] > 0
+        assert row["separate_ms"] > 0 and all(ms > 0 for ms in row["similarity_gradient"].values())
+        assert list(row["similarity_gradient"])[0] == "x".join(map(str, fused.GRADIENT_TILE))  # the default first
         assert set(row["stages"]) == {"2", "3", "4"}
         assert all(times["forward_ms"] > 0 and times["backward_ms"] > 0
                    for times in [*row["fused"].values(), *row["stages"].values()])
     printed = capsys.readouterr().out
     assert "fused, by programs per batch element: default" in printed and "fused, by pipeline stages: 2" in printed
-    assert "dL/dC kernel" in printed
+    default_tile = "x".join(map(str, fused.GRADIENT_TILE))
+    assert f"dL/dC kernel, by tile (rows x columns x warps): {default_tile}" in printed
 
 
 def test_bench_says_in_one_line_what_the_machine_lacks():

@@ -405,13 +405,13 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
     return grad_log_a, row_coefficient, partial.sum(1)
 
 
-# dL/dC tiles: 32 identity rows by 256 pose columns (8192 lanes, 16 a thread at 4 warps).
-GRADIENT_BLOCK_N = 32
-GRADIENT_BLOCK_M = 256
+# dL/dC tiles (identity rows, pose columns, warps): 8192 lanes, 16 a thread at 4 warps.
+GRADIENT_TILE = (32, 256, 4)
 
 
 def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tensor, column_factors: torch.Tensor,
-                              epsilon: float, gradient_dtype: torch.dtype, padding: int) -> torch.Tensor:
+                              epsilon: float, gradient_dtype: torch.dtype, padding: int, *,
+                              tile: tuple[int, int, int] = GRADIENT_TILE) -> torch.Tensor:
     """dL/dC = exp((C - 1) / epsilon) (U V^T) / epsilon in one read of C, written in gradient_dtype with
     `padding` zero columns: stored.py's `_bounded_similarity_gradient` (its float32 reference) as one kernel.
 
@@ -420,6 +420,7 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
         row_factors: U, float32 (B, N, R); column_factors: V, float32 (B, M, R) stored pose-major, as (B, R, M)
             (stored.py's `_pose_major`).
         epsilon: entropic temperature. gradient_dtype: float16, bfloat16 or float32. padding: >= 0.
+        tile: (rows, columns, warps) of a program, powers of two (for benchmarks).
     Returns:
         dL/dC, (B, N, M + padding) in gradient_dtype.
     """
@@ -433,16 +434,19 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     if padding < 0 or gradient_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"padding must be >= 0 and gradient_dtype float16, bfloat16 or float32, got {padding} and "
                          f"{gradient_dtype}")
+    if len(tile) != 3 or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1)
+                             for size in tile):
+        raise ValueError(f"tile must be three powers of two (rows, columns, warps), got {tile!r}")
     _validate_fused_inputs(similarity, epsilon, None, None)
+    block_n, block_m, num_warps = tile
     padded_pose = num_pose + padding
     gradient = similarity.new_empty(batch, num_identity, padded_pose, dtype=gradient_dtype)
-    grid = (triton.cdiv(num_identity, GRADIENT_BLOCK_N), triton.cdiv(padded_pose, GRADIENT_BLOCK_M), batch)
+    grid = (triton.cdiv(num_identity, block_n), triton.cdiv(padded_pose, block_m), batch)
     with _on_device(similarity):
         _similarity_gradient_kernel[grid](
             similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose,
             _readable_width(similarity), padded_pose, similarity.stride(0), similarity.stride(1),
-            column_factors.stride(2), 1.0 / epsilon, RANK=rank, BLOCK_N=GRADIENT_BLOCK_N, BLOCK_M=GRADIENT_BLOCK_M,
-            num_warps=4)
+            column_factors.stride(2), 1.0 / epsilon, RANK=rank, BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps)
     return gradient
 
 

@@ -311,6 +311,17 @@ def test_fused_similarity_gradient_matches_the_compiled_pass_reference(shape, ra
                                                                        gradient_dtype):
     """fused_similarity_gradient against stored.py's `_bounded_similarity_gradient` (eager float32, the pass it
     replaces), rounded alike: tiles cut at the edges, padding lanes zero, C read through padded rows."""
+    _assert_gradient_matches_reference(shape, rank, padding, row_padding, gradient_dtype, fused.GRADIENT_TILE)
+
+
+@requires_kernels
+@pytest.mark.parametrize("tile", [(8, 1024, 4), (64, 128, 8), (16, 64, 1)])
+def test_fused_similarity_gradient_with_other_tiles(tile):
+    _assert_gradient_matches_reference((2, 70, 1000), 13, 6, 6, torch.float16, tile)
+
+
+def _assert_gradient_matches_reference(shape, rank: int, padding: int, row_padding: int, gradient_dtype: torch.dtype,
+                                       tile: tuple[int, int, int]) -> None:
     from models.networks.ot import stored
 
     similarity = _cosine_similarity(*shape, torch.Generator().manual_seed(60)).float()
@@ -318,7 +329,8 @@ def test_fused_similarity_gradient_matches_the_compiled_pass_reference(shape, ra
     expected = stored._bounded_similarity_gradient(similarity, row_factors, column_factors, EPSILON, gradient_dtype,
                                                    padding)
     actual = fused.fused_similarity_gradient(*_to_kernel_device((_padded_rows(similarity, row_padding), row_factors,
-                                                                  column_factors)), EPSILON, gradient_dtype, padding)
+                                                                  column_factors)), EPSILON, gradient_dtype, padding,
+                                             tile=tile)
     assert actual.dtype == gradient_dtype and actual.shape == expected.shape
     assert not actual[..., shape[2]:].any()
     # Both round a float32 value that differs by float32 rounding (the order of the R products' sum).
@@ -327,11 +339,14 @@ def test_fused_similarity_gradient_matches_the_compiled_pass_reference(shape, ra
                                atol=1e-5 * expected.double().abs().max().item())
 
 
-def test_fused_similarity_gradient_rejects_mismatched_factors():
+def test_fused_similarity_gradient_rejects_bad_arguments():
     similarity = torch.zeros(2, 5, 6, device=KERNEL_DEVICE)
     row_factors, column_factors = _to_kernel_device(_gradient_factors(2, 5, 6, 3, seed=62))
     with pytest.raises(ValueError, match="must match similarity"):
         fused.fused_similarity_gradient(similarity, row_factors[:, :4], column_factors, EPSILON, torch.float16, 0)
+    with pytest.raises(ValueError, match="tile must be three powers of two"):
+        fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, torch.float16, 0,
+                                        tile=(32, 100, 4))
     with pytest.raises(ValueError, match="pose-major"):
         fused.fused_similarity_gradient(similarity, row_factors, column_factors.contiguous(), EPSILON,
                                         torch.float16, 0)
