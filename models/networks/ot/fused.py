@@ -26,6 +26,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -63,13 +64,21 @@ def _triton_jit(function: Callable) -> Callable:
 
 
 @_triton_jit
-def _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, in_readable, inverse_epsilon):
-    """s = (C - 1) / epsilon of one row of C at the lanes `columns` (-1 / epsilon past M, where in_row is False).
+def _row_lanes(num_pose, readable_pose, BLOCK_M: tl.constexpr):
+    """A program's lanes 0..BLOCK_M - 1 of a row, the mask of those inside the row (below M) and the mask of those
+    a load may read (below `_readable_width`)."""
+    columns = tl.arange(0, BLOCK_M)
+    return columns, columns < num_pose, columns < readable_pose
+
+
+@_triton_jit
+def _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, inverse_epsilon):
+    """s = (C - 1) / epsilon of one row of C (batch_ptr: its batch element's first row) at the lanes `columns`
+    (-1 / epsilon past M, where in_row is False).
 
     The load reads every lane of in_readable (`_readable_width`), padding past M included, and discards the
     padding after the load: a mask whose bound is a multiple of 16 lets Triton issue 16-byte loads."""
-    similarity_row = tl.load(similarity_ptr + batch_offset + tl.cast(row, tl.int64) * row_stride + columns,
-                             mask=in_readable, other=0.0)
+    similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable, other=0.0)
     return (tl.where(in_row, similarity_row, 0.0) - 1.0) * inverse_epsilon
 
 
@@ -86,20 +95,17 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     """
     program = tl.program_id(0)
     batch = tl.program_id(1)
-    columns = tl.arange(0, BLOCK_M)
-    in_row = columns < num_pose
-    in_readable = columns < readable_pose
+    columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     row_shift = tl.load(row_shift_ptr + batch)
     # Lanes past M have log b = -inf, so their row terms are 0 (their column sums are never stored).
     row_offset = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
     column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     program_shift = tl.full([], float("-inf"), tl.float32)
-    batch_offset = batch.to(tl.int64) * batch_stride
+    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        log_kernel = _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, in_readable,
-                                     inverse_epsilon)
+        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, inverse_epsilon)
         row_sum = tl.sum(tl.exp(log_kernel + row_offset), axis=0)
         row_lse = row_shift + tl.log(row_sum)
         # logaddexp(row_lse, log 1e-8). tl has no log1p (libdevice's does not run in the interpreter); log(1 + x)
@@ -125,21 +131,18 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
     program = tl.program_id(0)
     batch = tl.program_id(1)
-    columns = tl.arange(0, BLOCK_M)
-    in_row = columns < num_pose
-    in_readable = columns < readable_pose
+    columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     column_shift = tl.load(column_shift_ptr + batch)
     row_shift = tl.load(row_shift_ptr + batch)
     # Lanes past M have coefficient 0 and log b = -inf, so that all their terms are 0.
     column_coefficient = tl.load(column_coefficient_ptr + batch * num_pose + columns, mask=in_row, other=0.0)
     column_offset = tl.load(log_b_prev_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
     grad_log_b = tl.zeros([BLOCK_M], dtype=tl.float32)
-    batch_offset = batch.to(tl.int64) * batch_stride
+    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        log_kernel = _log_kernel_row(similarity_ptr, batch_offset, row, row_stride, columns, in_row, in_readable,
-                                     inverse_epsilon)
+        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, inverse_epsilon)
         row_offset = tl.load(log_a_prev_ptr + index) - column_shift
         grad_log_a = tl.sum(tl.exp(log_kernel + row_offset) * column_coefficient, axis=0)
         row_sum = tl.load(row_sum_ptr + index)
@@ -251,10 +254,18 @@ def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_pe
         raise RuntimeError(reason)
 
 
+class _LaunchLayout(NamedTuple):
+    """The grid and compile-time shape of a fused pass (`_launch_layout`)."""
+    programs: int  # P, per batch element
+    rows_per_program: int
+    block: int  # BLOCK_M
+    num_warps: int
+    stages: int  # rows in flight
+
+
 def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
-                   pipeline_stages: int | None) -> tuple[int, int, int, int, int]:
-    """(P programs per batch element, rows per program, BLOCK_M, num_warps, pipeline stages) for a pass over
-    `similarity`.
+                   pipeline_stages: int | None) -> _LaunchLayout:
+    """How a fused pass over `similarity` is launched.
 
     P defaults to PROGRAMS_PER_SM programs per SM over the whole batch (rounded down), at most N. num_warps
     keeps 16 lanes of a row per thread (each row-wide value is then 16 registers), between 4 and 32 warps. The
@@ -270,7 +281,7 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
     programs = min(programs_per_batch, num_identity)
     block = _block_width(num_pose)
     stages = pipeline_stages or PIPELINE_STAGES
-    return programs, triton.cdiv(num_identity, programs), block, min(32, max(4, block // 512)), stages
+    return _LaunchLayout(programs, triton.cdiv(num_identity, programs), block, min(32, max(4, block // 512)), stages)
 
 
 def _readable_width(similarity: torch.Tensor) -> int:
@@ -340,18 +351,17 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, log_b=(log_b, "BM"),
                            row_shift=(row_shift, "B"))
     batch, num_identity, num_pose = similarity.shape
-    programs, rows_per_program, block, num_warps, stages = _launch_layout(similarity, programs_per_batch,
-                                                                          pipeline_stages)
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages)
     row_sum = similarity.new_empty(batch, num_identity)
     log_a = similarity.new_empty(batch, num_identity)
-    partial = similarity.new_empty(batch, programs, num_pose)
-    program_shift = similarity.new_empty(batch, programs)
+    partial = similarity.new_empty(batch, layout.programs, num_pose)
+    program_shift = similarity.new_empty(batch, layout.programs)
     with _on_device(similarity):
-        _row_column_forward_kernel[(programs, batch)](
+        _row_column_forward_kernel[(layout.programs, batch)](
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            rows_per_program, 1.0 / epsilon, math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=block,
-            NUM_STAGES=stages, num_warps=num_warps)
+            layout.rows_per_program, 1.0 / epsilon, math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=layout.block,
+            NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
@@ -378,9 +388,7 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
         row_sum: float32 (B, N), positive.
         log_b_prev: float32 (B, M), the log b that row pass read.
         epsilon: entropic temperature.
-        programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
-        pipeline_stages: rows in flight in a program's loop, or None for PIPELINE_STAGES (for benchmarks; more
-            than the default may exceed a GPU's shared memory and fail to launch).
+        programs_per_batch, pipeline_stages: as in `fused_row_column_forward`.
     Returns:
         grad_log_a: float32 (B, N).
         row_coefficient: float32 (B, N).
@@ -390,18 +398,17 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
                            column_shift=(column_shift, "B"), column_coefficient=(column_coefficient, "BM"),
                            row_shift=(row_shift, "B"), row_sum=(row_sum, "BN"), log_b_prev=(log_b_prev, "BM"))
     batch, num_identity, num_pose = similarity.shape
-    programs, rows_per_program, block, num_warps, stages = _launch_layout(similarity, programs_per_batch,
-                                                                          pipeline_stages)
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages)
     grad_log_a = similarity.new_empty(batch, num_identity)
     row_coefficient = similarity.new_empty(batch, num_identity)
-    partial = similarity.new_empty(batch, programs, num_pose)
+    partial = similarity.new_empty(batch, layout.programs, num_pose)
     with _on_device(similarity):
-        _row_column_backward_kernel[(programs, batch)](
+        _row_column_backward_kernel[(layout.programs, batch)](
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
             partial, num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            rows_per_program, 1.0 / epsilon, LOG_DIVISION_EPS, BLOCK_M=block, NUM_STAGES=stages,
-            num_warps=num_warps)
+            layout.rows_per_program, 1.0 / epsilon, LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages,
+            num_warps=layout.num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
 
 
