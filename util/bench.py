@@ -239,7 +239,7 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
     the default number of programs per batch element and a few others, for 2 to 4 pipeline stages, and of the
     dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16) with its default tile and
-    GRADIENT_TILES."""
+    GRADIENT_TILES, each launched row blocks first and column blocks first."""
     from models.networks.layers import ALIGNMENT
     from models.networks.ot import fused, stored
     from models.networks.ot.common import bounded_shift
@@ -280,10 +280,11 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     row_factors = torch.rand(batch, vertices, rank, device=device, generator=generator)
     column_factors = stored._pose_major(torch.rand(batch, vertices, rank, device=device, generator=generator))
     results["similarity_gradient"] = {
-        "x".join(map(str, tile)): time_median(lambda: fused.fused_similarity_gradient(
-            similarity, row_factors, column_factors, stored.SINKHORN_EPSILON, torch.float16, padding, tile=tile),
+        "x".join(map(str, tile)) + (" columns first" if columns_first else ""): time_median(
+            lambda: fused.fused_similarity_gradient(similarity, row_factors, column_factors, stored.SINKHORN_EPSILON,
+                                                    torch.float16, padding, tile=tile, columns_first=columns_first),
             device, warmup, repeats)
-        for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES])}
+        for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES]) for columns_first in (False, True)}
     return results
 
 
