@@ -237,7 +237,8 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     """A fused row + column Sinkhorn pass (models/networks/ot/fused.py) against the compiled row pass, vector
     step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
     features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
-    the default number of programs per batch element and a few others, for 2 to 4 pipeline stages, and of the
+    the default number of programs per batch element and a few others, for 2 to 4 pipeline stages and 8 to 32
+    warps, and of the
     dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16) with its default tile and
     GRADIENT_TILES, each launched row blocks first and column blocks first."""
     from models.networks.layers import ALIGNMENT
@@ -276,6 +277,7 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     results["fused"] = {str(programs or "default"): pass_times(programs_per_batch=programs)
                         for programs in program_counts}
     results["stages"] = {str(stages): pass_times(pipeline_stages=stages) for stages in (2, 3, 4)}
+    results["warps"] = {str(warps): pass_times(num_warps=warps) for warps in (8, 16, 32)}
     rank = 4 + 2 * stored.SINKHORN_ITERATIONS - 1
     row_factors = torch.rand(batch, vertices, rank, device=device, generator=generator)
     column_factors = stored._pose_major(torch.rand(batch, vertices, rank, device=device, generator=generator))
@@ -376,7 +378,8 @@ def main() -> None:
         results = {size: bench_fused_passes(device, size, args.vertices, args.warmup, args.repeats)
                    for size in sorted({args.batch, 1}, reverse=True)}
         for size, row in results.items():
-            for key, label in (("fused", "programs per batch element"), ("stages", "pipeline stages")):
+            for key, label in (("fused", "programs per batch element"), ("stages", "pipeline stages"),
+                               ("warps", "warps")):
                 print(f"batch {size}: separate row + column passes {row['separate_ms']:.3f} ms; fused, by {label}: "
                       + ", ".join(f"{value} {times['forward_ms']:.3f} ms forward {times['backward_ms']:.3f} ms "
                                   "backward" for value, times in row[key].items()))

@@ -65,9 +65,9 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
     for row in results.values():
         assert row["separate_ms"] > 0 and all(ms > 0 for ms in row["similarity_gradient"].values())
         assert list(row["similarity_gradient"])[0] == "x".join(map(str, fused.GRADIENT_TILE))  # the default first
-        assert set(row["stages"]) == {"2", "3", "4"}
+        assert set(row["stages"]) == {"2", "3", "4"} and set(row["warps"]) == {"8", "16", "32"}
         assert all(times["forward_ms"] > 0 and times["backward_ms"] > 0
-                   for times in [*row["fused"].values(), *row["stages"].values()])
+                   for times in [*row["fused"].values(), *row["stages"].values(), *row["warps"].values()])
     printed = capsys.readouterr().out
     assert "fused, by programs per batch element: default" in printed and "fused, by pipeline stages: 2" in printed
     default_tile = "x".join(map(str, fused.GRADIENT_TILE))

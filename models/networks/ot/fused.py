@@ -235,18 +235,22 @@ def fused_pass_supported(similarity: torch.Tensor) -> bool:
 
 
 def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_per_batch: int | None,
-                           pipeline_stages: int | None, **vectors: tuple[torch.Tensor, str]) -> None:
-    """ValueError unless similarity is (B, N, M) with N, M >= 1, epsilon > 0, programs_per_batch and
-    pipeline_stages None or a positive int, and each named (vector, dims) float32 of shape dims ("BN": (B, N),
-    "BM": (B, M), "B": (B,)) on similarity's device; then RuntimeError when the kernels cannot read similarity
-    (`fused_pass_supported`)."""
+                           pipeline_stages: int | None, num_warps: int | None,
+                           **vectors: tuple[torch.Tensor, str]) -> None:
+    """ValueError unless similarity is (B, N, M) with N, M >= 1, epsilon > 0, programs_per_batch,
+    pipeline_stages and num_warps None or a positive int (num_warps a power of two), and each named (vector,
+    dims) float32 of shape dims ("BN": (B, N), "BM": (B, M), "B": (B,)) on similarity's device; then RuntimeError
+    when the kernels cannot read similarity (`fused_pass_supported`)."""
     if similarity.dim() != 3 or similarity.shape[1] == 0 or similarity.shape[2] == 0:
         raise ValueError(f"similarity must have shape (B, N, M) with N, M >= 1, got {tuple(similarity.shape)}")
     if not epsilon > 0:
         raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
-    for name, value in (("programs_per_batch", programs_per_batch), ("pipeline_stages", pipeline_stages)):
+    for name, value in (("programs_per_batch", programs_per_batch), ("pipeline_stages", pipeline_stages),
+                        ("num_warps", num_warps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if num_warps is not None and num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
     sizes = dict(zip("BNM", similarity.shape))
     for name, (vector, dims) in vectors.items():
         shape = tuple(sizes[dim] for dim in dims)
@@ -269,12 +273,12 @@ class _LaunchLayout(NamedTuple):
 
 
 def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
-                   pipeline_stages: int | None) -> _LaunchLayout:
+                   pipeline_stages: int | None, num_warps: int | None) -> _LaunchLayout:
     """How a fused pass over `similarity` is launched.
 
     P defaults to PROGRAMS_PER_SM programs per SM over the whole batch (rounded down), at most N. num_warps
     keeps 16 lanes of a row per thread (each row-wide value is then 16 registers), between 4 and 32 warps. The
-    stages default to PIPELINE_STAGES.
+    stages default to PIPELINE_STAGES. A given num_warps or pipeline_stages replaces the rule's.
     """
     batch, num_identity, num_pose = similarity.shape
     if programs_per_batch is None:
@@ -286,7 +290,8 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
     programs = min(programs_per_batch, num_identity)
     block = _block_width(num_pose)
     stages = pipeline_stages or PIPELINE_STAGES
-    return _LaunchLayout(programs, triton.cdiv(num_identity, programs), block, min(32, max(4, block // 512)), stages)
+    num_warps = num_warps or min(32, max(4, block // 512))
+    return _LaunchLayout(programs, triton.cdiv(num_identity, programs), block, num_warps, stages)
 
 
 def _readable_width(similarity: torch.Tensor) -> int:
@@ -326,7 +331,7 @@ def _merge_column_partials(partial: torch.Tensor, program_shift: torch.Tensor,
 
 def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_shift: torch.Tensor, epsilon: float,
                              similarity_bound: float, *, programs_per_batch: int | None = None,
-                             pipeline_stages: int | None = None
+                             pipeline_stages: int | None = None, num_warps: int | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A row pass with log b, the log a update, then the column pass with that log a, in one read of C.
 
@@ -347,16 +352,17 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
         pipeline_stages: rows in flight in a program's loop, or None for PIPELINE_STAGES (for benchmarks; more
             than the default may exceed a GPU's shared memory and fail to launch).
+        num_warps: warps of a program, a power of two, or None for 16 lanes of a row a thread (for benchmarks).
     Returns:
         row_sum: float32 (B, N).
         log_a: float32 (B, N).
         column_shift: float32 (B,).
         column_sum: float32 (B, M).
     """
-    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, log_b=(log_b, "BM"),
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps, log_b=(log_b, "BM"),
                            row_shift=(row_shift, "B"))
     batch, num_identity, num_pose = similarity.shape
-    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages)
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
     row_sum = similarity.new_empty(batch, num_identity)
     log_a = similarity.new_empty(batch, num_identity)
     partial = similarity.new_empty(batch, layout.programs, num_pose)
@@ -374,7 +380,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
 def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor, column_shift: torch.Tensor,
                               column_coefficient: torch.Tensor, row_shift: torch.Tensor, row_sum: torch.Tensor,
                               log_b_prev: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None,
-                              pipeline_stages: int | None = None
+                              pipeline_stages: int | None = None, num_warps: int | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dlog a_{t-1}, then the row coefficients and dlog b_{t-1} from it, in one read of C.
 
@@ -393,17 +399,18 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
         row_sum: float32 (B, N), positive.
         log_b_prev: float32 (B, M), the log b that row pass read.
         epsilon: entropic temperature.
-        programs_per_batch, pipeline_stages: as in `fused_row_column_forward`.
+        programs_per_batch, pipeline_stages, num_warps: as in `fused_row_column_forward`.
     Returns:
         grad_log_a: float32 (B, N).
         row_coefficient: float32 (B, N).
         grad_log_b: float32 (B, M).
     """
-    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, log_a_prev=(log_a_prev, "BN"),
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps,
+                           log_a_prev=(log_a_prev, "BN"),
                            column_shift=(column_shift, "B"), column_coefficient=(column_coefficient, "BM"),
                            row_shift=(row_shift, "B"), row_sum=(row_sum, "BN"), log_b_prev=(log_b_prev, "BM"))
     batch, num_identity, num_pose = similarity.shape
-    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages)
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
     grad_log_a = similarity.new_empty(batch, num_identity)
     row_coefficient = similarity.new_empty(batch, num_identity)
     partial = similarity.new_empty(batch, layout.programs, num_pose)
@@ -452,7 +459,7 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     if len(tile) != 3 or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1)
                              for size in tile):
         raise ValueError(f"tile must be three powers of two (rows, columns, warps), got {tile!r}")
-    _validate_fused_inputs(similarity, epsilon, None, None)
+    _validate_fused_inputs(similarity, epsilon, None, None, None)
     block_n, block_m, num_warps = tile
     padded_pose = num_pose + padding
     gradient = similarity.new_empty(batch, num_identity, padded_pose, dtype=gradient_dtype)

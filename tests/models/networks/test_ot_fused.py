@@ -197,6 +197,8 @@ def test_invalid_inputs_raise():
         fused.fused_row_column_forward(similarity, log_b, row_shift, EPSILON, SIMILARITY_BOUND, programs_per_batch=0)
     with pytest.raises(ValueError, match="pipeline_stages must be a positive int"):
         fused.fused_row_column_forward(similarity, log_b, row_shift, EPSILON, SIMILARITY_BOUND, pipeline_stages=2.0)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        fused.fused_row_column_forward(similarity, log_b, row_shift, EPSILON, SIMILARITY_BOUND, num_warps=12)
     backward_inputs = list(_backward_inputs(2, 5, 6, seed=22))
     backward_inputs[5] = backward_inputs[5][:, :4]
     with pytest.raises(ValueError, match=r"row_sum must be a float32 tensor of shape \(2, 5\)"):
@@ -220,25 +222,24 @@ def _padded_rows(similarity: torch.Tensor, extra: int) -> torch.Tensor:
 
 
 def _assert_forward_matches_naive(shape, programs_per_batch, seed: int, similarity_bound: float = SIMILARITY_BOUND,
-                                  row_padding: int = 0, pipeline_stages: int | None = None) -> None:
+                                  row_padding: int = 0, **layout) -> None:
     inputs = _forward_inputs(*shape, seed=seed, similarity_bound=similarity_bound)
     expected = fused.fused_row_column_forward_naive(*inputs, EPSILON, similarity_bound)
     inputs = (_padded_rows(inputs[0], row_padding), *inputs[1:])
     actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), EPSILON, similarity_bound,
-                                            programs_per_batch=programs_per_batch, pipeline_stages=pipeline_stages)
+                                            programs_per_batch=programs_per_batch, **layout)
     for name, value, reference, rtol, atol in zip(
             ("row_sum", "log_a", "column_shift", "column_sum"), actual, expected,
             (SUM_TOLERANCE, 0, 0, SUM_TOLERANCE), (0, LOG_TOLERANCE, LOG_TOLERANCE, 0)):
         _assert_close(name, value, reference, rtol, atol)
 
 
-def _assert_backward_matches_naive(shape, programs_per_batch, seed: int, row_padding: int = 0,
-                                   pipeline_stages: int | None = None) -> None:
+def _assert_backward_matches_naive(shape, programs_per_batch, seed: int, row_padding: int = 0, **layout) -> None:
     inputs = _backward_inputs(*shape, seed=seed)
     expected = fused.fused_row_column_backward_naive(*inputs)
     inputs = (_padded_rows(inputs[0], row_padding), *inputs[1:])
     actual = fused.fused_row_column_backward(*_to_kernel_device(inputs), programs_per_batch=programs_per_batch,
-                                             pipeline_stages=pipeline_stages)
+                                             **layout)
     for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual, expected):
         _assert_gradient_close(name, value, reference)
 
@@ -271,11 +272,12 @@ def test_fused_passes_read_a_view_of_padded_rows(shape, row_padding):
 
 
 @requires_kernels
-@pytest.mark.parametrize("pipeline_stages", [1, 3, 4])
-def test_fused_passes_with_other_pipeline_stages(pipeline_stages):
-    # Rows of 6890 lanes in padded rows, as on the GPU; the stage count changes only how loads are scheduled.
-    _assert_forward_matches_naive((2, 40, 6890), None, seed=35, row_padding=6, pipeline_stages=pipeline_stages)
-    _assert_backward_matches_naive((2, 40, 6890), None, seed=36, row_padding=6, pipeline_stages=pipeline_stages)
+@pytest.mark.parametrize("layout", [{"pipeline_stages": 1}, {"pipeline_stages": 3}, {"pipeline_stages": 4},
+                                    {"num_warps": 8}, {"num_warps": 32}])
+def test_fused_passes_with_other_launch_layouts(layout):
+    # Rows of 6890 lanes in padded rows, as on the GPU; stages and warps change only how the work is scheduled.
+    _assert_forward_matches_naive((2, 40, 6890), None, seed=35, row_padding=6, **layout)
+    _assert_backward_matches_naive((2, 40, 6890), None, seed=36, row_padding=6, **layout)
 
 
 @requires_kernels
