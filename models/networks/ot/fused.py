@@ -424,7 +424,7 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
     return grad_log_a, row_coefficient, partial.sum(1)
 
 
-# dL/dC tiles (identity rows, pose columns, warps): 8192 lanes, 16 a thread at 4 warps.
+# dL/dC tiles (identity rows, pose columns, warps): 8192 lanes, 64 a thread at 4 warps.
 GRADIENT_TILE = (32, 256, 4)
 
 
