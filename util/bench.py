@@ -2,7 +2,7 @@
 
     python -m util.bench --out bench.json                 # everything, on the GPU
     python -m util.bench --device cpu --vertices 500 --sweep "" --loader_pairs 0   # a quick CPU check
-    python -m util.bench --fused_passes                   # the fused Sinkhorn passes alone (a GPU)
+    python -m util.bench --fused_passes                   # the fused Sinkhorn kernels alone (a GPU)
 
 Tables printed (and written as JSON with --out):
 - training step (forward, losses, backward, Adam) at --batch and --vertices: ms, pairs/s, peak GiB, the
@@ -237,10 +237,9 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     """A fused row + column Sinkhorn pass (models/networks/ot/fused.py) against the compiled row pass, vector
     step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
     features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
-    the default number of programs per batch element and a few others, for 2 to 4 pipeline stages and 8 to 32
-    warps, and of the
-    dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16) with its default tile and
-    GRADIENT_TILES, each launched row blocks first and column blocks first."""
+    the default number of programs per batch element and a few others, for 2 to 4 pipeline stages and for 8 to
+    32 warps; and ms of the dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16) with its
+    default tile and GRADIENT_TILES, each launched row blocks first and column blocks first."""
     from models.networks.layers import ALIGNMENT
     from models.networks.ot import fused, stored
     from models.networks.ot.common import bounded_shift
@@ -358,7 +357,8 @@ def main() -> None:
     parser.add_argument("--profile_inference", default="", help="only print a profile of this variant's "
                         "inference at --batch pairs")
     parser.add_argument("--fused_passes", action="store_true", help="only time the fused Sinkhorn row + column "
-                        "pass against the separate passes, at --batch and at one pair (a GPU with triton)")
+                        "pass against the separate passes (by programs, stages and warps) and the dL/dC kernel (by "
+                        "tile), at --batch and at one pair (a GPU with triton)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
