@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # GPU checks that need no quiet machine (no timings): the GPU tests of the Triton kernels, the split and aligned
-# products and the CUDA graphs, and torch.profiler tables of the fast path's training step and inference (one pair, 8 pairs)
-# (kernel times, where the time goes). Writes
-# $OUT/gpu_checks.txt. Sourced setup expected (scripts/device_setup.sh); scripts/device_reproduce.sh PHASE=1
-# runs it alongside the data generation when GPU_CHECKS=1.
+# products and the CUDA graphs, and torch.profiler kernel tables (where the time goes) of the fast path's training
+# step and of its inference at one pair and at 8. Writes $OUT/gpu_checks.txt. Sourced setup expected
+# (scripts/device_setup.sh); scripts/device_reproduce.sh PHASE=1 runs it alongside the data generation when
+# GPU_CHECKS=1.
 set -uo pipefail
+
+kernel_table() {  # seconds, then util.bench's profile options: the per-kernel table of its output
+  local seconds=$1
+  shift
+  timeout "$seconds" python3 -m util.bench "$@" 2>&1 | grep -v -i warn | sed -n '/^Device kernels per call/,$p' \
+    | head -60
+}
+
 {
   echo "== GPU tests: Triton kernels, split and aligned products, stored warp, CUDA graphs"
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/models/networks/test_ot_fused.py \
     tests/models/networks/test_layers.py tests/models/networks/test_ot.py tests/models/test_cuda_graphs.py \
     -k "fused or gpu or cuda or graphs or similarity_gradient or padded_rows" 2>&1 | tail -15
   echo "== training step profile, fast-fp16-compiled, batch 8, 6890 vertices"
-  timeout 180 python3 -m util.bench --profile fast-fp16-compiled 2>&1 | grep -v -i warn \
-    | sed -n '/^Device kernels per call/,$p' | head -60
+  kernel_table 180 --profile fast-fp16-compiled
   for pairs in 1 8; do
     echo "== inference profile, fast-fp16-compiled, $pairs pairs of 6890 vertices"
-    timeout 120 python3 -m util.bench --profile_inference fast-fp16-compiled --batch $pairs 2>&1 | grep -v -i warn \
-      | sed -n '/^Device kernels per call/,$p' | head -60
+    kernel_table 120 --profile_inference fast-fp16-compiled --batch "$pairs"
   done
 } > "$OUT/gpu_checks.txt" 2>&1

@@ -3,6 +3,8 @@
 half-precision backward) and the 1x1 convolution built on them."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,7 +97,9 @@ def split_products_run_on(t: torch.Tensor) -> bool:
     return t.is_cuda and FLOAT_OUTPUT_HALF_PRODUCTS
 
 
-def split_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def split_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+                  form_operands: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                  = split_operands) -> torch.Tensor:
     """bias + a @ b for float32 a, b, as accurate as float32 in practice, on fp16 tensor cores.
 
     Each operand is split into fp16 pieces, x = hi + lo, and the three products that matter (hi hi, hi lo,
@@ -106,10 +110,11 @@ def split_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
 
     Args:
         a: float32 (B, P, K); b: float32 (B, K, Q), both within float16's range; bias: None or (P, 1).
+        form_operands: `split_operands`, or the same function compiled (the stored warp's C).
     Returns:
         float32 (B, P, Q); without a bias, a view of the first Q columns of a (B, P, Q') product (Q' = Q padded).
     """
-    left, right = split_operands(a, b)
+    left, right = form_operands(a, b)
     out = float_product_of_halves(left, right)[..., :b.shape[2]]
     return out if bias is None else out + bias
 

@@ -234,8 +234,8 @@ def fused_pass_supported(similarity: torch.Tensor) -> bool:
     return unsupported_reason(similarity) is None
 
 
-def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_per_batch: int | None,
-                           pipeline_stages: int | None, num_warps: int | None,
+def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_per_batch: int | None = None,
+                           pipeline_stages: int | None = None, num_warps: int | None = None,
                            **vectors: tuple[torch.Tensor, str]) -> None:
     """ValueError unless similarity is (B, N, M) with N, M >= 1, epsilon > 0, programs_per_batch,
     pipeline_stages and num_warps None or a positive int (num_warps a power of two), and each named (vector,
@@ -459,7 +459,7 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     if len(tile) != 3 or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1)
                              for size in tile):
         raise ValueError(f"tile must be three powers of two (rows, columns, warps), got {tile!r}")
-    _validate_fused_inputs(similarity, epsilon, None, None, None)
+    _validate_fused_inputs(similarity, epsilon)
     block_n, block_m, num_warps = tile
     padded_pose = num_pose + padding
     gradient = similarity.new_empty(batch, num_identity, padded_pose, dtype=gradient_dtype)

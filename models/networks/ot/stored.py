@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from models.networks.layers import (float_product_of_halves, half_copies, half_product_gradients, product,
-                                    split_operands, split_products_run_on)
+from models.networks.layers import (half_copies, half_product_gradients, product, split_operands, split_product,
+                                    split_products_run_on)
 from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
                                        bounded_shift, log_marginal_update, row_blocks, validate_chunk_size,
                                        validate_feature_inputs, validate_similarity_inputs, working_dtype)
@@ -391,8 +391,7 @@ def _similarity(theta_rows: torch.Tensor, pose_phi: torch.Tensor, compiled: bool
     """
     if not split_products_run_on(theta_rows):
         return product(theta_rows, pose_phi)
-    left, right = _run_pass(compiled, split_operands, theta_rows, pose_phi)
-    return float_product_of_halves(left, right)[..., :pose_phi.shape[2]]
+    return split_product(theta_rows, pose_phi, form_operands=functools.partial(_run_pass, compiled, split_operands))
 
 
 class _StoredSimilarityWarp(torch.autograd.Function):

@@ -424,6 +424,23 @@ def test_similarity_warp_equals_the_half_gradient_product_then_the_warp(half_dty
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_similarity_warp_forms_c_from_split_pieces_where_split_products_run(compiled, monkeypatch):
+    """As on a GPU (here through the split product's float32 emulation): C is a view of padded rows of the split
+    product (its operands formed by a compiled pass when `compiled`), within float32's tolerance of the warp of a
+    float32 C."""
+    from models.networks.ot import stored
+
+    monkeypatch.setattr(stored, "split_products_run_on", lambda tensor: True)
+    theta, phi, points = _random_problem(2, 13, 9, torch.float32, seed=21, channels=8)
+    saved, warp = _saved_tensors(lambda: similarity_warp_stored(theta.requires_grad_(), phi, points, torch.float16,
+                                                                compiled=compiled, similarity_bound=1.0))
+    similarity = saved[0]
+    assert similarity.shape == (2, 13, 9) and similarity.stride(1) == 16  # 9 pose columns padded to 16
+    expected = sinkhorn_warp_stored(theta.detach().transpose(1, 2) @ phi, points, similarity_bound=1.0)
+    assert _relative_error(warp.detach(), expected) < VALUE_TOLERANCE[torch.float32]
+
+
 def test_similarity_warp_saves_half_copies_and_similarity_only():
     theta, phi, points = _random_problem(2, 40, 30, torch.float32, seed=20)
     theta.requires_grad_()
