@@ -6,7 +6,8 @@
 
 Tables printed (and written as JSON with --out):
 - training step (forward, losses, backward, Adam) at --batch and --vertices: ms, pairs/s, peak GiB, the
-  ratio to the reference and model FLOP utilisation, for the reference (fp32, dense OT) and fast variants;
+  ratio to the reference and model FLOP utilisation, for the reference (fp32, dense OT) and fast variants,
+  eager and (on a GPU) replayed from one CUDA graph ("+graphs"); ms of steps issued back to back besides;
 - inference: one pair, a batch and a --big_batch, per variant, eager and (on a GPU) replayed from CUDA graphs;
 - an inference sweep over vertex counts for the memory-linear path (and the reference until it runs out);
 - the data path: pairs/s of the packed sampler on the device and of the OBJ loader with --workers.
@@ -33,6 +34,7 @@ import torch
 
 from models.cuda_graphs import GraphedTransfer, TransferFunction
 from models.pose_transfer_model import PoseTransferModel
+from models.train_step import WARMUP_STEPS, GraphedTrainingStep, training_step
 from util.cli import run_main
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
@@ -117,29 +119,42 @@ def build(variant: str, device: torch.device) -> PoseTransferModel:
     return model
 
 
-def training_step(model: PoseTransferModel, batch: dict, device: torch.device) -> Callable[[], None]:
-    """One full step as train.py takes it: forward, losses, backward and the published Adam update (fused on
-    a GPU), with fp16 loss scaling."""
+def training_steps(model: PoseTransferModel, batch: dict, device: torch.device,
+                   graphs: bool = False) -> Callable[[], object]:
+    """A function taking one full step on the batch as train.py does (models/train_step.py): forward, losses,
+    backward and the published Adam update (fused on a GPU), with fp16 loss scaling; with graphs, replayed
+    from one CUDA graph (train.py --cuda_graphs on), after the eager steps it needs before its capture."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER, fused=device.type == "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER, fused=device.type == "cuda",
+                                 capturable=graphs)
     scaler = torch.amp.GradScaler(device.type, enabled=model.generator_dtype == torch.float16)
+    if not graphs:
+        return functools.partial(training_step, model, optimizer, scaler, batch)
+    step = GraphedTrainingStep(model, optimizer, scaler)
+    for _ in range(WARMUP_STEPS + 1):
+        step(batch)
+    return functools.partial(step, batch)
 
-    def step() -> None:
-        _, losses = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(sum(losses.values())).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return step
+
+def time_back_to_back(step: Callable[[], object], device: torch.device, steps: int) -> float:
+    """Mean milliseconds of `steps` calls issued back to back and synchronised once, as a training loop runs
+    between its loss prints: where the GPU is the bottleneck, launching the next kernels overlaps its work."""
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - started) * 1e3 / steps
 
 
 def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, warmup: int,
-                   repeats: int) -> dict[str, float]:
-    """Median ms and peak memory of training_step."""
-    step = training_step(model, batch, device)
+                   repeats: int, graphs: bool = False) -> dict[str, float]:
+    """Median ms of one synchronised step, mean ms of --repeats steps back to back, and peak memory of
+    `training_steps`."""
+    step = training_steps(model, batch, device, graphs)
     reset_peak(device)
     ms = time_median(step, device, warmup, repeats)
-    return {"ms": ms, "peak_gib": peak_gib(device)}
+    return {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats), "peak_gib": peak_gib(device)}
 
 
 def bench_inference(transfer: TransferFunction, batch: dict, device: torch.device, warmup: int,
@@ -218,7 +233,7 @@ def _kernel_table(events: list, calls: int, rows: int = 80) -> str:
 
 def profile_training(variant: str, batch: dict, device: torch.device, steps: int = 3) -> str:
     """Profile tables (`_profile`) of a few training steps after warm-up: where the time of a step goes."""
-    step = training_step(build(variant, device), batch, device)
+    step = training_steps(build(variant, device), batch, device)
     for _ in range(2):
         step()
     return _profile(step, device, steps)
@@ -403,12 +418,13 @@ def main() -> None:
     big = synthetic_batch(args.big_batch, args.vertices, device) if args.big_batch else None
     for name in filter(None, args.variants.split(",")):  # --variants "": the data path alone
         model = build(name, device)
-        if not args.skip_train:
-            train = bench_training(model, batch, device, args.warmup, args.repeats)
+        for graphs in [] if args.skip_train else [False, True] if device.type == "cuda" else [False]:
+            label = f"{name}+graphs" if graphs else name
+            train = bench_training(model, batch, device, args.warmup, args.repeats, graphs)
             train.update(pairs_per_s=args.batch / train["ms"] * 1e3, mfu=step_gflop / train["ms"] / args.peak_tflops)
-            results["train"][name] = train
-            print(f"{name:24} train {train['ms']:8.2f} ms {train['pairs_per_s']:8.1f} pairs/s "
-                  f"{train['peak_gib']:6.2f} GiB", flush=True)
+            results["train"][label] = train
+            print(f"{label:30} train {train['ms']:8.2f} ms ({train['back_to_back_ms']:8.2f} back to back) "
+                  f"{train['pairs_per_s']:8.1f} pairs/s {train['peak_gib']:6.2f} GiB", flush=True)
         model.eval()
         transfers = {name: model.transfer}
         if device.type == "cuda":
@@ -443,11 +459,12 @@ def main() -> None:
     if args.loader_pairs:
         results["loaders"] = bench_loaders(device, args.vertices, args.batch, args.loader_pairs, args.workers)
     reference = results["train"].get("reference")
-    print(f"\n{'training step':24} {'ms':>8} {'pairs/s':>8} {'peak GiB':>9} {'ratio':>6} {'MFU':>6}")
+    print(f"\n{'training step':30} {'ms':>8} {'pairs/s':>8} {'peak GiB':>9} {'ratio':>6} {'MFU':>6} "
+          f"{'back to back ms':>16}")
     for name, row in results["train"].items():
         ratio = row["pairs_per_s"] / reference["pairs_per_s"] if reference else float("nan")
-        print(f"{name:24} {row['ms']:8.2f} {row['pairs_per_s']:8.1f} {row['peak_gib']:9.2f} {ratio:6.2f} "
-              f"{row['mfu']:6.1%}")
+        print(f"{name:30} {row['ms']:8.2f} {row['pairs_per_s']:8.1f} {row['peak_gib']:9.2f} {ratio:6.2f} "
+              f"{row['mfu']:6.1%} {row['back_to_back_ms']:16.2f}")
     big_column = f"batch {args.big_batch} pairs/s" if big is not None else ""
     print(f"\n{'inference':30} {'1 pair ms':>10} {f'batch {args.batch} pairs/s':>16} {'peak GiB':>9} {big_column:>18}")
     for name in results["infer_one"]:

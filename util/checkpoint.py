@@ -111,6 +111,23 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     atomic_save(state, path)
 
 
+# How torch.optim computes the update, not what it has learnt: a resume file saved by a GPU run with a CUDA graph
+# (fused, capturable) must load into a CPU run and the other way round.
+OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """optimizer.load_state_dict(saved), keeping this optimizer's own OPTIMIZER_IMPLEMENTATION_KEYS (torch takes
+    the saved groups' settings whole, and places Adam's step counts by them)."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if isinstance(groups, list) and len(groups) == len(optimizer.param_groups) and \
+            all(isinstance(group, dict) for group in groups):
+        saved = {**saved, "param_groups": [
+            {**saved_group, **{key: group[key] for key in OPTIMIZER_IMPLEMENTATION_KEYS if key in group}}
+            for saved_group, group in zip(groups, optimizer.param_groups)]}
+    optimizer.load_state_dict(saved)
+
+
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler) -> dict[str, Any]:
     """Restore networks, optimizer and loss scaler from a resume file; return its lr, epoch, iteration and
@@ -126,7 +143,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     for name, network in networks.items():
         check_state_dict(network, state["networks"][name], f"resume file {path} ({name})")
         network.load_state_dict(state["networks"][name])
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])

@@ -86,3 +86,26 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_optimizer_state_keeps_this_runs_implementation():
+    """A resume file written by a GPU run with a CUDA-graphed step (fused, capturable Adam: step counts on
+    the GPU) resumes a CPU run: the moments and step count load, the update is computed the CPU's way."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    saving = torch.optim.Adam([weight], lr=1e-3, foreach=False)
+    weight.grad = torch.randn(4, 3)
+    saving.step()
+    saved = saving.state_dict()
+    saved["param_groups"][0].update(fused=True, capturable=True, foreach=None)
+
+    loading = torch.optim.Adam([torch.nn.Parameter(weight.detach().clone())], lr=1e-3, foreach=False)
+    checkpoint.load_optimizer_state(loading, saved)
+    group = loading.param_groups[0]
+    assert (group["fused"], group["capturable"], group["foreach"]) == (None, False, False)
+    state = loading.state[group["params"][0]]
+    torch.testing.assert_close(state["exp_avg"], saving.state[weight]["exp_avg"], rtol=0, atol=0)
+    assert state["step"].item() == 1 and state["step"].device.type == "cpu"
+    group["params"][0].grad = torch.randn(4, 3)
+    loading.step()  # torch's own load would keep capturable=True and refuse a CPU step
+    assert state["step"].item() == 2
