@@ -25,14 +25,19 @@ def training_step(network: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         network: a PairModel, or one wrapped in DistributedDataParallel.
         batch: a loader batch (models/base_model.py PairModel.forward).
     Returns:
-        the network's outputs and its weighted losses (scalars).
+        the network's outputs and its weighted losses (scalars), detached: holding them keeps no autograd graph
+        alive into the next step.
     """
     outputs, losses = network(batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(sum(losses.values())).backward()
     scaler.step(optimizer)
     scaler.update()
-    return outputs, losses
+    return _detached(outputs), _detached(losses)
+
+
+def _detached(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.detach() for name, value in tensors.items()}
 
 
 def _require_cuda_model(network: nn.Module) -> torch.device:
@@ -71,6 +76,7 @@ class GraphedTrainingStep:
             raise ValueError("a graphed training step needs an optimizer made with capturable=True")
         self.network, self.optimizer, self.scaler = network, optimizer, scaler
         self.eager_steps = 0
+        self.side_stream: torch.cuda.Stream | None = None  # the warm-up steps'
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: dict[str, torch.Tensor] | None = None  # the graph's input buffers, and its results
         self.outputs: dict[str, torch.Tensor] | None = None
@@ -104,11 +110,12 @@ class GraphedTrainingStep:
         return self.outputs, self.losses
 
     def _side_stream_step(self, batch: dict, device: torch.device) -> tuple[dict, dict]:
-        side_stream = torch.cuda.Stream(device)
-        side_stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side_stream):
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(device)
+        self.side_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.side_stream):
             result = training_step(self.network, self.optimizer, self.scaler, batch)
-        torch.cuda.current_stream(device).wait_stream(side_stream)
+        torch.cuda.current_stream(device).wait_stream(self.side_stream)
         return result
 
     def _capture(self, batch: dict) -> None:
