@@ -7,7 +7,7 @@
 Tables printed (and written as JSON with --out):
 - training step (forward, losses, backward, Adam) at --batch and --vertices: ms, pairs/s, peak GiB, the
   ratio to the reference and model FLOP utilisation, for the reference (fp32, dense OT) and fast variants,
-  eager and (on a GPU) replayed from one CUDA graph ("+graphs"); ms of steps issued back to back besides;
+  and the mean ms of steps issued back to back (synchronised once, as a training loop runs);
 - inference: one pair, a batch and a --big_batch, per variant, eager and (on a GPU) replayed from CUDA graphs;
 - an inference sweep over vertex counts for the memory-linear path (and the reference until it runs out);
 - the data path: pairs/s of the packed sampler on the device and of the OBJ loader with --workers.
@@ -34,7 +34,7 @@ import torch
 
 from models.cuda_graphs import GraphedTransfer, TransferFunction
 from models.pose_transfer_model import PoseTransferModel
-from models.train_step import WARMUP_STEPS, GraphedTrainingStep, training_step
+from models.train_step import training_step
 from util.cli import run_main
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
@@ -119,21 +119,13 @@ def build(variant: str, device: torch.device) -> PoseTransferModel:
     return model
 
 
-def training_steps(model: PoseTransferModel, batch: dict, device: torch.device,
-                   graphs: bool = False) -> Callable[[], object]:
+def training_steps(model: PoseTransferModel, batch: dict, device: torch.device) -> Callable[[], object]:
     """A function taking one full step on the batch as train.py does (models/train_step.py): forward, losses,
-    backward and the published Adam update (fused on a GPU), with fp16 loss scaling; with graphs, replayed
-    from one CUDA graph (train.py --cuda_graphs on), after the eager steps it needs before its capture."""
+    backward and the published Adam update (fused on a GPU), with fp16 loss scaling."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER, fused=device.type == "cuda",
-                                 capturable=graphs)
+    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=model.generator_dtype == torch.float16)
-    if not graphs:
-        return functools.partial(training_step, model, optimizer, scaler, batch)
-    step = GraphedTrainingStep(model, optimizer, scaler)
-    for _ in range(WARMUP_STEPS + 1):
-        step(batch)
-    return functools.partial(step, batch)
+    return functools.partial(training_step, model, optimizer, scaler, batch)
 
 
 def time_back_to_back(step: Callable[[], object], device: torch.device, steps: int) -> float:
@@ -148,10 +140,10 @@ def time_back_to_back(step: Callable[[], object], device: torch.device, steps: i
 
 
 def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, warmup: int,
-                   repeats: int, graphs: bool = False) -> dict[str, float]:
+                   repeats: int) -> dict[str, float]:
     """Median ms of one synchronised step, mean ms of --repeats steps back to back, and peak memory of
     `training_steps`."""
-    step = training_steps(model, batch, device, graphs)
+    step = training_steps(model, batch, device)
     reset_peak(device)
     ms = time_median(step, device, warmup, repeats)
     return {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats), "peak_gib": peak_gib(device)}
@@ -418,12 +410,11 @@ def main() -> None:
     big = synthetic_batch(args.big_batch, args.vertices, device) if args.big_batch else None
     for name in filter(None, args.variants.split(",")):  # --variants "": the data path alone
         model = build(name, device)
-        for graphs in [] if args.skip_train else [False, True] if device.type == "cuda" else [False]:
-            label = f"{name}+graphs" if graphs else name
-            train = bench_training(model, batch, device, args.warmup, args.repeats, graphs)
+        if not args.skip_train:
+            train = bench_training(model, batch, device, args.warmup, args.repeats)
             train.update(pairs_per_s=args.batch / train["ms"] * 1e3, mfu=step_gflop / train["ms"] / args.peak_tflops)
-            results["train"][label] = train
-            print(f"{label:30} train {train['ms']:8.2f} ms ({train['back_to_back_ms']:8.2f} back to back) "
+            results["train"][name] = train
+            print(f"{name:30} train {train['ms']:8.2f} ms ({train['back_to_back_ms']:8.2f} back to back) "
                   f"{train['pairs_per_s']:8.1f} pairs/s {train['peak_gib']:6.2f} GiB", flush=True)
         model.eval()
         transfers = {name: model.transfer}
