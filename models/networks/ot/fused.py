@@ -53,8 +53,13 @@ MAX_FUSED_POSE_VERTICES = 16384
 PROGRAMS_PER_SM = 2
 # Programs per batch element without a GPU (the interpreter): enough that tests cover several per batch.
 INTERPRETER_PROGRAMS = 4
-# Rows in flight in a program's loop: the next row's load overlaps the current row's arithmetic.
-PIPELINE_STAGES = 2
+# Rows in flight in a program's loop (the next rows' loads overlap the current row's arithmetic): 3 for rows of up to
+# WIDE_ROW_LANES lanes (96 KiB of shared memory at 8192), 2 above (128 KiB at 16,384; 3 would take 192). H100 probe
+# at N = M = 6890, batch 8 (docs/benchmarks.md, tenth session): forward 0.855 -> 0.723 ms, backward 0.887 -> 0.777
+# ms from 2 to 3 stages.
+PIPELINE_STAGES = 3
+WIDE_ROW_PIPELINE_STAGES = 2
+WIDE_ROW_LANES = 8192
 
 
 def _triton_jit(function: Callable) -> Callable:
@@ -213,12 +218,18 @@ def _block_width(num_pose: int) -> int:
     return 1 << max(num_pose - 1, 0).bit_length()
 
 
+def _pipeline_stages(block: int) -> int:
+    """Rows in flight in a program of BLOCK_M = block lanes."""
+    return PIPELINE_STAGES if block <= WIDE_ROW_LANES else WIDE_ROW_PIPELINE_STAGES
+
+
 def shared_memory_shortfall(num_pose: int, available: int | None, device_name: str) -> str | None:
     """Why a GPU with `available` bytes of shared memory per block (None: unknown, assumed enough) cannot run
-    the kernels for rows of num_pose, or None. The bound is PIPELINE_STAGES rows of BLOCK_M float32 lanes (64 KiB
-    at M = 6890, 128 KiB at 16,384), twice what the kernels used compiled for sm_90 (the next row's load in
-    flight): a GPU below it takes the separate passes rather than risk failing to launch."""
-    needed = PIPELINE_STAGES * 4 * _block_width(num_pose)
+    the kernels for rows of num_pose, or None. The bound is the pipelined rows (`_pipeline_stages`) of BLOCK_M
+    float32 lanes (96 KiB at M = 6890, 128 KiB at 16,384): a GPU below it takes the separate passes rather than
+    risk failing to launch."""
+    block = _block_width(num_pose)
+    needed = _pipeline_stages(block) * 4 * block
     if available is None or needed <= available:
         return None
     return (f"the fused Sinkhorn passes need {needed // 1024} KiB of shared memory per block for rows of {num_pose} "
@@ -278,7 +289,7 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
 
     P defaults to PROGRAMS_PER_SM programs per SM over the whole batch (rounded down), at most N. num_warps
     keeps 16 lanes of a row per thread (each row-wide value is then 16 registers), between 4 and 32 warps. The
-    stages default to PIPELINE_STAGES. A given num_warps or pipeline_stages replaces the rule's.
+    stages default to `_pipeline_stages`. A given num_warps or pipeline_stages replaces the rule's.
     """
     batch, num_identity, num_pose = similarity.shape
     if programs_per_batch is None:
@@ -289,7 +300,7 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
             programs_per_batch = INTERPRETER_PROGRAMS
     programs = min(programs_per_batch, num_identity)
     block = _block_width(num_pose)
-    stages = pipeline_stages or PIPELINE_STAGES
+    stages = pipeline_stages or _pipeline_stages(block)
     num_warps = num_warps or min(32, max(4, block // 512))
     return _LaunchLayout(programs, triton.cdiv(num_identity, programs), block, num_warps, stages)
 
@@ -350,7 +361,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         epsilon: entropic temperature.
         similarity_bound: the bound on |C| that places column_shift above every column logit.
         programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
-        pipeline_stages: rows in flight in a program's loop, or None for PIPELINE_STAGES (for benchmarks; more
+        pipeline_stages: rows in flight in a program's loop, or None for `_pipeline_stages` (for benchmarks; more
             than the default may exceed a GPU's shared memory and fail to launch).
         num_warps: warps of a program, a power of two, or None for 16 lanes of a row a thread (for benchmarks).
     Returns:

@@ -415,10 +415,13 @@ def test_fused_passes_keep_rows_and_columns_far_below_the_shift():
 
 
 def test_shared_memory_shortfall_counts_the_pipelined_rows():
-    # PIPELINE_STAGES rows of next_power_of_2(M) float32 lanes: 2 x 8192 x 4 bytes = 64 KiB at M = 6890.
-    assert fused.PIPELINE_STAGES == 2
-    assert fused.shared_memory_shortfall(6890, 64 * 1024, "H100") is None
+    # The pipelined rows of next_power_of_2(M) float32 lanes: 3 x 8192 x 4 bytes = 96 KiB at M = 6890, and
+    # 2 x 16384 x 4 = 128 KiB above 8192 lanes.
+    assert fused.shared_memory_shortfall(6890, 96 * 1024, "H100") is None
     assert fused.shared_memory_shortfall(8192, None, "unknown GPU") is None
+    assert fused.shared_memory_shortfall(6890, 64 * 1024, "small GPU") == (
+        "the fused Sinkhorn passes need 96 KiB of shared memory per block for rows of 6890 pose vertices, and the "
+        "small GPU has 64 KiB")
     message = fused.shared_memory_shortfall(8193, 99 * 1024, "small GPU")
     assert message == ("the fused Sinkhorn passes need 128 KiB of shared memory per block for rows of 8193 pose "
                        "vertices, and the small GPU has 99 KiB")
