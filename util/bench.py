@@ -119,7 +119,7 @@ def build(variant: str, device: torch.device) -> PoseTransferModel:
     return model
 
 
-def training_steps(model: PoseTransferModel, batch: dict, device: torch.device) -> Callable[[], object]:
+def make_training_step(model: PoseTransferModel, batch: dict, device: torch.device) -> Callable[[], object]:
     """A function taking one full step on the batch as train.py does (models/train_step.py): forward, losses,
     backward and the published Adam update (fused on a GPU), with fp16 loss scaling."""
     model.train()
@@ -143,7 +143,7 @@ def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, 
                    repeats: int) -> dict[str, float]:
     """Median ms of one synchronised step, mean ms of --repeats steps back to back, and peak memory of
     `training_steps`."""
-    step = training_steps(model, batch, device)
+    step = make_training_step(model, batch, device)
     reset_peak(device)
     ms = time_median(step, device, warmup, repeats)
     return {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats), "peak_gib": peak_gib(device)}
@@ -225,7 +225,7 @@ def _kernel_table(events: list, calls: int, rows: int = 80) -> str:
 
 def profile_training(variant: str, batch: dict, device: torch.device, steps: int = 3) -> str:
     """Profile tables (`_profile`) of a few training steps after warm-up: where the time of a step goes."""
-    step = training_steps(build(variant, device), batch, device)
+    step = make_training_step(build(variant, device), batch, device)
     for _ in range(2):
         step()
     return _profile(step, device, steps)

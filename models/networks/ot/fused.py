@@ -54,9 +54,9 @@ PROGRAMS_PER_SM = 2
 # Programs per batch element without a GPU (the interpreter): enough that tests cover several per batch.
 INTERPRETER_PROGRAMS = 4
 # Rows in flight in a program's loop (the next rows' loads overlap the current row's arithmetic): 3 for rows of up to
-# WIDE_ROW_LANES lanes (96 KiB of shared memory at 8192), 2 above (128 KiB at 16,384; 3 would take 192). H100 probe
-# at N = M = 6890, batch 8 (docs/benchmarks.md, tenth session): forward 0.855 -> 0.723 ms, backward 0.887 -> 0.777
-# ms from 2 to 3 stages.
+# WIDE_ROW_LANES lanes (96 KiB of shared memory at 8192), 2 above (128 KiB at 16,384; 3 would take 192). From 2 to 3
+# stages at N = M = 6890, batch 8, on two H100s (docs/benchmarks.md, tenth and eleventh sessions): forward 0.855 ->
+# 0.723 and 0.847 -> 0.823 ms, backward 0.887 -> 0.777 and 0.838 -> 0.721 ms.
 PIPELINE_STAGES = 3
 WIDE_ROW_PIPELINE_STAGES = 2
 WIDE_ROW_LANES = 8192
