@@ -142,7 +142,7 @@ def time_back_to_back(step: Callable[[], object], device: torch.device, steps: i
 def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, warmup: int,
                    repeats: int) -> dict[str, float]:
     """Median ms of one synchronised step, mean ms of --repeats steps back to back, and peak memory of
-    `training_steps`."""
+    `make_training_step`."""
     step = make_training_step(model, batch, device)
     reset_peak(device)
     ms = time_median(step, device, warmup, repeats)
@@ -246,8 +246,8 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
     the default number of programs per batch element and a few others, for 2 to 4 pipeline stages and for 8 to
     32 warps; and ms of the dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16) with its
-    default tile and GRADIENT_TILES, each launched row blocks first and column blocks first."""
-    from models.networks.layers import ALIGNMENT
+    default tile and GRADIENT_TILES."""
+    from models.networks.layers import padded
     from models.networks.ot import fused, stored
     from models.networks.ot.common import bounded_shift
 
@@ -255,8 +255,9 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     generator = torch.Generator(device=device).manual_seed(0)
     theta, phi = (torch.nn.functional.normalize(torch.randn(batch, 256, vertices, device=device, generator=generator),
                                                 dim=1) for _ in range(2))
-    padding = -vertices % ALIGNMENT
-    similarity = torch.bmm(theta.transpose(1, 2), torch.nn.functional.pad(phi, (0, padding)))[..., :vertices]
+    padded_phi = padded(phi)
+    padding = padded_phi.shape[2] - vertices
+    similarity = torch.bmm(theta.transpose(1, 2), padded_phi)[..., :vertices]
     log_b = -math.log(vertices) + 0.1 * torch.randn(batch, vertices, device=device, generator=generator)
     shift = bounded_shift(log_b, 1.0, stored.SINKHORN_EPSILON)  # cosine similarities: |C| <= 1
 
@@ -288,11 +289,10 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     row_factors = torch.rand(batch, vertices, rank, device=device, generator=generator)
     column_factors = stored._pose_major(torch.rand(batch, vertices, rank, device=device, generator=generator))
     results["similarity_gradient"] = {
-        "x".join(map(str, tile)) + (" columns first" if columns_first else ""): time_median(
+        "x".join(map(str, tile)): time_median(
             lambda: fused.fused_similarity_gradient(similarity, row_factors, column_factors, stored.SINKHORN_EPSILON,
-                                                    torch.float16, padding, tile=tile, columns_first=columns_first),
-            device, warmup, repeats)
-        for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES]) for columns_first in (False, True)}
+                                                    torch.float16, padding, tile=tile), device, warmup, repeats)
+        for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES])}
     return results
 
 

@@ -111,8 +111,8 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     atomic_save(state, path)
 
 
-# How torch.optim computes the update, not what it has learnt: a resume file saved by a GPU run with a CUDA graph
-# (fused, capturable) must load into a CPU run and the other way round.
+# How torch.optim computes the update, not what it has learnt: a resume file saved by a GPU run (fused Adam) must
+# load into a CPU run and the other way round.
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 

@@ -89,8 +89,8 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_optimizer_state_keeps_this_runs_implementation():
-    """A resume file written by a GPU run with a CUDA-graphed step (fused, capturable Adam: step counts on
-    the GPU) resumes a CPU run: the moments and step count load, the update is computed the CPU's way."""
+    """A resume file written by a GPU run (fused, capturable Adam: step counts on the GPU) resumes a CPU run:
+    the moments and step count load, the update is computed the CPU's way."""
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(4, 3))
     saving = torch.optim.Adam([weight], lr=1e-3, foreach=False)

@@ -162,15 +162,10 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
 @_triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
                                  num_pose, readable_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
-                                 inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 COLUMNS_FIRST: tl.constexpr):
-    """One (BLOCK_N, BLOCK_M) tile of dL/dC for program (row block, column block, b), or (column block, row
-    block, b) with COLUMNS_FIRST; see `fused_similarity_gradient`. Lanes from num_pose to padded_pose store zeros."""
-    batch = tl.program_id(2)
-    if COLUMNS_FIRST:
-        row_block, column_block = tl.program_id(1), tl.program_id(0)
-    else:
-        row_block, column_block = tl.program_id(0), tl.program_id(1)
+                                 inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One (BLOCK_N, BLOCK_M) tile of dL/dC for program (row block, column block, b); see
+    `fused_similarity_gradient`. Lanes from num_pose to padded_pose store zeros."""
+    row_block, column_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     columns = column_block * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < num_identity
@@ -443,7 +438,7 @@ GRADIENT_TILE = (8, 1024, 4)
 
 def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tensor, column_factors: torch.Tensor,
                               epsilon: float, gradient_dtype: torch.dtype, padding: int, *,
-                              tile: tuple[int, int, int] = GRADIENT_TILE, columns_first: bool = False) -> torch.Tensor:
+                              tile: tuple[int, int, int] = GRADIENT_TILE) -> torch.Tensor:
     """dL/dC = exp((C - 1) / epsilon) (U V^T) / epsilon in one read of C, written in gradient_dtype with
     `padding` zero columns: stored.py's `_bounded_similarity_gradient` (its float32 reference) as one kernel.
 
@@ -453,9 +448,6 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
             (stored.py's `_pose_major`).
         epsilon: entropic temperature. gradient_dtype: float16, bfloat16 or float32. padding: >= 0.
         tile: (rows, columns, warps) of a program, powers of two (for benchmarks).
-        columns_first: launch the tiles of a row stripe next to each other (the grid's fastest axis runs over
-            column blocks), so that programs running at once read whole rows rather than a narrow column strip
-            of many rows (for benchmarks).
     Returns:
         dL/dC, (B, N, M + padding) in gradient_dtype.
     """
@@ -476,14 +468,12 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     block_n, block_m, num_warps = tile
     padded_pose = num_pose + padding
     gradient = similarity.new_empty(batch, num_identity, padded_pose, dtype=gradient_dtype)
-    blocks = (triton.cdiv(num_identity, block_n), triton.cdiv(padded_pose, block_m))
-    grid = (*(blocks[::-1] if columns_first else blocks), batch)
+    grid = (triton.cdiv(num_identity, block_n), triton.cdiv(padded_pose, block_m), batch)
     with _on_device(similarity):
         _similarity_gradient_kernel[grid](
             similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose,
             _readable_width(similarity), padded_pose, similarity.stride(0), similarity.stride(1),
-            column_factors.stride(2), 1.0 / epsilon, RANK=rank, BLOCK_N=block_n, BLOCK_M=block_m,
-            COLUMNS_FIRST=columns_first, num_warps=num_warps)
+            column_factors.stride(2), 1.0 / epsilon, RANK=rank, BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps)
     return gradient
 
 
