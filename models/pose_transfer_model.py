@@ -23,6 +23,7 @@ import torch.nn as nn
 from models.base_model import PairModel, autocast, precision_dtype
 from models.networks import GENERATORS, Correspondence
 from models.networks.correspondence import WARPS
+from models.networks.layers import padded
 
 
 class PoseTransferModel(PairModel):
@@ -55,27 +56,46 @@ class PoseTransferModel(PairModel):
         self.refine = torch.compile(self.refine)
         self.corr.compile()
 
-    def refine(self, warp_points: torch.Tensor, identity_features: torch.Tensor) -> torch.Tensor:
-        """The generator under --precision's autocast: warp (B, 3, N), features (B, C, N) -> (B, 3, N).
+    def refine(self, warp_points: torch.Tensor, identity_features: torch.Tensor,
+               vertices: int | None = None) -> torch.Tensor:
+        """The generator under --precision's autocast: warp (B, 3, N'), features (B, C, N') -> (B, 3, N'), the
+        statistics over the first `vertices` columns (ElaINGenerator).
 
         Compiled together, the autocast's dtype is part of the graph. Compiled alone under an enclosing
         autocast, torch 2.11's AOTAutograd cache keyed the graph only by whether autocast was on, and could
         hand a graph compiled for fp16 to a bf16 run (pytorch/pytorch#181564).
         """
         with autocast(warp_points.device, self.generator_dtype):
-            return self.G(warp_points, identity_features)
+            return self.G(warp_points, identity_features, vertices)
 
-    def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor) -> dict[str, torch.Tensor]:
+    def pads_vertex_axis(self, points: torch.Tensor) -> bool:
+        """Whether `transfer` pads the vertex axis: where the networks' products run in half precision on a
+        GPU, whose fast tensor-core kernels need it a multiple of layers.ALIGNMENT."""
+        return points.is_cuda and self.generator_dtype is not None
+
+    def transfer(self, identity_points: torch.Tensor, pose_points: torch.Tensor,
+                 pad_vertex_axis: bool | None = None) -> dict[str, torch.Tensor]:
         """Put the identity's body in the pose mesh's pose.
+
+        With the vertex axis padded, each mesh's point columns are zero-padded once here to a multiple of
+        layers.ALIGNMENT and both networks run on the padded axis (their statistics and the optimal transport
+        over the real vertices only); the outputs are the first N columns, the same values up to rounding.
+        Otherwise every half-precision product pads its operand itself, a copy each (docs/benchmarks.md).
 
         Args:
             identity_points: float (B, N, 3).
             pose_points: float (B, M, 3).
+            pad_vertex_axis: None: where `pads_vertex_axis` says (half precision on a GPU).
         Returns:
             warp_out: float (B, N, 3), the coarse correspondence result.
             fake_points: float (B, N, 3), the refined output.
         """
-        warp_out, identity_features = self.corr(identity_points.transpose(1, 2),
-                                                pose_points.transpose(1, 2))  # (B, N, 3), (B, C, N)
-        fake_points = self.refine(warp_out.transpose(1, 2), identity_features)  # (B, 3, N)
-        return {"warp_out": warp_out, "fake_points": fake_points.float().transpose(1, 2)}
+        if pad_vertex_axis is None:
+            pad_vertex_axis = self.pads_vertex_axis(identity_points)
+        identity_vertices, pose_vertices = identity_points.shape[1], pose_points.shape[1]
+        pad = padded if pad_vertex_axis else (lambda channels: channels)
+        warp_out, identity_features = self.corr(pad(identity_points.transpose(1, 2)), pad(pose_points.transpose(1, 2)),
+                                                identity_vertices, pose_vertices)  # (B, N, 3), (B, C, N')
+        warp_channels = pad(warp_out.transpose(1, 2))  # (B, 3, N'), zero past N
+        fake_points = self.refine(warp_channels, identity_features, identity_vertices)  # (B, 3, N')
+        return {"warp_out": warp_out, "fake_points": fake_points[..., :identity_vertices].float().transpose(1, 2)}

@@ -19,6 +19,25 @@ from models.networks.ot import (similarity_warp_stored, sinkhorn_warp_chunked, s
 
 # numpy.finfo(float).eps, the published normaliser's epsilon (kept for parity).
 FEATURE_NORM_EPS = 2.220446049250313e-16
+# F.instance_norm's default epsilon, which the published InstanceNorm1d layers use.
+INSTANCE_NORM_EPS = 1e-5
+
+
+def instance_norm(x: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
+    """F.instance_norm (no affine, biased variance) with its statistics over the first `vertices` columns.
+
+    On the padded vertex axis (`PoseTransferModel.transfer`) the columns past `vertices` are padding: they are
+    normalised with the real vertices' statistics and never enter them.
+
+    Args:
+        x: float (B, C, N'); vertices: the real vertex count N <= N' (None: all N').
+    Returns:
+        float (B, C, N').
+    """
+    if vertices is None or vertices == x.shape[2]:
+        return F.instance_norm(x)
+    variance, mean = torch.var_mean(x[..., :vertices], dim=2, keepdim=True, unbiased=False)  # (B, C, 1)
+    return (x - mean) * torch.rsqrt(variance + INSTANCE_NORM_EPS)
 
 
 def normalize_features(features: torch.Tensor) -> torch.Tensor:
@@ -41,11 +60,11 @@ class PointFeature(nn.Module):
         self.layer2 = PointwiseConv1d(ngf, 2 * ngf, half_dtype=half_dtype)
         self.layer3 = PointwiseConv1d(2 * ngf, 4 * ngf, half_dtype=half_dtype)
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        """points: (B, 3, N) -> features (B, 4ngf, N)."""
-        x = F.leaky_relu(F.instance_norm(self.layer1(points)), 0.2)
-        x = F.leaky_relu(F.instance_norm(self.layer2(x)), 0.2)
-        return F.instance_norm(self.layer3(x))
+    def forward(self, points: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
+        """points: (B, 3, N') -> features (B, 4ngf, N'), normalised over the first `vertices` (`instance_norm`)."""
+        x = F.leaky_relu(instance_norm(self.layer1(points), vertices), 0.2)
+        x = F.leaky_relu(instance_norm(self.layer2(x), vertices), 0.2)
+        return instance_norm(self.layer3(x), vertices)
 
 
 class ResidualBlock(nn.Module):
@@ -57,10 +76,10 @@ class ResidualBlock(nn.Module):
         self.prelu = nn.PReLU()
         self.conv2 = PointwiseConv1d(channels, channels, half_dtype=half_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, N) -> (B, C, N)."""
-        out = self.prelu(F.instance_norm(self.conv1(x)))
-        out = F.instance_norm(self.conv2(out))
+    def forward(self, x: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
+        """x: (B, C, N') -> (B, C, N'), normalised over the first `vertices` (`instance_norm`)."""
+        out = self.prelu(instance_norm(self.conv1(x), vertices))
+        out = instance_norm(self.conv2(out), vertices)
         return self.prelu(out + x)
 
 
@@ -144,30 +163,38 @@ class Correspondence(nn.Module):
         self.warp = warp
         self.half_dtype = half_dtype
 
-    def features(self, points: torch.Tensor) -> torch.Tensor:
-        """points: (B, 3, N) -> features (B, 4ngf, N) after the residual blocks."""
-        return self.layer(normalize_features(self.adaptive_feature(points)))
+    def features(self, points: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
+        """points: (B, 3, N') -> features (B, 4ngf, N') after the residual blocks; statistics over the first
+        `vertices` columns (None: all)."""
+        x = normalize_features(self.adaptive_feature(points, vertices))
+        for block in self.layer:
+            x = block(x, vertices)
+        return x
 
-    def forward(self, identity_points: torch.Tensor,
-                pose_points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, identity_points: torch.Tensor, pose_points: torch.Tensor, identity_vertices: int | None = None,
+                pose_vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Warp the pose mesh onto the identity's vertices.
 
+        Each mesh may come with its vertex axis padded (N' >= N columns, the real vertices first): the padding
+        enters no statistic and no optimal-transport marginal, and only the features keep it.
+
         Args:
-            identity_points: float (B, 3, N), channels first.
-            pose_points: float (B, 3, M), channels first.
+            identity_points: float (B, 3, N'), channels first; identity_vertices: N (None: N').
+            pose_points: float (B, 3, M'), channels first; pose_vertices: M (None: M').
         Returns:
             warp_out: float (B, N, 3), the pose mesh in the identity's vertex order.
-            identity_features: float (B, 4ngf, N), the conditioning for the generator.
+            identity_features: float (B, 4ngf, N'), the conditioning for the generator.
         """
-        if identity_points.shape == pose_points.shape:
+        if identity_points.shape == pose_points.shape and identity_vertices == pose_vertices:
             # One pass for both meshes (every layer acts on each batch element alone): half the kernel
             # launches, and products twice as large, which fill a GPU better at small batches.
             identity_features, pose_features = self.features(
-                torch.cat([identity_points, pose_points])).chunk(2)  # (B, 4ngf, N) each
+                torch.cat([identity_points, pose_points]), identity_vertices).chunk(2)  # (B, 4ngf, N') each
         else:
-            identity_features = self.features(identity_points)
-            pose_features = self.features(pose_points)
-        identity_theta = normalize_features(self.theta(identity_features))
-        pose_phi = normalize_features(self.phi(pose_features))
-        warp_out = self.warp(identity_theta, pose_phi, pose_points.transpose(1, 2), self.half_dtype)  # (B, N, 3)
+            identity_features = self.features(identity_points, identity_vertices)
+            pose_features = self.features(pose_points, pose_vertices)
+        identity_theta = normalize_features(self.theta(identity_features))[..., :identity_vertices]  # (B, C, N)
+        pose_phi = normalize_features(self.phi(pose_features))[..., :pose_vertices]  # (B, C, M)
+        pose_xyz = pose_points[:, :, :pose_vertices].transpose(1, 2)  # (B, M, 3)
+        warp_out = self.warp(identity_theta, pose_phi, pose_xyz, self.half_dtype)  # (B, N, 3)
         return warp_out, identity_features

@@ -24,6 +24,11 @@ from models.networks.layers import ALIGNMENT, PointwiseConv1d, product, runs_on_
 ELAIN_EPS = 1e-5
 
 
+def statistics_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ElaIN's statistics of t are taken in: float32, or float64 for float64 t (tests)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def neighbour_columns(points: torch.Tensor, width: int) -> torch.Tensor:
     """Each vertex's window of `width` consecutive vertices (zeros past the ends), as the rows of the matrix
     a kernel-`width` convolution with padding width // 2 multiplies its flattened weight (C_out, C * width) by.
@@ -65,9 +70,10 @@ class ElaIN(nn.Module):
         self.mlp_weight = PointwiseConv1d(2 * channels, channels)
         self.fold_linear = fold_linear
 
-    def identity_terms(self, identity_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """gamma_id, beta_id (B, C, N) in the products' dtype (half under autocast), and the mean over
-        vertices of mlp_same's output (B, C, 1) in float32.
+    def identity_terms(self, identity_features: torch.Tensor,
+                       vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gamma_id, beta_id (B, C, N') in the products' dtype (half under autocast), and the mean over the first
+        `vertices` columns (None: all) of mlp_same's output (B, C, 1) in float32.
 
         Folded: gamma_id and beta_id come from one product with the composed weights, and the mean of the
         (affine) condition is the condition of the mean.
@@ -75,7 +81,7 @@ class ElaIN(nn.Module):
         if not self.fold_linear:
             condition = self.mlp_same(identity_features)  # (B, C, N)
             return (self.mlp_gamma(condition), self.mlp_beta(condition),
-                    condition.float().mean(dim=2, keepdim=True))
+                    condition[..., :vertices].to(statistics_dtype(identity_features)).mean(dim=2, keepdim=True))
         same_weight = self.mlp_same.weight.squeeze(-1)  # (C, Cid)
         outer_weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight]).squeeze(-1)  # (2C, C)
         weight = outer_weight @ same_weight  # (2C, Cid)
@@ -83,26 +89,29 @@ class ElaIN(nn.Module):
         gamma_beta = product(weight.expand(identity_features.shape[0], -1, -1), identity_features,
                              bias.unsqueeze(-1))  # (B, 2C, N)
         gamma_id, beta_id = gamma_beta.chunk(2, dim=1)
-        condition_mean = self.mlp_same(identity_features.mean(dim=2, keepdim=True)).float()  # (B, C, 1)
+        mean_features = identity_features[..., :vertices].mean(dim=2, keepdim=True)  # (B, Cid, 1)
+        condition_mean = self.mlp_same(mean_features).to(statistics_dtype(identity_features))  # (B, C, 1)
         return gamma_id, beta_id, condition_mean
 
-    def forward(self, x: torch.Tensor, identity_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """
         Args:
-            x: float (B, C, N).
-            identity_features: float (B, Cid, N).
+            x: float (B, C, N').
+            identity_features: float (B, Cid, N').
+            vertices: the real vertex count N <= N', the columns the statistics run over (None: all); the
+                columns past it are padding (`ElaINGenerator`).
         Returns:
-            float (B, C, N).
+            float (B, C, N').
         """
-        gamma_id, beta_id, condition_mean = self.identity_terms(identity_features)
+        gamma_id, beta_id, condition_mean = self.identity_terms(identity_features, vertices)
         # Statistics in float32 even under mixed precision: a sum over N vertices in half precision loses
         # the mean. The (B, C, N) affine map runs in x's dtype: float32 on the reference path (these casts
         # are no-ops there), half precision under autocast, which halves the memory it moves.
-        statistics = x.float()
+        statistics = x[..., :vertices].to(statistics_dtype(x))
         mean = statistics.mean(dim=2, keepdim=True)  # (B, C, 1)
         # Unbiased variance, unlike the InstanceNorm1d layers of Corr (SPEC.md; parity depends on it).
         std = torch.sqrt(statistics.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
-        weight = self.mlp_weight(torch.cat([condition_mean, mean], dim=1)).float()  # (B, C, 1)
+        weight = self.mlp_weight(torch.cat([condition_mean, mean], dim=1)).to(statistics.dtype)  # (B, C, 1)
         dtype = x.dtype
         weight_x = weight.to(dtype)
         gamma = gamma_id.to(dtype) * weight_x + (std * (1 - weight)).to(dtype)
@@ -122,11 +131,11 @@ class ElaINBlock(nn.Module):
         self.norm_1 = ElaIN(channels, identity_channels, fold_linear)
         self.norm_s = ElaIN(channels, identity_channels, fold_linear)
 
-    def forward(self, x: torch.Tensor, identity_features: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, N), identity_features: (B, Cid, N) -> (B, C, N)."""
-        shortcut = self.conv_s(F.leaky_relu(self.norm_s(x, identity_features), 0.2))
-        dx = self.conv_0(F.leaky_relu(self.norm_0(x, identity_features), 0.2))
-        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, identity_features), 0.2))
+    def forward(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
+        """x: (B, C, N'), identity_features: (B, Cid, N') -> (B, C, N'); vertices as in `ElaIN`."""
+        shortcut = self.conv_s(F.leaky_relu(self.norm_s(x, identity_features, vertices), 0.2))
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, identity_features, vertices), 0.2))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, identity_features, vertices), 0.2))
         return shortcut + dx
 
 
@@ -157,16 +166,22 @@ class ElaINGenerator(nn.Module):
         bias = conv1_weight @ self.fc.bias + self.conv1.bias
         return kernel_conv_as_product(warp_points, weight, bias)
 
-    def forward(self, warp_points: torch.Tensor, identity_features: torch.Tensor) -> torch.Tensor:
-        """
+    def forward(self, warp_points: torch.Tensor, identity_features: torch.Tensor,
+                vertices: int | None = None) -> torch.Tensor:
+        """The vertex axis may be padded (N' >= N columns, the real vertices first): every layer but the
+        normalisations' statistics acts on each column alone, and the input convolution's window reads the
+        padding as the zeros its own padding would give, so with warp_points zero past N the first N output
+        columns are those of the unpadded input.
+
         Args:
-            warp_points: float (B, 3, N), the coarse warp_out channels first.
-            identity_features: float (B, 4ngf, N) from the correspondence network.
+            warp_points: float (B, 3, N'), the coarse warp_out channels first, zero past column N.
+            identity_features: float (B, 4ngf, N') from the correspondence network.
+            vertices: N (None: N').
         Returns:
-            float (B, 3, N).
+            float (B, 3, N').
         """
         x = self.input_layers(warp_points)
-        x = self.conv2(self.elain_block1(x, identity_features))
-        x = self.conv3(self.elain_block2(x, identity_features))
-        x = self.conv4(self.elain_block3(x, identity_features))
+        x = self.conv2(self.elain_block1(x, identity_features, vertices))
+        x = self.conv3(self.elain_block2(x, identity_features, vertices))
+        x = self.conv4(self.elain_block3(x, identity_features, vertices))
         return 2 * torch.tanh(x)
