@@ -124,3 +124,25 @@ def test_fast_path_on_a_padded_vertex_axis_keeps_the_reference_figures(compiled)
                          *(_gradient_norm(network) for network in (model.G, model.corr))]
     for fast_value, reference_value in zip(figures["fast"], figures["reference"]):
         assert math.isfinite(fast_value) and fast_value == pytest.approx(reference_value, rel=1e-2), figures
+
+
+def test_compiled_networks_take_each_vertex_count_of_one_padded_width(monkeypatch):
+    """45 and 43 vertices both pad to 48 columns, so the compiled graphs see the same shapes and only the vertex
+    count differs: each count must get its own statistics (torch.compile through AOTAutograd, without Inductor)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: real_compile(function, backend="aot_eager"))
+    torch._dynamo.reset()
+    eager = _model(fold_linear=True, ot="dense").eval()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_networks()
+    generator = torch.Generator().manual_seed(3)
+    try:
+        for vertices in (45, 43, 45):
+            identity_points = torch.rand(1, vertices, 3, generator=generator, dtype=torch.float64) - 0.5
+            pose_points = torch.rand(1, vertices, 3, generator=generator, dtype=torch.float64) - 0.5
+            with torch.no_grad():
+                expected = eager.transfer(identity_points, pose_points, pad_vertex_axis=False)["fake_points"]
+                actual = compiled.transfer(identity_points, pose_points, pad_vertex_axis=True)["fake_points"]
+            torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11)
+    finally:
+        torch._dynamo.reset()
