@@ -104,3 +104,21 @@ def test_neighbour_columns_are_the_windows_in_weight_order():
     expected = torch.tensor([[[0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 0],
                               [0, 4, 5, 6], [4, 5, 6, 7], [5, 6, 7, 0]]], dtype=torch.float32)
     assert torch.equal(columns, expected)
+
+
+def test_compiled_folded_generator_steps_spectral_norm_once_a_call():
+    """The fold calls spectral_norm's pre-hook itself for conv_s and conv_1 (`spectral_normalized_weight`); traced
+    by torch.compile (AOTAutograd, without Inductor) it must still give the literal outputs and step the power
+    iteration once a call."""
+    literal, folded = twin_generators(ngf=4)
+    compiled = torch.compile(folded, backend="aot_eager")
+    warp_points, identity_features = torch.rand(2, 3, 40), torch.randn(2, 16, 40)
+    try:
+        for _ in range(2):
+            expected = literal(warp_points, identity_features)
+            actual = compiled(warp_points, identity_features)
+            assert relative_l2(actual, expected) < 1e-5
+    finally:
+        torch._dynamo.reset()
+    for (name, buffer), (_, other) in zip(literal.named_buffers(), folded.named_buffers()):
+        torch.testing.assert_close(other, buffer, rtol=1e-5, atol=1e-6, msg=name)
