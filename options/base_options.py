@@ -68,7 +68,7 @@ class BaseOptions:
                      "log-domain passes), chunked (memory linear in the vertex count); auto = stored or, when C "
                      "would not fit, chunked on a GPU, dense on the CPU", choices=tuple(WARPS))
     fold_linear: str = option("auto", "compose the generator's consecutive affine layers into one: the same function "
-                              "with about half the arithmetic, other rounding; auto = on with --precision fp16 or "
+                              "with 38% of the arithmetic, other rounding; auto = on with --precision fp16 or "
                               "bf16, off with fp32 (the published arithmetic)", choices=("auto", "on", "off"))
     compile: str = option("auto", "torch.compile the generator and the correspondence network: on, off, or "
                           "auto (on for GPU training)",

@@ -4,17 +4,16 @@ G refines the coarse warp_out into the final mesh, conditioned on the identity's
 ElaIN blends the statistics of the conditioning (gamma_id, beta_id) with the input's own statistics
 (std s, mean m) through a learned per-channel weight w. Attribute names follow the published state_dict.
 
-`fold_linear=True` computes the same function with about half the arithmetic (211 -> 102 GFLOP per pair
-at 6890 vertices, ngf 64): two affine layers with nothing between them are one affine layer, so ElaIN's
-mlp_gamma(mlp_same(f)) and mlp_beta(mlp_same(f)) become one (2C x Cid) product of the identity features
-(instead of C x Cid, then two C x C), and conv1(fc(x)) one kernel-3 convolution of the 3-channel input
-(instead of a 1024 x 1024 product per vertex), computed as one product over each vertex's window. Each residual
-block ends in conv_s(a_s) + conv_1(a_1), and the next layer is a convolution (conv2, conv3, conv4): the three are one
-product of the stacked inputs [a_s; a_1] with [W W_s | W W_1], which drops the block's two C x C products and its
-C-channel sum (`ElaINGenerator.block_then_conv`; the products that grow with the vertex count, counted by
-torch.utils.flop_counter at 6890 vertices: 104 -> 75 GFLOP per pair). The folded weights are made from the
-parameters on every call (spectral norm's power iteration included, once a call as unfolded), so training,
-gradients and checkpoints are unchanged; only the rounding differs.
+`fold_linear=True` computes the same function with 38% of the arithmetic (213 -> 82 GFLOP per pair at 6890
+vertices, ngf 64, by torch.utils.flop_counter): two affine layers with nothing between them are one affine layer.
+So ElaIN's mlp_gamma(mlp_same(f)) and mlp_beta(mlp_same(f)) become one (2C x Cid) product of the identity features
+(instead of C x Cid, then two C x C); conv1(fc(x)) becomes one kernel-3 convolution of the 3-channel input (instead
+of a 1024 x 1024 product per vertex), computed as one product over each vertex's window; and each residual block's
+output conv_s(a_s) + conv_1(a_1), followed by a convolution (conv2, conv3, conv4), becomes one product of the
+stacked inputs [a_s; a_1] with [W W_s | W W_1] (`ElaINGenerator.block_then_conv`), without the block's two C x C
+products and its C-channel sum. The folded weights are made from the parameters on every call (spectral norm's
+power iteration included, once a call as unfolded), so training, gradients and checkpoints are unchanged; only the
+rounding differs.
 """
 from __future__ import annotations
 
