@@ -86,7 +86,7 @@ class ElaIN(nn.Module):
     def identity_terms(self, identity_features: torch.Tensor,
                        vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gamma_id, beta_id (B, C, N') in the products' dtype (half under autocast), and the mean over the first
-        `vertices` columns (None: all) of mlp_same's output (B, C, 1) in float32.
+        `vertices` columns (None: all) of mlp_same's output (B, C, 1) in `statistics_dtype` (float32).
 
         Folded: gamma_id and beta_id come from one product with the composed weights, and the mean of the
         (affine) condition is the condition of the mean.
