@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.networks.layers import PointwiseConv1d, mixed_product, product
+from models.networks.layers import INSTANCE_NORM_EPS, PointwiseConv1d, mixed_product, product
 from models.networks.ot import (similarity_warp_stored, sinkhorn_warp_chunked, sinkhorn_warp_dense,
                                 sinkhorn_warp_stored)
 
@@ -22,12 +22,12 @@ FEATURE_NORM_EPS = 2.220446049250313e-16
 
 
 def instance_norm(x: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
-    """F.instance_norm (no affine, biased variance) of the first `vertices` columns, the columns past them zero.
+    """F.instance_norm (no affine, biased variance) with its statistics over the first `vertices` columns.
 
-    On the padded vertex axis (`PoseTransferModel.transfer`) the columns past `vertices` are padding. Normalising
-    the real columns with F.instance_norm itself keeps its backward formula (compiled, the zero padding is
-    written by the same kernel): written out as var_mean and a pointwise map, the four residual blocks' backward
-    took 0.894 ms against 0.709 ms on the H100 (docs/benchmarks.md, twelfth session).
+    On the padded vertex axis (`PoseTransferModel.transfer`) the columns past `vertices` are padding: they are
+    normalised with the real vertices' statistics and never enter them. Normalising only the real columns with
+    F.instance_norm and zero-padding its output kept 0.6 GiB more for backward and was no faster on the H100
+    (docs/benchmarks.md, thirteenth session).
 
     Args:
         x: float (B, C, N'); vertices: the real vertex count N <= N' (None: all N').
@@ -36,7 +36,8 @@ def instance_norm(x: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
     """
     if vertices is None or vertices == x.shape[2]:
         return F.instance_norm(x)
-    return F.pad(F.instance_norm(x[..., :vertices]), (0, x.shape[2] - vertices))
+    variance, mean = torch.var_mean(x[..., :vertices], dim=2, keepdim=True, unbiased=False)  # (B, C, 1)
+    return (x - mean) * torch.rsqrt(variance + INSTANCE_NORM_EPS)
 
 
 def normalize_features(features: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # torch.bmm(..., out_dtype=torch.float32) on fp16 CUDA tensors (`float_product_of_halves`) arrived in PyTorch 2.8;
 # with an older torch, `split_product` is not used and float32's products run instead.
 FLOAT_OUTPUT_HALF_PRODUCTS = "dtype" in torch.ops.aten.bmm.overloads()
+# F.instance_norm's default epsilon, which the published InstanceNorm1d layers (Corr's, NPT's) use.
+INSTANCE_NORM_EPS = 1e-5
 
 
 def padded(t: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn import init
 
+from models.networks.layers import INSTANCE_NORM_EPS
+
 NPT_VARIANTS = ("original", "maxpool")
 POSE_FEATURE_CHANNELS = 1024
-INSTANCE_NORM_EPS = 1e-5
 INIT_STD = 0.02
 
 
