@@ -233,6 +233,30 @@ def test_compiled_caller_graph_does_not_grow_with_blocks(warp_function):
     assert graph_nodes(32) == graph_nodes(8)
 
 
+@pytest.mark.parametrize("chunk_size", [16, 1024])
+def test_chunked_with_split_products_matches_dense(chunk_size, monkeypatch):
+    """C's blocks from the split fp16 product (as on a GPU; on the CPU its float32 emulation, the same products),
+    against the dense float32 warp: within float32's tolerance in value and gradient."""
+    from models.networks.ot import chunked
+
+    built = []
+    monkeypatch.setattr(chunked, "split_products_run_on", lambda tensor: built.append(tensor.shape) or True)
+    theta, phi, points = _random_problem(2, 70, 50, torch.float32, seed=12, channels=16)
+    split = functools.partial(sinkhorn_warp_chunked, chunk_size=chunk_size, split_products=True)
+    _assert_matches_dense(split, theta, phi, points)
+    assert len(built) == 2  # the split operands formed once in forward, once in backward
+
+
+def test_chunked_splits_only_float32_features(monkeypatch):
+    from models.networks.ot import chunked
+
+    monkeypatch.setattr(chunked, "split_products_run_on", lambda tensor: True)
+    theta, phi, _ = _random_problem(1, 5, 6, torch.float64, seed=13)
+    assert not chunked._LogKernelRows(theta, phi, 0.03, split=True).split
+    assert chunked._LogKernelRows(theta.float(), phi.float(), 0.03, split=True).split
+    assert not chunked._LogKernelRows(theta.float(), phi.float(), 0.03, split=False).split
+
+
 def test_chunked_saves_no_similarity_sized_tensor():
     num_vertices = 64
     theta, phi, points = _random_problem(1, num_vertices, num_vertices, torch.float32, seed=8)
