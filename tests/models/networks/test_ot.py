@@ -502,6 +502,31 @@ def test_similarity_warp_on_a_gpu_forms_c_from_fp16_pieces_to_float32_accuracy(n
         assert (torch.linalg.norm(grad - reference) / torch.linalg.norm(reference)).item() < 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("num_pose", [203, 2000])
+def test_chunked_warp_on_a_gpu_forms_c_blocks_from_fp16_pieces_to_float32_accuracy(num_pose):
+    """On a GPU the chunked warp's blocks of C come from split_product: warp and gradients match the dense warp of
+    C formed in float64 and rounded to float32, as the stored warp's do (test above)."""
+    theta, phi, points = (tensor.cuda() for tensor in _random_problem(2, 300, num_pose, torch.float32, seed=24,
+                                                                        channels=256))
+    upstream = torch.randn(2, 300, 3, device="cuda", generator=torch.Generator(device="cuda").manual_seed(25))
+    results = []
+    for split in (True, False):
+        inputs = [tensor.clone().requires_grad_() for tensor in (theta, phi, points)]
+        if split:
+            warp = sinkhorn_warp_chunked(*inputs, chunk_size=128, split_products=True)
+        else:
+            exact = (inputs[0].double().transpose(1, 2) @ inputs[1].double()).float()
+            warp = sinkhorn_warp_dense(exact, inputs[2])
+        warp.backward(upstream)
+        results.append([warp, *(tensor.grad for tensor in inputs)])
+    (warp, *grads), (expected, *expected_grads) = results
+    torch.testing.assert_close(warp, expected, rtol=1e-5, atol=1e-5)
+    for grad, reference in zip(grads, expected_grads):
+        assert torch.isfinite(grad).all()
+        assert (torch.linalg.norm(grad - reference) / torch.linalg.norm(reference)).item() < 1e-3
+
+
 def test_similarity_warp_checks_its_inputs():
     theta, phi, points = _random_problem(1, 6, 5, torch.float32, seed=21)
     with pytest.raises(ValueError, match="float32 features"):
