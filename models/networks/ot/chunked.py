@@ -20,9 +20,10 @@ class _LogKernelRows:
     """Blocks of rows of log K + a column shift, (theta^T phi - 1) / epsilon + shift[m], recomputed on demand.
 
     With `split` (float32 features on a GPU, `split_products_run_on`) each block of C is `split_product`'s one
-    fp16 product, its operands split once here: float32 accuracy in practice, 3.7 times faster than float32's
-    product for C at 6890 vertices on the H100 (docs/benchmarks.md), and the scale and shift then one more pass
-    over the block. Otherwise one float32 baddbmm forms the block with its scale and shift.
+    fp16 product, its operands split once here: float32 accuracy in practice, and the scale and shift then one
+    more pass over the block. One 110,240-vertex pair took a third less time than with float32's products on
+    the H100 (docs/benchmarks.md, thirteenth session). Otherwise one float32 baddbmm forms the block with its
+    scale and shift.
     """
 
     def __init__(self, theta: torch.Tensor, phi: torch.Tensor, epsilon: float, split: bool):
