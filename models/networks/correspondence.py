@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from models.networks.layers import INSTANCE_NORM_EPS, PointwiseConv1d, mixed_product, product
 from models.networks.ot import (similarity_warp_stored, sinkhorn_warp_chunked, sinkhorn_warp_dense,
@@ -21,13 +22,41 @@ from models.networks.ot import (similarity_warp_stored, sinkhorn_warp_chunked, s
 FEATURE_NORM_EPS = 2.220446049250313e-16
 
 
+class _InstanceNormOfRealColumns(torch.autograd.Function):
+    """y = (x - mean) / sqrt(var + eps) on every column of x (B, C, N'), mean and biased var over the first N.
+
+    Its own backward, F.instance_norm's formula extended to columns outside the statistics: with g = dL/dy and
+    sums over all N' columns, dL/dx = rstd (g - [column < N] (sum g + y sum g y) / N). Through autograd, the
+    var_mean form's backward differentiates the slice, the mean and the variance one by one, and runs more
+    reductions (docs/benchmarks.md, thirteenth session).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, vertices: int) -> torch.Tensor:
+        variance, mean = torch.var_mean(x[..., :vertices], dim=2, keepdim=True, unbiased=False)  # (B, C, 1)
+        rstd = torch.rsqrt(variance + INSTANCE_NORM_EPS)
+        normalized = (x - mean) * rstd
+        ctx.save_for_backward(normalized, rstd)
+        ctx.vertices = vertices
+        return normalized
+
+    @staticmethod
+    @once_differentiable  # the saved y and rstd carry no graph: a second derivative would be wrong
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        normalized, rstd = ctx.saved_tensors
+        total = grad.sum(dim=2, keepdim=True)  # (B, C, 1)
+        moment = (grad * normalized).sum(dim=2, keepdim=True)  # (B, C, 1)
+        real = torch.arange(grad.shape[2], device=grad.device) < ctx.vertices  # (N',)
+        return rstd * (grad - real * (total + normalized * moment) / ctx.vertices), None
+
+
 def instance_norm(x: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
     """F.instance_norm (no affine, biased variance) with its statistics over the first `vertices` columns.
 
     On the padded vertex axis (`PoseTransferModel.transfer`) the columns past `vertices` are padding: they are
-    normalised with the real vertices' statistics and never enter them. Normalising only the real columns with
-    F.instance_norm and zero-padding its output kept 0.6 GiB more for backward and was no faster on the H100
-    (docs/benchmarks.md, thirteenth session).
+    normalised with the real vertices' statistics and never enter them (`_InstanceNormOfRealColumns`).
+    Normalising only the real columns with F.instance_norm and zero-padding its output kept 0.6 GiB more for
+    backward and was no faster on the H100 (docs/benchmarks.md, thirteenth session).
 
     Args:
         x: float (B, C, N'); vertices: the real vertex count N <= N' (None: all N').
@@ -36,8 +65,7 @@ def instance_norm(x: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
     """
     if vertices is None or vertices == x.shape[2]:
         return F.instance_norm(x)
-    variance, mean = torch.var_mean(x[..., :vertices], dim=2, keepdim=True, unbiased=False)  # (B, C, 1)
-    return (x - mean) * torch.rsqrt(variance + INSTANCE_NORM_EPS)
+    return _InstanceNormOfRealColumns.apply(x, vertices)
 
 
 def normalize_features(features: torch.Tensor) -> torch.Tensor:

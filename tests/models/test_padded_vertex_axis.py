@@ -26,6 +26,35 @@ def test_instance_norm_takes_its_statistics_from_the_real_columns_only():
     assert torch.equal(instance_norm(x), F.instance_norm(x))
 
 
+def test_instance_norm_backward_on_the_padded_axis_is_the_derivative_of_its_forward():
+    """The hand-written backward (gradients reach the padding columns too) against finite differences, and
+    against autograd through the var_mean form; a second derivative is refused."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: instance_norm(t, vertices=6), (x,))
+    upstream = torch.randn(2, 3, 9, generator=generator, dtype=torch.float64)
+    first, = torch.autograd.grad(instance_norm(x, vertices=6), x, upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # refused, not silently wrong
+        first.sum().backward()
+    variance, mean = torch.var_mean(x[..., :6], dim=2, keepdim=True, unbiased=False)
+    by_autograd, = torch.autograd.grad((x - mean) * torch.rsqrt(variance + 1e-5), x, upstream)
+    by_hand, = torch.autograd.grad(instance_norm(x, vertices=6), x, upstream)
+    torch.testing.assert_close(by_hand, by_autograd, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_instance_norm_on_the_padded_axis_keeps_its_backward_in_one_graph():
+    from torch._dynamo.testing import CompileCounter
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda t: instance_norm(t, vertices=13).square().sum(), backend=counter)
+    compiled_grad, = torch.autograd.grad(compiled(x), x)
+    eager_grad, = torch.autograd.grad(instance_norm(x, vertices=13).square().sum(), x)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-12, atol=1e-12)
+    assert counter.frame_count == 1
+
+
 def _model(fold_linear: bool, ot: str) -> PoseTransferModel:
     torch.manual_seed(0)
     model = PoseTransferModel(ngf=4, ot=ot, fold_linear=fold_linear)
