@@ -40,7 +40,7 @@ def test_malformed_mesh_in_a_loader_worker_is_named(tmp_path):
     result = run_script("train.py", "--gpu_ids", "-1", "--ngf", "8", "--nThreads", "1", "--batchSize", "2",
                  "--dataroot", str(data), "--checkpoints_dir", str(tmp_path / "ckpt"), "--niter", "1",
                  "--niter_decay", "0", "--epoch_size", "2")
-    assert_one_line_error(result, "could not be read", ".obj")
+    assert_one_line_error(result, "line 2 ('v 1 1') has fewer than three coordinates", ".obj")
 
 
 def test_test_missing_checkpoint_never_uses_random_weights(trained, tmp_path):

@@ -10,6 +10,7 @@ Every load uses torch.load(weights_only=True): no checkpoint can run code.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,26 @@ def read_checkpoint(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe files; report them as one
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"checkpoint {path} cannot be loaded safely: {first_line}") from None
+        raise ValueError(f"checkpoint {path} {load_failure(err)}") from None
+
+
+def load_failure(err: Exception) -> str:
+    """What a failed torch.load(weights_only=True) means for the user, as the end of a sentence about the file.
+
+    torch's own messages for unsafe files advise loading with weights_only=False, which would let the file run
+    code: that advice is never passed on.
+    """
+    text = str(err)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return (f"holds a Python object ({unsafe.group(1)}) besides tensors and plain containers; it is not "
+                f"loaded, since unpickling it could run code. Re-save only the state_dict of tensors")
+    if isinstance(err, EOFError) or "central directory" in text or "zip archive" in text:
+        return "is empty, truncated or corrupt (not a readable PyTorch file); save or copy it again"
+    if "Weights only load failed" in text:
+        return "is not a PyTorch checkpoint of tensors (its contents cannot be read as one)"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"cannot be read: {first_line}"
 
 
 def check_state_dict(network: nn.Module, state: Any, source: str) -> None:

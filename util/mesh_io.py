@@ -36,10 +36,13 @@ def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mesh file {path} does not exist")
-    plain = _read_plain_obj(path) if path.suffix.lower() == ".obj" else None
+    obj_lines = path.read_bytes().splitlines() if path.suffix.lower() == ".obj" else None
+    plain = _read_plain_obj(obj_lines) if obj_lines is not None else None
     if plain is not None:
         vertices, faces = plain
     else:
+        if obj_lines is not None:
+            _check_obj_elements(path, obj_lines)
         try:
             # maintain_order keeps OBJ vertices in file order even when texture coordinates are present;
             # process=False stops trimesh from merging or reordering vertices.
@@ -63,12 +66,24 @@ def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return vertices.astype(np.float32), faces
 
 
-def _read_plain_obj(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """float64 vertices (V, 3) and 0-based int64 faces (F, 3) of an OBJ made only of `v x y z`,
-    `f a b c` (positive 1-based indices) and comment or blank lines; None for any other file, which trimesh
-    then reads (vertex colours, normals, texture coordinates, polygons, relative indices, groups, ...).
+def _check_obj_elements(path: Path, lines: list[bytes]) -> None:
+    """Raise ValueError naming the first `v` line with fewer than three coordinates or `f` line with fewer than
+    three vertices: a file cut short ends in one. trimesh would drop such a face silently (an identity mesh
+    losing its faces) or return no vertices at all."""
+    for number, line in enumerate(lines, start=1):
+        kind = line[:2]
+        if kind in (b"v ", b"f ") and len(line.split()) < 4:
+            what = "coordinates" if kind == b"v " else "vertices"
+            shown = line.decode(errors="replace")[:40]
+            raise ValueError(f"mesh file {path}: line {number} ({shown!r}) has fewer than three {what}; "
+                             f"the file looks truncated or malformed, write or copy it again")
+
+
+def _read_plain_obj(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray] | None:
+    """float64 vertices (V, 3) and 0-based int64 faces (F, 3) of an OBJ, given as its lines, made only of
+    `v x y z`, `f a b c` (positive 1-based indices) and comment or blank lines; None for any other file, which
+    trimesh then reads (vertex colours, normals, texture coordinates, polygons, relative indices, groups, ...).
     """
-    lines = path.read_bytes().splitlines()
     vertex_lines = [line[2:] for line in lines if line[:2] == b"v "]
     face_lines = [line[2:] for line in lines if line[:2] == b"f "]
     comment_lines = sum(1 for line in lines if line[:1] == b"#" or not line.strip())

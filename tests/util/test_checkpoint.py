@@ -68,9 +68,27 @@ def test_untrusted_pickle_is_refused(tmp_path):
         def __reduce__(self):
             return (Path.touch, (tmp_path / "pwned",))
     torch.save({"fc.weight": Payload()}, tmp_path / "latest_net_G.pth")
-    with pytest.raises(ValueError, match="cannot be loaded safely"):
+    with pytest.raises(ValueError, match=r"holds a Python object \(\w[\w.]*\) besides tensors.*not loaded") as raised:
         checkpoint.read_checkpoint(tmp_path / "latest_net_G.pth", "--which_epoch latest")
     assert not (tmp_path / "pwned").exists()
+    assert "weights_only" not in str(raised.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is empty, truncated or corrupt"),
+    (b"garbage\n", "is not a PyTorch checkpoint of tensors"),
+    ("half", "is empty, truncated or corrupt"),
+])
+def test_unreadable_checkpoint_says_what_is_wrong_in_one_line(tmp_path, content, expected):
+    path = tmp_path / "latest_net_G.pth"
+    if content == "half":  # a copy cut short
+        checkpoint.atomic_save({"fc.weight": torch.zeros(64)}, path)
+        content = path.read_bytes()[:len(path.read_bytes()) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=expected) as raised:
+        checkpoint.read_checkpoint(path, "--which_epoch latest")
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {path} ") and "\n" not in message and "weights_only" not in message
 
 
 def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):

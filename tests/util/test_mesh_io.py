@@ -72,7 +72,7 @@ def test_plain_obj_fast_path_reads_what_trimesh_reads(tmp_path):
     (tmp_path / "handmade.obj").write_text("# made by hand\r\n\r\nv 1e-3 -2.5E+01 +3\r\nv 0 1  0\r\n"
                                            "v 0 0 1\r\nf 1 2 3\r\n")
     for name in ("written.obj", "handmade.obj"):
-        assert mesh_io._read_plain_obj(tmp_path / name) is not None  # the fast path reads it
+        assert mesh_io._read_plain_obj((tmp_path / name).read_bytes().splitlines()) is not None  # the fast path
         for ours, theirs in zip(read_mesh(tmp_path / name), _trimesh_read(tmp_path / name)):
             np.testing.assert_array_equal(ours, theirs)
 
@@ -88,4 +88,20 @@ def test_plain_obj_fast_path_reads_what_trimesh_reads(tmp_path):
 def test_other_obj_files_go_to_trimesh(tmp_path, text):
     path = tmp_path / "other.obj"
     path.write_text(text)
-    assert mesh_io._read_plain_obj(path) is None
+    assert mesh_io._read_plain_obj(path.read_bytes().splitlines()) is None
+
+
+@pytest.mark.parametrize("cut, line", [("vertex", "v -0."), ("face", "f 2")])
+def test_obj_cut_short_names_its_broken_line(tmp_path, cut, line):
+    """A copy cut inside the vertices (trimesh reads no vertices) or the faces (trimesh drops the face)."""
+    vertices = np.random.default_rng(0).normal(size=(30, 3))
+    faces = np.stack([np.arange(28), np.arange(1, 29), np.arange(2, 30)], axis=1)
+    write_mesh(tmp_path / "whole.obj", vertices, faces)
+    text = (tmp_path / "whole.obj").read_text()
+    element = "\nv " if cut == "vertex" else "\nf "
+    cut_at = text.index(element, text.index(element) + 1)  # after the first vertex or face
+    broken = tmp_path / "broken.obj"
+    broken.write_text(text[:cut_at] + "\n" + line)
+    number = broken.read_text().count("\n") + 1
+    with pytest.raises(ValueError, match=rf"broken.obj: line {number} \('{line}'\) has fewer than three .*truncated"):
+        read_mesh(broken)
