@@ -44,17 +44,48 @@ def point_mesh_distance(points: torch.Tensor, gt_points: torch.Tensor) -> torch.
     return point_mesh_distance_per_axis(points, gt_points).mean(dim=1)
 
 
+def result_path(results_dir: Path, gt_name: str) -> Path:
+    """Where the output of a pair with this ground truth goes: its name as an OBJ under results_dir (the
+    published layout; animal results too), or only its file name where it is absolute or climbs out with '..'."""
+    name = Path(gt_name)
+    if name.is_absolute() or ".." in name.parts:
+        name = Path(name.name)
+    return results_dir / name.with_suffix(".obj")
+
+
+def check_results_paths(dataset: TestPairDataset, results_dir: Path) -> None:
+    """Refuse, before anything runs, a test list whose outputs would replace one of its own meshes (results
+    written into the data folder). Pairs sharing a ground truth share its output file, as published (the
+    published lists have 21 and 28 such names); pmd.csv keeps every pair."""
+    inputs = {(dataset.root / name).resolve() for triple in dataset.triples for name in triple}
+    for _, _, gt_name in dataset.triples:
+        out = result_path(results_dir, gt_name).resolve()
+        if out in inputs:
+            raise ValueError(f"the output for ground truth {gt_name} would be written over the input mesh {out}; "
+                             f"choose a --results_dir outside the data folder")
+
+
+def check_finite_outputs(fake_points: torch.Tensor, batch: dict) -> None:
+    """Refuse to write or score an output that is not finite: the weights (or the inputs) are unsound."""
+    finite = torch.isfinite(fake_points).flatten(1).all(dim=1)  # (B,)
+    if not bool(finite.all()):
+        k = int((~finite).nonzero()[0])
+        raise ValueError(f"the output for identity {batch['identity_name'][k]} in pose {batch['pose_name'][k]} "
+                         f"is not finite (NaN or inf); is the checkpoint sound? Its earlier outputs were written")
+
+
 def main(opt: TestOptions) -> float:
     """Run the test list; return the mean PMD."""
     device = torch.device(opt.device)
+    test_list = Path(opt.test_list) if opt.test_list else PROJECT_ROOT / f"{opt.dataset_mode}_test_list"
+    dataset = TestPairDataset(opt.dataroot, test_list, seed=opt.seed, shuffle_points=not opt.no_shuffle)
+    results_dir = Path(opt.results_dir) / opt.dataset_mode
+    check_results_paths(dataset, results_dir)
     model = create_model(opt)
     checkpoint.load_networks(model, opt.checkpoint_dir, opt.which_epoch)
     model.to(device).eval()
     transfer = inference_transfer(model, opt)
-    test_list = Path(opt.test_list) if opt.test_list else PROJECT_ROOT / f"{opt.dataset_mode}_test_list"
-    dataset = TestPairDataset(opt.dataroot, test_list, seed=opt.seed, shuffle_points=not opt.no_shuffle)
     loader = create_dataloader(dataset, opt.batchSize, opt.nThreads, distributed=False)
-    results_dir = Path(opt.results_dir) / opt.dataset_mode
 
     rows = []
     started = time.perf_counter()
@@ -65,6 +96,7 @@ def main(opt: TestOptions) -> float:
             outputs = transfer(batch["identity_points"].to(device), batch["pose_points"].to(device))
             gt_points = batch["gt_points"].to(device)
             fake_points = center_bbox(outputs["fake_points"])
+            check_finite_outputs(fake_points, batch)
             # Per axis (mean over vertices): shows, for example, an output flattened along one axis.
             axis_pmd = point_mesh_distance_per_axis(fake_points, gt_points)  # (B, 3)
             pmd = axis_pmd.mean(dim=1).tolist()
@@ -75,9 +107,8 @@ def main(opt: TestOptions) -> float:
             model_seconds.append(time.perf_counter() - batch_started)
             fake_points = fake_points.cpu().numpy()  # (B, N, 3), one copy for the batch
             for k in range(len(pmd)):
-                # Results keep the ground truth's name; animal results are written as OBJ, as published.
-                out_path = results_dir / Path(batch["gt_name"][k]).with_suffix(".obj")
-                write_mesh(out_path, fake_points[k], batch["identity_faces"][k].numpy())
+                write_mesh(result_path(results_dir, batch["gt_name"][k]), fake_points[k],
+                           batch["identity_faces"][k].numpy())
                 row = {"identity": batch["identity_name"][k], "pose": batch["pose_name"][k],
                        "ground_truth": batch["gt_name"][k], "pmd": pmd[k],
                        **{f"pmd_{axis}": value for axis, value in zip("xyz", axis_pmd[k])}}

@@ -33,7 +33,7 @@ from options.base_options import parse, read_options_json
 from options.transfer_options import TransferOptions
 from util import checkpoint
 from util.cli import run_main
-from util.mesh_io import MESH_SUFFIXES, read_mesh, write_mesh
+from util.mesh_io import MESH_SUFFIXES, OUTPUT_SUFFIXES, read_mesh, write_mesh
 from util.mesh_ops import center_bbox
 from util.render import render_side_by_side
 
@@ -108,15 +108,22 @@ def build_jobs(opt: TransferOptions) -> list[TransferJob]:
         poses = list_meshes(Path(opt.pose_dir), "pose_dir")
         triples += [(i, p, Path(opt.out_dir) / f"{i.stem}_in_{p.stem}.obj") for i in identities for p in poses]
     for _, _, out in triples:
-        if out.suffix.lower() not in MESH_SUFFIXES:
-            raise ValueError(f"output {out} must end in one of {', '.join(MESH_SUFFIXES)}")
+        if out.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ValueError(f"output {out} must end in one of {', '.join(OUTPUT_SUFFIXES)}")
     return [TransferJob(i, p, out, Path(opt.render_dir) / f"{out.stem}.png" if opt.render_dir else None)
             for i, p, out in triples]
 
 
 def check_outputs(jobs: list[TransferJob], overwrite: bool) -> None:
-    """Refuse two pairs writing one file and, unless overwrite, any output or render that exists."""
+    """Refuse, before anything is written: an output or render whose folder is a file, two pairs writing one
+    file and, unless overwrite, any output or render that exists."""
     targets = [job.out for job in jobs] + [job.render for job in jobs if job.render]
+    for path in targets:
+        blocking = next((folder for folder in path.parents if folder.exists() and not folder.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(f"cannot write {path}: {blocking} is a file, not a folder; nothing was written")
+        if path.is_dir():
+            raise ValueError(f"cannot write {path}: it is a folder; name a file; nothing was written")
     counts = Counter(path.resolve() for path in targets)
     repeated = [path for path, count in counts.items() if count > 1]
     if repeated:
@@ -149,8 +156,9 @@ def training_bbox_size(opt: TransferOptions) -> np.ndarray | None:
     if "data_stats.json" not in notes:
         return None
     size = notes["data_stats.json"].get("bbox_size")
-    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(x, (int, float)) and x > 0 for x in size)):
-        raise ValueError(f"{opt.checkpoint_dir / 'data_stats.json'} must hold bbox_size as three positive "
+    if not (isinstance(size, list) and len(size) == 3
+            and all(isinstance(x, (int, float)) and 0 < x < float("inf") for x in size)):
+        raise ValueError(f"{opt.checkpoint_dir / 'data_stats.json'} must hold bbox_size as three positive finite "
                          f"numbers, got {size!r}")
     return np.asarray(size, dtype=np.float64)
 
@@ -268,6 +276,9 @@ def main(opt: TransferOptions) -> list[Path]:
     for job in jobs:
         identity, pose = inputs["identity", job.identity], inputs["pose", job.pose]
         outputs = transfer_pair(transfer, identity, pose, device)
+        if not np.isfinite(outputs["fake_points"]).all():
+            raise ValueError(f"the output for {identity.path} in the pose of {pose.path} is not finite (NaN or inf), "
+                             f"so {job.out} was not written; is the checkpoint sound?")
         write_mesh(job.out, outputs["fake_points"], identity.faces)
         if job.render:
             render_pair(job.render, identity, pose, outputs, job.out.name)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from options.base_options import BaseOptions, option
-from util.mesh_io import MESH_SUFFIXES
+from util.mesh_io import OUTPUT_SUFFIXES
 
 SINGLE_FLAGS = ("identity", "pose", "out")
 FOLDER_FLAGS = ("identity_dir", "pose_dir", "out_dir")
@@ -34,7 +34,7 @@ def _given(options: BaseOptions, names: tuple[str, ...]) -> bool:
 class TransferOptions(BaseOptions):
     identity: str = option("", "identity mesh: the body to keep (any format trimesh reads, any vertex count)")
     pose: str = option("", "pose mesh: the pose to give it (any format trimesh reads, any vertex count)")
-    out: str = option("", f"output mesh ({', '.join(MESH_SUFFIXES)}): the identity's faces and vertex order")
+    out: str = option("", f"output mesh ({', '.join(OUTPUT_SUFFIXES)}): the identity's faces and vertex order")
     pairs: str = option("", "batch: file of 'identity pose output' lines; relative paths are resolved "
                         "against the file's folder")
     identity_dir: str = option("", "batch: folder of identity meshes, each transferred to every pose in --pose_dir")
@@ -63,5 +63,5 @@ class TransferOptions(BaseOptions):
             raise ValueError("--render_dir is for a batch; for a single pair use --render PATH.png")
         if self.render and Path(self.render).suffix.lower() != ".png":
             raise ValueError(f"--render {self.render} must end in .png")
-        if self.out and Path(self.out).suffix.lower() not in MESH_SUFFIXES:
-            raise ValueError(f"--out {self.out} must end in one of {', '.join(MESH_SUFFIXES)}")
+        if self.out and Path(self.out).suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ValueError(f"--out {self.out} must end in one of {', '.join(OUTPUT_SUFFIXES)}")

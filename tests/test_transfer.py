@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import trimesh
 from PIL import Image
 
 import train as train_script
@@ -205,7 +206,8 @@ def test_folders_give_every_identity_in_every_pose(checkpoints, tmp_path):
     write_ellipsoid(tmp_path / "ids" / "tall.obj", 0, 0, subdivisions=2)
     write_ellipsoid(tmp_path / "ids" / "wide.off", 2, 1, subdivisions=1)
     write_ellipsoid(tmp_path / "poses" / "bent.ply", 1, 3, subdivisions=1)
-    write_ellipsoid(tmp_path / "poses" / "twisted.stl", 1, 2, subdivisions=2)
+    # STL is read (a pose's vertex order does not matter) though write_mesh refuses it: trimesh writes it here.
+    trimesh.Trimesh(*posed_ellipsoid(1, 2, subdivisions=2), process=False).export(tmp_path / "poses" / "twisted.stl")
     (tmp_path / "poses" / "notes.txt").write_text("not a mesh")
     written = run_transfer(common_args(checkpoints, "--identity_dir", str(tmp_path / "ids"), "--pose_dir",
                                        str(tmp_path / "poses"), "--out_dir", str(tmp_path / "out")))
@@ -272,6 +274,15 @@ def _unchanged(pair, checkpoints, tmp_path):
     return checkpoints
 
 
+def _checkpoint_with_nan_weight(pair, checkpoints, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoints, copy)
+    state = torch.load(copy / "human" / "latest_net_G.pth", weights_only=True)
+    state["fc.weight"][0, 0, 0] = float("nan")
+    torch.save(state, copy / "human" / "latest_net_G.pth")
+    return copy
+
+
 BAD_INPUTS = {
     "unreadable mesh": (_input_text("identity", "identity.ply", "ply\nformat binary\x01 garbage"), [],
                         "could not be read"),
@@ -284,6 +295,12 @@ BAD_INPUTS = {
     "missing checkpoint": (_unchanged, ["--which_epoch", "77"], "77_net_G.pth does not exist"),
     "rescale without data_stats.json": (_checkpoint_without_stats, ["--rescale"], "--rescale needs"),
     "render not png": (_unchanged, ["--render", "out.jpg"], "must end in .png"),
+    "0-based OBJ": (_input_text("identity", "zero.obj", "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 0 1 2\n"), [],
+                    "face index 0"),
+    "coordinates beyond float32": (_input_text("pose", "huge.obj", "v 0 0 0\nv 1e39 0 0\nv 0 1 0\nf 1 2 3\n"), [],
+                                   "float32's range"),
+    "checkpoint with a NaN weight": (_checkpoint_with_nan_weight, [], "holds NaN or inf values"),
+    "render into a file's folder": (_unchanged, ["--render", "identity.obj/x.png"], "is a file, not a folder"),
 }
 
 
@@ -334,6 +351,7 @@ def test_batch_checks_every_output_and_input_before_writing(checkpoints, tmp_pat
     (["--pairs", "p.txt", "--render", "x.png"], "for a batch use --render_dir"),
     (["--identity", "a.obj", "--pose", "b.obj", "--out", "c.obj", "--render_dir", "r"], "single pair use --render"),
     (["--identity", "a.obj", "--pose", "b.obj", "--out", "c.xyz"], "must end in one of .obj"),
+    (["--identity", "a.obj", "--pose", "b.obj", "--out", "c.stl"], "must end in one of .obj, .ply, .off, .glb$"),
 ])
 def test_option_combinations_are_validated(args, message):
     with pytest.raises(ValueError, match=message):
@@ -347,3 +365,22 @@ def test_command_line_refuses_existing_output(checkpoints, pair, capsys, monkeyp
     assert lines == [f"error: output {pair['out']} exists; nothing was written, pass --overwrite to replace "
                      f"existing outputs"]
     assert pair["out"].read_text() == "keep me"
+
+
+def test_render_folder_that_is_a_file_is_refused_before_any_output(checkpoints, tmp_path, capsys, monkeypatch):
+    write_ellipsoid(tmp_path / "a.obj", 0, 1, subdivisions=2)
+    write_ellipsoid(tmp_path / "b.obj", 1, 2, subdivisions=1)
+    (tmp_path / "pairs.txt").write_text("a.obj b.obj first.obj\n")
+    lines = cli(common_args(checkpoints, "--pairs", str(tmp_path / "pairs.txt"), "--render_dir",
+                            str(tmp_path / "a.obj")), capsys, monkeypatch)
+    assert f"{tmp_path / 'a.obj'} is a file, not a folder; nothing was written" in lines[-1]
+    assert not (tmp_path / "first.obj").exists()
+
+
+def test_non_finite_output_is_not_written(checkpoints, pair, capsys, monkeypatch):
+    def nan_pair(*args):
+        return {"fake_points": np.full((162, 3), np.nan)}
+    monkeypatch.setattr(transfer, "transfer_pair", nan_pair)
+    lines = cli(common_args(checkpoints, *pair_args(pair)), capsys, monkeypatch)
+    assert "is not finite (NaN or inf), so" in lines[-1] and "was not written" in lines[-1]
+    assert not pair["out"].exists()

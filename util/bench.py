@@ -343,6 +343,21 @@ def golden_gradients(device: torch.device, variants: list[str]) -> dict:
     return results
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line errors for arguments that would fail only after minutes of benchmarking (or deep inside it)."""
+    named = [name for name in args.variants.split(",") if name] + [args.sweep_variant]
+    named += [name for name in (args.profile, args.profile_inference) if name]
+    unknown = [name for name in named if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; choose among {', '.join(VARIANTS)}")
+    for flag, least in (("batch", 1), ("vertices", 3), ("repeats", 1), ("warmup", 0), ("big_batch", 0),
+                        ("loader_pairs", 0), ("workers", 0)):
+        if getattr(args, flag) < least:
+            raise ValueError(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
+    if args.out and not Path(args.out).parent.is_dir():
+        raise ValueError(f"--out {args.out}: folder {Path(args.out).parent} does not exist; create it first")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -368,6 +383,7 @@ def main() -> None:
                         "tile), at --batch and at one pair (a GPU with triton)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
+    check_arguments(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} needs a CUDA GPU and torch sees none; run with --device cpu")

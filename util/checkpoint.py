@@ -10,6 +10,7 @@ Every load uses torch.load(weights_only=True): no checkpoint can run code.
 """
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,8 @@ def load_failure(err: Exception) -> str:
     if unsafe:
         return (f"holds a Python object ({unsafe.group(1)}) besides tensors and plain containers; it is not "
                 f"loaded, since unpickling it could run code. Re-save only the state_dict of tensors")
-    if isinstance(err, EOFError) or "central directory" in text or "zip archive" in text:
+    cut_short = isinstance(err, EOFError) or (isinstance(err, OSError) and err.errno == errno.EINVAL)
+    if cut_short or "central directory" in text or "zip archive" in text:
         return "is empty, truncated or corrupt (not a readable PyTorch file); save or copy it again"
     if "Weights only load failed" in text:
         return "is not a PyTorch checkpoint of tensors (its contents cannot be read as one)"
@@ -75,7 +77,8 @@ def load_failure(err: Exception) -> str:
 
 
 def check_state_dict(network: nn.Module, state: Any, source: str) -> None:
-    """Raise RuntimeError listing missing, unexpected and mis-shaped keys (never a silent strict=False)."""
+    """Raise RuntimeError listing missing, unexpected and mis-shaped keys (never a silent strict=False), and
+    ValueError for NaN or inf values (a diverged run's file would write NaN meshes)."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source} does not hold a state_dict of tensors")
     expected = network.state_dict()
@@ -91,6 +94,11 @@ def check_state_dict(network: nn.Module, state: Any, source: str) -> None:
     if problems:
         raise RuntimeError(f"{source} does not fit the network ({'; '.join(problems)}); "
                            f"is it a checkpoint of this model, --dataset_mode and --ngf?")
+    not_finite = [key for key, value in state.items() if value.is_floating_point() and not value.isfinite().all()]
+    if not_finite:
+        raise ValueError(f"{source} holds NaN or inf values in {len(not_finite)} tensors ({', '.join(not_finite[:3])}"
+                         f"{' ...' if len(not_finite) > 3 else ''}): the training that wrote it diverged or the file "
+                         f"is damaged; use an earlier --which_epoch")
 
 
 def load_network_file(network: nn.Module, path: Path, what: str) -> None:

@@ -18,6 +18,9 @@ import trimesh
 from util.atomic import atomic_write
 
 MESH_SUFFIXES = (".obj", ".ply", ".off", ".stl", ".glb", ".gltf")
+# What write_mesh writes with the faces and vertex order kept: STL stores each triangle's corners apart (6890
+# vertices come back as 41,292), and glTF keeps its buffers in side files that one written file cannot hold.
+OUTPUT_SUFFIXES = (".obj", ".ply", ".off", ".glb")
 
 
 def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +51,8 @@ def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             # process=False stops trimesh from merging or reordering vertices.
             mesh = trimesh.load(path, force="mesh", process=False, maintain_order=True)
         except Exception as err:  # trimesh raises many types for malformed files; report them as one
-            raise ValueError(f"mesh file {path} could not be read: {type(err).__name__}: {err}") from None
+            raise ValueError(f"mesh file {path} could not be read ({type(err).__name__}: {err}); is it cut "
+                             f"short or not a mesh file?") from None
         vertices = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64)
         faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64)
     if vertices.ndim != 2 or vertices.shape[0] == 0 or vertices.shape[1] != 3:
@@ -60,23 +64,30 @@ def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"mesh file {path} has face indices in [{faces.min()}, {faces.max()}] "
             f"but only {vertices.shape[0]} vertices")
+    with np.errstate(over="ignore"):
+        vertices = vertices.astype(np.float32)  # coordinates beyond float32's range become inf here
     if not np.isfinite(vertices).all():
         bad = int((~np.isfinite(vertices)).any(axis=1).sum())
-        raise ValueError(f"mesh file {path} has {bad} vertices with non-finite (NaN or inf) coordinates")
-    return vertices.astype(np.float32), faces
+        raise ValueError(f"mesh file {path} has {bad} vertices with non-finite coordinates (NaN, inf, or beyond "
+                         f"float32's range of 3.4e38)")
+    return vertices, faces
 
 
 def _check_obj_elements(path: Path, lines: list[bytes]) -> None:
-    """Raise ValueError naming the first `v` line with fewer than three coordinates or `f` line with fewer than
-    three vertices: a file cut short ends in one. trimesh would drop such a face silently (an identity mesh
-    losing its faces) or return no vertices at all."""
+    """Raise ValueError naming the first `v` line with fewer than three coordinates, `f` line with fewer than
+    three vertices (a file cut short ends in one), or face index 0 (a 0-based file). trimesh would drop a short
+    face silently (an identity mesh losing its faces), return no vertices at all, or shift a 0-based file's
+    faces by one vertex."""
     for number, line in enumerate(lines, start=1):
         kind = line[:2]
+        shown = line.decode(errors="replace")[:40]
         if kind in (b"v ", b"f ") and len(line.split()) < 4:
             what = "coordinates" if kind == b"v " else "vertices"
-            shown = line.decode(errors="replace")[:40]
             raise ValueError(f"mesh file {path}: line {number} ({shown!r}) has fewer than three {what}; "
                              f"the file looks truncated or malformed, write or copy it again")
+        if kind == b"f " and any(corner.split(b"/")[0] == b"0" for corner in line.split()[1:]):
+            raise ValueError(f"mesh file {path}: line {number} ({shown!r}) has face index 0, but OBJ indices "
+                             f"start at 1; was it written 0-based? Add 1 to every face index")
 
 
 def _read_plain_obj(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -124,17 +135,25 @@ def write_mesh(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray)
     """Write a triangle mesh atomically (temporary file, then rename); the format follows the suffix.
 
     Args:
-        path: destination, e.g. out.obj or out.ply; parent folders are created.
-        vertices: float (V, 3).
+        path: destination ending in one of OUTPUT_SUFFIXES, e.g. out.obj or out.ply; parent folders are created.
+        vertices: float (V, 3), all finite.
         faces: int (F, 3), indices into vertices.
+    Raises:
+        ValueError: another suffix, wrong shapes, or non-finite vertices (nothing is written).
     """
     path = Path(path)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"cannot write {path}: a mesh is written as one of {', '.join(OUTPUT_SUFFIXES)}, which "
+                         f"keep its faces and vertex order")
     vertices = np.asarray(vertices, dtype=np.float64)
     faces = np.ascontiguousarray(faces, dtype=np.int64)
     if vertices.ndim != 2 or vertices.shape[1] != 3:
         raise ValueError(f"vertices for {path} must have shape (V, 3), got {vertices.shape}")
     if faces.ndim != 2 or faces.shape[1] != 3:
         raise ValueError(f"faces for {path} must have shape (F, 3), got {faces.shape}")
+    if not np.isfinite(vertices).all():
+        bad = int((~np.isfinite(vertices)).any(axis=1).sum())
+        raise ValueError(f"not writing {path}: {bad} of its {len(vertices)} vertices are not finite (NaN or inf)")
     file_type = path.suffix.lstrip(".").lower()
     with atomic_write(path) as handle:
         if file_type == "obj" and len(faces):

@@ -127,3 +127,23 @@ def test_optimizer_state_keeps_this_runs_implementation():
     group["params"][0].grad = torch.randn(4, 3)
     loading.step()  # torch's own load would keep capturable=True and refuse a CPU step
     assert state["step"].item() == 2
+
+
+def test_a_checkpoint_cut_anywhere_is_reported_as_cut_short(tmp_path):
+    """Cut in its first kilobytes torch raises OSError(EINVAL), elsewhere a zip error: one message for both."""
+    whole = tmp_path / "whole.pth"
+    torch.save(PoseTransferModel(ngf=8).G.state_dict(), whole)
+    data = whole.read_bytes()
+    cut = tmp_path / "latest_net_G.pth"
+    for length in list(range(0, 8192, 512)) + list(range(8192, len(data), len(data) // 40)):
+        cut.write_bytes(data[:length])
+        with pytest.raises(ValueError, match="is empty, truncated or corrupt"):
+            checkpoint.read_checkpoint(cut, "--which_epoch latest")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    network = PoseTransferModel(ngf=8).G
+    state = network.state_dict()
+    state["fc.weight"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"holds NaN or inf values in 1 tensors \(fc.weight\)"):
+        checkpoint.check_state_dict(network, state, "checkpoint x")

@@ -105,3 +105,32 @@ def test_obj_cut_short_names_its_broken_line(tmp_path, cut, line):
     number = broken.read_text().count("\n") + 1
     with pytest.raises(ValueError, match=rf"broken.obj: line {number} \('{line}'\) has fewer than three .*truncated"):
         read_mesh(broken)
+
+
+def test_obj_with_0_based_faces_is_refused_not_shifted(tmp_path):
+    path = tmp_path / "zero_based.obj"
+    path.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 1 1 0\nf 0 1 2\nf 1 3 2\n")
+    with pytest.raises(ValueError, match=r"line 5 \('f 0 1 2'\) has face index 0, but OBJ indices start at 1"):
+        read_mesh(path)
+
+
+def test_coordinates_beyond_float32_are_refused(tmp_path):
+    path = tmp_path / "huge.obj"
+    path.write_text("v 0 0 0\nv 1e39 0 0\nv 0 1 0\nf 1 2 3\n")  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match=r"1 vertices with non-finite coordinates .*float32"):
+        read_mesh(path)
+
+
+@pytest.mark.parametrize("suffix", [".stl", ".gltf", ".xyz"])
+def test_write_mesh_refuses_formats_that_lose_the_vertex_order(tmp_path, suffix):
+    with pytest.raises(ValueError, match=r"a mesh is written as one of \.obj, \.ply, \.off, \.glb"):
+        write_mesh(tmp_path / f"out{suffix}", np.eye(3), np.array([[0, 1, 2]]))
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_mesh_refuses_non_finite_vertices(tmp_path):
+    vertices = np.eye(3)
+    vertices[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"not writing .*out.obj: 1 of its 3 vertices are not finite"):
+        write_mesh(tmp_path / "out.obj", vertices, np.array([[0, 1, 2]]))
+    assert not list(tmp_path.iterdir())
