@@ -37,6 +37,8 @@ def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             that index missing vertices, or has non-finite coordinates.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"mesh file {path} is a folder; name a mesh file")
     if not path.is_file():
         raise FileNotFoundError(f"mesh file {path} does not exist")
     obj_lines = path.read_bytes().splitlines() if path.suffix.lower() == ".obj" else None

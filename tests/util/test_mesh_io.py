@@ -134,3 +134,8 @@ def test_write_mesh_refuses_non_finite_vertices(tmp_path):
     with pytest.raises(ValueError, match=r"not writing .*out.obj: 1 of its 3 vertices are not finite"):
         write_mesh(tmp_path / "out.obj", vertices, np.array([[0, 1, 2]]))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_named_as_a_mesh_is_called_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"mesh file .* is a folder; name a mesh file"):
+        read_mesh(tmp_path)
