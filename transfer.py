@@ -73,9 +73,13 @@ def warn(message: str) -> None:
 def read_pairs_list(path: Path) -> list[tuple[Path, Path, Path]]:
     """The (identity, pose, output) paths of a --pairs list, relative ones resolved against its folder."""
     if not path.is_file():
-        raise FileNotFoundError(f"--pairs list {path} does not exist")
+        raise FileNotFoundError(f"--pairs list {path} {'is a folder' if path.is_dir() else 'does not exist'}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"--pairs list {path} is not a text file of 'identity pose output' lines") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         names = line.split()
         if names and len(names) != 3:
             raise ValueError(f"--pairs list {path} line {number} has {len(names)} names; expected "

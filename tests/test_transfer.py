@@ -339,6 +339,9 @@ def test_batch_checks_every_output_and_input_before_writing(checkpoints, tmp_pat
     assert "written by 2 pairs" in cli(common_args(checkpoints, "--pairs", str(pairs)), capsys, monkeypatch)[-1]
     pairs.write_text("a.obj b.obj first.obj\na.obj b.obj\n")
     assert "line 2 has 2 names" in cli(common_args(checkpoints, "--pairs", str(pairs)), capsys, monkeypatch)[-1]
+    pairs.write_bytes(b"\xff\xfe\x00binary")
+    assert "is not a text file" in cli(common_args(checkpoints, "--pairs", str(pairs)), capsys, monkeypatch)[-1]
+    assert "is a folder" in cli(common_args(checkpoints, "--pairs", str(tmp_path)), capsys, monkeypatch)[-1]
     assert not (tmp_path / "first.obj").exists() and not (tmp_path / "third.obj").exists()
     assert (tmp_path / "second.obj").read_text() == "keep me"
 
