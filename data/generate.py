@@ -17,7 +17,8 @@ meshes it writes
 The output is a function of the parameters alone: the same command writes byte-identical files. Meshes
 are computed in fixed chunks of the (identity, pose) grid, each file is written atomically, and a rerun
 skips every chunk whose files all exist, so an interrupted run continues where it stopped. A folder
-holding a set with other parameters is refused unless --overwrite.
+holding a set with other parameters is refused unless --overwrite, which also removes the folder's
+packed/ (python -m data.packed), made from the meshes it replaces.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import hashlib
 import json
 import multiprocessing
 import re
+import shutil
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
@@ -37,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from data import DATASETS
+from data.packed import PACKED_DIR_NAME
 from data.resample import Resampling, build_resampling
 from data.sources import SOURCES
 from data.sources.base import BodySource
@@ -189,6 +192,16 @@ def _clear_folder(out: Path, whole_set: bool) -> None:
             path.unlink()
 
 
+def _remove_stale_pack(out: Path, layout: str) -> None:
+    """Remove out/packed, which holds the meshes of the set being replaced: left there, train.py's
+    --loader auto would train on them instead of the new files."""
+    packed = out / PACKED_DIR_NAME
+    if packed.is_dir():
+        shutil.rmtree(packed)
+        print(f"removed {packed}, packed from the set this run replaces; re-run python -m data.packed "
+              f"--dataroot {out} --dataset_mode {layout} to pack the new one")
+
+
 def _build_source(name: str, model_file: str | None, device: torch.device) -> BodySource:
     if name in MODEL_FILE_SOURCES:
         return SOURCES[name](model_file, device)
@@ -315,6 +328,8 @@ def generate(args: argparse.Namespace) -> dict:
     resampling = _template_resampling(source, vertices)
     # Only now, with every input checked and the model built, is anything in out removed.
     _clear_folder(out, whole_set=conflict is not None)
+    if conflict is not None:
+        _remove_stale_pack(out, layout)
     faces = source.faces if resampling is None else resampling.faces
     num_vertices = source.num_vertices if resampling is None else resampling.num_vertices
     metadata = {

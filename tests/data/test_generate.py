@@ -274,3 +274,17 @@ def test_train_and_test_run_unchanged_on_a_generated_set(source, dataset_mode, a
                                                     "--results_dir", str(tmp_path / "results")]))
     assert np.isfinite(mean_pmd) and mean_pmd > 0
     assert len(list((tmp_path / "results" / dataset_mode).glob("*.obj"))) > 0
+
+
+def test_overwrite_removes_the_pack_of_the_replaced_set(anny_set, tmp_path, capsys):
+    from data.packed import main as pack_main
+    folder = Path(shutil.copytree(anny_set, tmp_path / "set"))
+    pack_main(["--dataroot", str(folder), "--workers", "1"])
+    main(["--out", str(folder), *SMALL])  # the same set: its pack stays
+    assert (folder / "packed" / "index.json").is_file()
+    capsys.readouterr()
+    main(["--out", str(folder), *SMALL[:-4], "--seed", "7", "--batch_size", "4", "--overwrite"])
+    assert not (folder / "packed").exists()
+    assert capsys.readouterr().out.splitlines() == [
+        f"removed {folder}/packed, packed from the set this run replaces; re-run python -m data.packed --dataroot "
+        f"{folder} --dataset_mode human to pack the new one"]
