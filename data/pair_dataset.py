@@ -214,9 +214,15 @@ class TestPairDataset(Dataset):
             raise ValueError(f"seed must be non-negative, got {seed}")
         list_path = Path(test_list_path)
         if not list_path.is_file():
-            raise FileNotFoundError(f"test list {list_path} does not exist")
+            problem = "is a folder" if list_path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"test list {list_path} {problem}")
+        try:
+            text = list_path.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"test list {list_path} is not a text file of 'identity pose ground-truth' "
+                             f"lines") from None
         self.triples: list[tuple[str, str, str]] = []
-        for line_number, line in enumerate(list_path.read_text().splitlines(), start=1):
+        for line_number, line in enumerate(text.splitlines(), start=1):
             names = line.split()
             if not names:
                 continue

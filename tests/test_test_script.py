@@ -38,3 +38,12 @@ def test_non_finite_output_names_its_pair():
     points[1, 3, 0] = float("inf")
     with pytest.raises(ValueError, match=r"the output for identity b.obj in pose d.obj is not finite"):
         test_script.check_finite_outputs(points, batch)
+
+
+def test_a_test_list_that_is_binary_or_a_folder_says_so(data, tmp_path):
+    binary = tmp_path / "list"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="is not a text file of 'identity pose ground-truth' lines"):
+        TestPairDataset(data, binary, seed=0)
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        TestPairDataset(data, tmp_path, seed=0)
