@@ -5,7 +5,8 @@ torchrun, several GPUs with DistributedDataParallel.
     torchrun --nproc_per_node=4 train.py --dataset_mode human --dataroot DATA --gpu_ids 0,1,2,3
 
 Files follow the published layout in <checkpoints_dir>/<dataset_mode> (util/checkpoint.py), and
---continue_train resumes exactly where the last 'latest' save stopped.
+--continue_train resumes exactly where the last 'latest' save stopped; a folder that already holds a trained
+model is replaced only with --overwrite.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from data.split import parse_index_list, read_split_file
 from models import create_model
 from models.train_step import training_step
 from options.base_options import options_dict, parse, save_options
-from options.train_options import TrainOptions
+from options.train_options import MAX_EPOCH_SIZE, MAX_INDICES, TrainOptions
 from util import checkpoint
 from util.atomic import atomic_write_text
 from util.cli import run_main
@@ -34,9 +35,19 @@ from util.logger import TrainingLogger
 from util.mesh_io import write_mesh
 
 
-def build_training_batches(opt: TrainOptions, device: torch.device) -> FileBatches | PackedPairSampler:
-    """The training pairs: ranges from the flags, else <dataroot>/split.json, else the published layout;
-    drawn on the device from <dataroot>/packed when it exists (--loader auto), else read from the files."""
+def refuse_to_replace_a_trained_model(opt: TrainOptions) -> None:
+    """A fresh run writes the same file names as the one before it, so starting one in a folder that holds a
+    trained model would silently replace that model; ask for --continue_train or --overwrite instead."""
+    if opt.continue_train or opt.overwrite:
+        return
+    if any(opt.checkpoint_dir.glob("*_net_*.pth")) or any(opt.checkpoint_dir.glob("*_resume.pth")):
+        raise FileExistsError(f"{opt.checkpoint_dir} already holds a trained model; pass --continue_train to resume "
+                              f"it or --overwrite to start over (its files will be replaced)")
+
+
+def training_split(opt: TrainOptions) -> tuple[list[int], list[int], int]:
+    """Identities, poses and pairs per epoch: from the flags, else <dataroot>/split.json, else the published
+    layout; refused when the meshes they name or the epoch are too many to list in memory."""
     layout = DATASETS[opt.dataset_mode]
     split = read_split_file(opt.dataroot)
     if split is not None and split["dataset_mode"] != opt.dataset_mode:
@@ -46,7 +57,21 @@ def build_training_batches(opt: TrainOptions, device: torch.device) -> FileBatch
                          "epoch_size": layout.epoch_size}
     identities = parse_index_list(opt.train_identities) if opt.train_identities else list(defaults["train_identities"])
     poses = parse_index_list(opt.train_poses) if opt.train_poses else list(defaults["train_poses"])
+    if len(identities) * len(poses) > MAX_INDICES:
+        raise ValueError(f"training on {len(identities):,} identities x {len(poses):,} poses names more than "
+                         f"{MAX_INDICES:,} meshes, the most supported; narrow --train_identities or --train_poses")
     epoch_size = opt.epoch_size or defaults["epoch_size"]
+    if epoch_size > MAX_EPOCH_SIZE:  # --epoch_size is checked with the options; this one is split.json's
+        raise ValueError(f"{opt.dataroot}/split.json asks for epoch_size {epoch_size:,}; at most {MAX_EPOCH_SIZE:,} "
+                         f"pairs per epoch are supported: lower it there or give --epoch_size")
+    return identities, poses, epoch_size
+
+
+def build_training_batches(opt: TrainOptions, device: torch.device) -> FileBatches | PackedPairSampler:
+    """The training pairs of training_split, drawn on the device from <dataroot>/packed when it exists
+    (--loader auto), else read from the files."""
+    layout = DATASETS[opt.dataset_mode]
+    identities, poses, epoch_size = training_split(opt)
     if opt.loader == "packed" or (opt.loader == "auto" and has_packed(opt.dataroot)):
         if not has_packed(opt.dataroot):
             raise FileNotFoundError(f"--loader packed needs {opt.dataroot}/packed; make it with 'python -m "
@@ -104,7 +129,18 @@ def save_checkpoint(opt: TrainOptions, model, optimizer, scaler, lr: float, epoc
     barrier()
 
 
+def resume_point(opt: TrainOptions, model, optimizer, scaler) -> tuple[int, int, int]:
+    """First epoch, iteration within it and pairs seen so far: (1, 0, 0), or with --continue_train the saved
+    training state, loaded into model, optimizer and scaler."""
+    if not opt.continue_train:
+        return 1, 0, 0
+    state = checkpoint.load_training_state(opt.checkpoint_dir / f"{opt.which_epoch}_resume.pth", model, optimizer,
+                                           scaler)
+    return state["epoch"], state["iteration"], state["samples_seen"]
+
+
 def main(opt: TrainOptions) -> None:
+    refuse_to_replace_a_trained_model(opt)
     init_distributed(opt.device, opt.world_size)
     torch.manual_seed(opt.seed + opt.rank)
     device = torch.device(opt.device)
@@ -116,17 +152,21 @@ def main(opt: TrainOptions) -> None:
     # Loss scaling only for fp16; bf16 and fp32 need none (nanoGPT's rule).
     scaler = torch.amp.GradScaler(device.type, enabled=opt.precision == "fp16")
     options_json = options_dict(opt)
+    total_epochs = opt.niter + opt.niter_decay
 
-    first_epoch, start_iteration, samples_seen = 1, 0, 0
-    if opt.continue_train:
-        state = checkpoint.load_training_state(opt.checkpoint_dir / f"{opt.which_epoch}_resume.pth", model, optimizer,
-                                               scaler)
-        first_epoch, start_iteration, samples_seen = state["epoch"], state["iteration"], state["samples_seen"]
+    first_epoch, start_iteration, samples_seen = resume_point(opt, model, optimizer, scaler)
+    if first_epoch > total_epochs:
+        if is_main_process():
+            print(f"training already finished at epoch {first_epoch - 1} (--niter {opt.niter} + --niter_decay "
+                  f"{opt.niter_decay}); to train more, raise --niter or --niter_decay and --continue_train again")
+        cleanup()
+        return
     if is_main_process():
         print(f"training on {opt.device} x {opt.world_size}, {len(batches)} batches per epoch from {opt.dataroot} "
-              f"({type(batches).__name__}), epochs {first_epoch}..{opt.niter + opt.niter_decay}")
-        save_options(opt, opt.checkpoint_dir)
+              f"({type(batches).__name__}), epochs {first_epoch}..{total_epochs}")
+        # Options are written once the data and the model are set up, so a run that fails before keeps the last.
         stats = {"model": opt.model, "dataset_mode": opt.dataset_mode, **training_data_stats(batches.sample_meshes())}
+        save_options(opt, opt.checkpoint_dir)
         atomic_write_text(json.dumps(stats, indent=1) + "\n", opt.checkpoint_dir / "data_stats.json")
     network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if opt.distributed else model
@@ -134,7 +174,6 @@ def main(opt: TrainOptions) -> None:
     logger = TrainingLogger(opt.checkpoint_dir)
     mesh_dir = Path(opt.output_dir) / opt.dataset_mode
     global_batch = opt.batchSize * opt.world_size
-    total_epochs = opt.niter + opt.niter_decay
 
     for epoch in range(first_epoch, total_epochs + 1):
         lr = learning_rate(opt, epoch, decay=model.LR_DECAY)

@@ -45,7 +45,7 @@ from data.sources import SOURCES
 from data.sources.base import BodySource
 from data.split import SPLIT_FILE_NAME
 from util.atomic import atomic_write_text
-from util.cli import run_main
+from util.cli import OneLineErrorParser, run_main
 from util.mesh_io import write_mesh
 
 METADATA_FILE_NAME = "metadata.json"
@@ -360,7 +360,7 @@ def generate(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m data.generate",
         description="Write a pose-transfer data set (meshes, split.json, test lists, metadata.json) from a body model.")
     parser.add_argument("--out", required=True, help="output folder; an interrupted run continues in it")

@@ -14,7 +14,6 @@ of training on other meshes than the folder holds.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from data import DATASETS, MeshLayout
 from data.pair_dataset import seeded_generator
 from util.atomic import atomic_write, atomic_write_text
-from util.cli import run_main
+from util.cli import OneLineErrorParser, run_main
 from util.mesh_io import read_mesh
 from util.mesh_ops import center_bbox, permute_mesh_unchecked
 
@@ -357,7 +356,7 @@ class PackedPairSampler:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pack a mesh folder into DIR/packed for fast training.")
+    parser = OneLineErrorParser(description="Pack a mesh folder into DIR/packed for fast training.")
     parser.add_argument("--dataroot", required=True, help="folder of id{i}_{p}.obj or toy_{i}_{p}.ply meshes")
     parser.add_argument("--dataset_mode", default="human", choices=tuple(DATASETS))
     parser.add_argument("--workers", type=int, default=2, help="processes reading mesh files")

@@ -4,7 +4,7 @@ Each option is one dataclass field carrying its default and help; the argparse p
 fields, so a flag is declared in exactly one place. `parse` returns a frozen instance with the derived
 values (device, distributed rank and world size) computed once. Options are saved as opt.txt (the values
 the run used, non-defaults marked) and opt.json (as given: an "auto" stays auto); `--load_from_opt_file`
-reads that JSON back. Nothing is pickled.
+reads that JSON back, each value checked by its flag's own type and choices. Nothing is pickled.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from models.networks.npt import NPT_VARIANTS
 from models.networks.correspondence import WARPS
 from models.base_model import PRECISIONS
 from util.atomic import atomic_write_text
+from util.cli import OneLineErrorParser
 
 
 def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -68,7 +69,7 @@ class BaseOptions:
                      "log-domain passes), chunked (memory linear in the vertex count); auto = stored or, when C "
                      "would not fit, chunked on a GPU, dense on the CPU", choices=tuple(WARPS))
     fold_linear: str = option("auto", "compose the generator's consecutive affine layers into one: the same function "
-                              "with 38% of the arithmetic, other rounding; auto = on with --precision fp16 or "
+                              "with 38%% of the arithmetic, other rounding; auto = on with --precision fp16 or "
                               "bf16, off with fp32 (the published arithmetic)", choices=("auto", "on", "off"))
     compile: str = option("auto", "torch.compile the generator and the correspondence network: on, off, or "
                           "auto (on for GPU training)",
@@ -120,15 +121,19 @@ def _user_fields(options_class: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(options_class) if not f.metadata.get("derived")]
 
 
+def _flag_type(f: dataclasses.Field) -> type:
+    """The type argparse converts the flag's text with: the one given, else the default's (str for None)."""
+    return f.metadata["argparse"].get("type", type(f.default) if f.default is not None else str)
+
+
 def build_parser(options_class: type) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per user field of options_class."""
-    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """An argparse parser with one --flag per user field of options_class; usage errors are one line."""
+    parser = OneLineErrorParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in _user_fields(options_class):
-        kwargs = dict(f.metadata["argparse"])
         if isinstance(f.default, bool):
             parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
             continue
-        kwargs.setdefault("type", type(f.default) if f.default is not None else str)
+        kwargs = {**f.metadata["argparse"], "type": _flag_type(f)}
         parser.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"], **kwargs)
     return parser
 
@@ -164,6 +169,10 @@ def _check_launch(gpu_ids: str, world_size: int, script: str) -> None:
             f"'torchrun --nproc_per_node={len(ids)} {script} ...' (same flags)")
 
 
+# Flags that consent to something for one invocation (replacing files, reading opt.json): never taken from
+# opt.json, so that a saved run cannot give the consent on the user's behalf.
+PER_INVOCATION_FLAGS = ("load_from_opt_file", "overwrite")
+
 # Options whose "auto" is resolved for the machine a run is on. opt.json keeps them as given, so that a
 # run loading it (--load_from_opt_file) on another machine resolves them for its own.
 AUTO_CHOICES = ("precision", "fold_linear", "ot", "compile", "cuda_graphs")
@@ -180,9 +189,8 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     parser = build_parser(options_class)
     parsed = parser.parse_args(args)
     if parsed.load_from_opt_file:
-        saved = read_options_json(Path(parsed.checkpoints_dir) / parsed.dataset_mode / "opt.json")
-        known = {f.name for f in _user_fields(options_class)} - {"load_from_opt_file"}
-        parser.set_defaults(**{k: v for k, v in saved.items() if k in known})
+        parser.set_defaults(**opt_file_defaults(options_class, Path(parsed.checkpoints_dir) / parsed.dataset_mode /
+                                                "opt.json"))
         parsed = parser.parse_args(args)
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -220,11 +228,56 @@ def read_options_json(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"--load_from_opt_file: {path} does not exist; train first or drop the flag")
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid UTF-8 JSON ({err}); fix or delete the file") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a JSON object of option values")
     return values
+
+
+def opt_file_defaults(options_class: type, path: Path) -> dict[str, Any]:
+    """The flag defaults that opt.json at path gives: its keys that name a flag of options_class (others, such as
+    a newer version's, are ignored), each value checked as that flag would check it on the command line, so a
+    hand-edited file fails here with one line naming the file and key rather than later with a traceback."""
+    saved = read_options_json(path)
+    fields = {f.name: f for f in _user_fields(options_class) if f.name not in PER_INVOCATION_FLAGS}
+    return {name: _saved_value(fields[name], value, path) for name, value in saved.items() if name in fields}
+
+
+def _saved_value(f: dataclasses.Field, value: Any, path: Path) -> Any:
+    """value of opt.json's key f.name converted as the flag converts its text; ValueError naming file and key."""
+    try:
+        return _convert_saved(f, value)
+    except ValueError:
+        raise ValueError(f'{path}: "{f.name}" must be {_expected(f)}, got {json.dumps(value)}; '
+                         f'fix or delete the file') from None
+
+
+def _convert_saved(f: dataclasses.Field, value: Any) -> Any:
+    """A JSON value through the flag's type and choices. A store_true flag takes true/false; null only stands
+    for a flag whose default is None (the model's published value); a number also for a string flag when it is
+    an int, whose text is unambiguous (gpu_ids -1, which_epoch 10)."""
+    flag_type, choices = _flag_type(f), f.metadata["argparse"].get("choices")
+    if isinstance(f.default, bool) != isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, bool) or (value is None and f.default is None):
+        return value
+    if not isinstance(value, (str, int, float)) or (flag_type is str and isinstance(value, float)):
+        raise ValueError(value)
+    converted = flag_type(str(value))
+    if choices is not None and converted not in choices:
+        raise ValueError(value)
+    return converted
+
+
+def _expected(f: dataclasses.Field) -> str:
+    """What a flag's value must be, in words, for the messages of _saved_value."""
+    if isinstance(f.default, bool):
+        return "true or false"
+    choices = f.metadata["argparse"].get("choices")
+    kind = (f"one of {', '.join(map(str, choices))}" if choices is not None
+            else {int: "an int", float: "a number"}.get(_flag_type(f), "a string"))
+    return f"{kind} or null" if f.default is None else kind
 
 
 def options_text(options: BaseOptions) -> str:

@@ -5,11 +5,26 @@ all processes, as the published iteration counter does.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 from models import MODELS
 from options.base_options import BaseOptions, option
+
+# Far beyond any real data set (the published ones: 15 x 400 and 40 x 400 meshes, 4000 and 11600 pairs an
+# epoch), and low enough that the lists training builds from them fit in memory: index lists, the training
+# meshes (identities x poses) and the epoch's sample order are all expanded in full.
+MAX_INDICES = 10_000_000
+MAX_EPOCH_SIZE = 100_000_000
+_RANGE_ITEM = re.compile(r"(\d+)-(\d+)")
+
+
+def index_list_size(text: str) -> int:
+    """How many indices an index list such as '0-15,21' names at most, counted without expanding its ranges
+    (data.split.parse_index_list expands them, and reports malformed items)."""
+    matches = [_RANGE_ITEM.fullmatch(item.strip()) for item in text.split(",")]
+    return sum(int(match[2]) - int(match[1]) + 1 if match else 1 for match in matches)
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,8 @@ class TrainOptions(BaseOptions):
                          "drawn on the device; make it with python -m data.packed), auto = packed when it exists",
                          choices=("auto", "files", "packed"))
     output_dir: str = option("./output", "training meshes go to <output_dir>/<dataset_mode>")
+    overwrite: bool = option(False, "start over in a <checkpoints_dir>/<dataset_mode> that already holds a trained "
+                             "model, replacing its files (without this flag or --continue_train, train.py refuses)")
 
     def published_defaults(self) -> dict:
         """Values for the flags left at None: the chosen model's published settings."""
@@ -56,5 +73,11 @@ class TrainOptions(BaseOptions):
         if self.niter < 0 or self.niter_decay < 0 or self.niter + self.niter_decay < 1:
             raise ValueError(f"--niter {self.niter} and --niter_decay {self.niter_decay} must be non-negative "
                              f"and give at least one epoch")
-        if self.epoch_size < 0:
-            raise ValueError(f"--epoch_size must be 0 (default) or positive, got {self.epoch_size}")
+        if not 0 <= self.epoch_size <= MAX_EPOCH_SIZE:
+            raise ValueError(f"--epoch_size must be 0 (default) or positive, at most {MAX_EPOCH_SIZE:,} pairs, "
+                             f"got {self.epoch_size:,}")
+        for name in ("train_identities", "train_poses"):
+            size = index_list_size(getattr(self, name))
+            if size > MAX_INDICES:
+                raise ValueError(f"--{name} {getattr(self, name)} names {size:,} indices; at most {MAX_INDICES:,} "
+                                 f"are supported")

@@ -19,7 +19,7 @@ from data.pair_dataset import read_centred
 from models.networks import init_weights
 from models.pose_transfer_model import PoseTransferModel
 from test import point_mesh_distance_per_axis
-from util.cli import run_main
+from util.cli import OneLineErrorParser, run_main
 
 
 def load(path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +29,7 @@ def load(path: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scripts.overfit_pair", description=__doc__,
+    parser = OneLineErrorParser(prog="python -m scripts.overfit_pair", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--identity", required=True)
     parser.add_argument("--pose", required=True)

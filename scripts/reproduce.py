@@ -41,7 +41,7 @@ from data.packed import has_packed
 from data.pair_dataset import read_centred
 from test import point_mesh_distance_per_axis
 from util.atomic import atomic_write, atomic_write_text
-from util.cli import run_main
+from util.cli import OneLineErrorParser, run_main
 from util.render import render_grid
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +147,7 @@ def training_command(root: Path, set_name: str, model: str, schedule: dict) -> l
             "--epoch_size", str(schedule["epoch_size"]), "--seed", str(schedule["seed"]),
             "--print_freq", str(schedule["print_freq"]), "--display_freq", str(10 ** 12),
             "--save_latest_freq", str(schedule["epoch_size"]), "--save_epoch_freq", "1",
+            "--overwrite",  # a failed run starts again from scratch in its folder
             *MODELS[model][1], *TRAINING_FLAGS[model]]
 
 
@@ -434,7 +435,7 @@ def finish(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m scripts.reproduce", description=__doc__,
+    parser = OneLineErrorParser(prog="python -m scripts.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     start_parser = commands.add_parser("start", help="make the sets and start the trainings")

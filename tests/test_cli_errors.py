@@ -1,4 +1,6 @@
 """Bad input through the real command lines: one 'error:' line, exit status 2, no traceback, nothing lost."""
+import json
+import shutil
 import subprocess
 
 import pytest
@@ -98,3 +100,82 @@ def test_cuda_requested_without_a_gpu(trained):
 
 def test_several_gpus_without_torchrun():
     assert_one_line_error(run_script("train.py", "--gpu_ids", "0,1"), "torchrun --nproc_per_node=2 train.py")
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py", "transfer.py"])
+def test_help_of_every_script(script):
+    result = run_script(script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ") and "--checkpoints_dir" in result.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [(["--model", "foo"], "argument --model: invalid choice: 'foo'"),
+                                            (["--ngf", "abc"], "argument --ngf: invalid int value: 'abc'")])
+def test_usage_error_is_one_line(args, fragment):
+    result = run_script("train.py", "--gpu_ids", "-1", *args)
+    assert_one_line_error(result, fragment, "; see --help")
+    assert result.stderr.count("\n") == 1 and not result.stdout
+
+
+def _model_files(checkpoints) -> dict:
+    return {path.name: path.read_bytes() for path in (checkpoints / "human").iterdir() if path.is_file()}
+
+
+def test_train_refuses_to_replace_a_trained_model(trained):
+    before = _model_files(trained / "ckpt")
+    result = run_script("train.py", "--gpu_ids", "-1", "--ngf", "8", "--nThreads", "0", "--batchSize", "2",
+                        "--dataroot", str(trained / "data"), "--checkpoints_dir", str(trained / "ckpt"),
+                        "--niter", "1", "--niter_decay", "0", "--epoch_size", "2", "--seed", "5")
+    assert_one_line_error(result, f"{trained / 'ckpt' / 'human'} already holds a trained model",
+                          "--continue_train to resume it or --overwrite to start over")
+    assert _model_files(trained / "ckpt") == before
+
+
+def test_continue_train_of_a_finished_run_says_so(trained):
+    before = _model_files(trained / "ckpt")
+    result = run_script("train.py", "--gpu_ids", "-1", "--ngf", "8", "--nThreads", "0", "--batchSize", "2",
+                        "--dataroot", str(trained / "data"), "--checkpoints_dir", str(trained / "ckpt"),
+                        "--niter", "1", "--niter_decay", "0", "--continue_train")
+    assert result.returncode == 0, result.stderr
+    assert "training already finished at epoch 1" in result.stdout and "raise --niter or --niter_decay" in \
+        result.stdout
+    assert _model_files(trained / "ckpt") == before
+
+
+def test_overwrite_that_fails_on_bad_data_keeps_the_options(trained, tmp_path):
+    """--overwrite replaces a model only once training starts: a mesh that fails to read before then leaves
+    opt.json as it was."""
+    shutil.copytree(trained / "ckpt", tmp_path / "ckpt")
+    shutil.copytree(trained / "data", tmp_path / "data")
+    (tmp_path / "data" / "id1_2.obj").write_text("v 0 0 0\nv 1 1\n")
+    before = _model_files(tmp_path / "ckpt")
+    result = run_script("train.py", "--gpu_ids", "-1", "--ngf", "8", "--nThreads", "0", "--batchSize", "2",
+                        "--dataroot", str(tmp_path / "data"), "--checkpoints_dir", str(tmp_path / "ckpt"),
+                        "--niter", "1", "--niter_decay", "0", "--epoch_size", "2", "--seed", "5", "--overwrite")
+    assert_one_line_error(result, "id1_2.obj", "fewer than three coordinates")
+    assert _model_files(tmp_path / "ckpt") == before
+
+
+def test_opt_file_with_an_unknown_model_names_file_and_key(tmp_path):
+    (tmp_path / "ckpt" / "human").mkdir(parents=True)
+    (tmp_path / "ckpt" / "human" / "opt.json").write_text(json.dumps({"model": "foo", "gpu_ids": -1}))
+    result = run_script("train.py", "--checkpoints_dir", str(tmp_path / "ckpt"), "--load_from_opt_file")
+    assert_one_line_error(result, f'{tmp_path / "ckpt" / "human" / "opt.json"}: "model" must be one of ver2ver, npt, '
+                                  f'got "foo"; fix or delete the file')
+
+
+def test_split_file_epoch_too_large_to_list(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    split = json.loads((data / "split.json").read_text())
+    (data / "split.json").write_text(json.dumps({**split, "epoch_size": 10**11}))
+    result = run_script("train.py", "--gpu_ids", "-1", "--ngf", "8", "--dataroot", str(data), "--checkpoints_dir",
+                        str(tmp_path / "ckpt"))
+    assert_one_line_error(result, "split.json asks for epoch_size 100,000,000,000", "at most 100,000,000 pairs")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_training_meshes_too_many_to_list(tmp_path):
+    result = run_script("train.py", "--gpu_ids", "-1", "--dataroot", str(write_tiny_dataset(tmp_path / "data")),
+                        "--checkpoints_dir", str(tmp_path / "ckpt"), "--train_identities", "0-9999",
+                        "--train_poses", "0-1000")
+    assert_one_line_error(result, "10,000 identities x 1,001 poses", "more than 10,000,000 meshes")

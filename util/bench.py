@@ -35,7 +35,7 @@ import torch
 from models.cuda_graphs import GraphedTransfer, TransferFunction
 from models.pose_transfer_model import PoseTransferModel
 from models.train_step import training_step
-from util.cli import run_main
+from util.cli import OneLineErrorParser, run_main
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
 # Tiles (rows, columns, warps) of the dL/dC kernel that --fused_passes times besides the default.
@@ -359,7 +359,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vertices", type=int, default=6890)

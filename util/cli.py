@@ -2,13 +2,15 @@
 
 Errors a user can cause are raised as ValueError, FileNotFoundError (any OSError) or RuntimeError with
 a one-sentence message at the edge where they are detected. `run_main` prints that sentence instead of
-a traceback. Set CORENET_TRACEBACK=1 to see the full traceback when debugging.
+a traceback. Set CORENET_TRACEBACK=1 to see the full traceback when debugging. `OneLineErrorParser` does the
+same for argparse's usage errors.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 def user_message(err: BaseException) -> str:
@@ -23,6 +25,14 @@ def user_message(err: BaseException) -> str:
         return (f"{line}; torch.compile needs one on the CPU: install g++ or clang, or run the reference path "
                 f"(--ot dense --compile off)")
     return line
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one 'error:' line and exit status 2, like every other user error;
+    argparse's default prints the whole usage block first, which buries the one line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see --help\n")
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -124,3 +124,76 @@ def test_bad_values(args, message):
                                                (["--fold_linear", "on"], "on")])
 def test_fold_linear_auto_follows_the_precision(args, fold_linear):
     assert parse(TrainOptions, ["--gpu_ids", "-1", *args]).fold_linear == fold_linear
+
+
+@pytest.mark.parametrize("options_class", [TrainOptions, TestOptions])
+def test_help_text_formats(options_class):
+    """argparse %-formats help texts, so a bare percent sign in one made --help raise TypeError."""
+    from options.base_options import build_parser
+    assert "38% of the arithmetic" in " ".join(build_parser(options_class).format_help().split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "foo"], "error: argument --model: invalid choice: 'foo' (choose from 'ver2ver', 'npt'); see --help"),
+    (["--ngf", "abc"], "error: argument --ngf: invalid int value: 'abc'; see --help"),
+    (["--no_such_flag"], "error: unrecognized arguments: --no_such_flag; see --help"),
+])
+def test_usage_errors_are_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(TrainOptions, ["--gpu_ids", "-1", *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def _write_opt_json(tmp_path, content: bytes) -> None:
+    (tmp_path / "human").mkdir()
+    (tmp_path / "human" / "opt.json").write_bytes(content)
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({"ngf": None}, '"ngf" must be an int, got null'),
+    ({"batchSize": 2.5}, '"batchSize" must be an int, got 2.5'),
+    ({"ngf": "abc"}, '"ngf" must be an int, got "abc"'),
+    ({"ngf": True}, '"ngf" must be an int, got true'),
+    ({"model": "foo"}, '"model" must be one of ver2ver, npt, got "foo"'),
+    ({"gpu_ids": 0.5}, '"gpu_ids" must be a string, got 0.5'),
+    ({"gpu_ids": [0, 1]}, '"gpu_ids" must be a string, got [0, 1]'),
+    ({"lr": "fast"}, '"lr" must be a number or null, got "fast"'),
+    ({"continue_train": 1}, '"continue_train" must be true or false, got 1'),
+])
+def test_bad_values_in_opt_file_name_the_file_and_key(tmp_path, saved, message):
+    _write_opt_json(tmp_path, json.dumps(saved).encode())
+    path = tmp_path / "human" / "opt.json"
+    with pytest.raises(ValueError) as error:
+        parse(TrainOptions, ["--checkpoints_dir", str(tmp_path), "--load_from_opt_file"])
+    assert str(error.value) == f"{path}: {message}; fix or delete the file"
+
+
+def test_opt_file_values_convert_as_their_flags_do(tmp_path):
+    """An int for a string flag (gpu_ids, which_epoch) and the text of a number are unambiguous; null stands for
+    the model's published value; --overwrite is consent for one run and never taken from the file."""
+    _write_opt_json(tmp_path, json.dumps({"gpu_ids": -1, "which_epoch": 10, "ngf": "16", "lr": None,
+                                          "overwrite": True, "unknown_key": 1}).encode())
+    opt = parse(TrainOptions, ["--checkpoints_dir", str(tmp_path), "--load_from_opt_file"])
+    assert (opt.gpu_ids, opt.which_epoch, opt.ngf, opt.lr, opt.overwrite) == ("-1", "10", 16, 1e-4, False)
+
+
+def test_opt_file_that_is_not_utf8_is_named(tmp_path):
+    _write_opt_json(tmp_path, b'\xff\xfe{"ngf": 8}')
+    with pytest.raises(ValueError, match=r"opt\.json is not valid UTF-8 JSON .*; fix or delete the file"):
+        parse(TrainOptions, ["--gpu_ids", "-1", "--checkpoints_dir", str(tmp_path), "--load_from_opt_file"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train_identities", "0-100000000000"], "names 100,000,000,001 indices; at most 10,000,000"),
+    (["--train_poses", "0-5000000,5000001-10000000"], "names 10,000,001 indices; at most 10,000,000"),
+    (["--epoch_size", "100000000001"], "at most 100,000,000 pairs, got 100,000,000,001"),
+])
+def test_sizes_too_large_to_list_in_memory(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse(TrainOptions, ["--gpu_ids", "-1", *args])
+
+
+def test_largest_sizes_are_accepted():
+    opt = parse(TrainOptions, ["--gpu_ids", "-1", "--train_identities", "5-10000004", "--epoch_size", "100000000"])
+    assert opt.epoch_size == 100_000_000
