@@ -134,8 +134,12 @@ def resume_point(opt: TrainOptions, model, optimizer, scaler) -> tuple[int, int,
     training state, loaded into model, optimizer and scaler."""
     if not opt.continue_train:
         return 1, 0, 0
-    state = checkpoint.load_training_state(opt.checkpoint_dir / f"{opt.which_epoch}_resume.pth", model, optimizer,
-                                           scaler)
+    resume_file = opt.checkpoint_dir / f"{opt.which_epoch}_resume.pth"
+    if opt.which_epoch != "latest" and not resume_file.is_file():
+        raise FileNotFoundError(f"--continue_train --which_epoch {opt.which_epoch}: only the latest save keeps the "
+                                f"optimizer and training state (latest_resume.pth); epoch {opt.which_epoch}'s files "
+                                f"hold the weights alone. Drop --which_epoch to resume from the latest save")
+    state = checkpoint.load_training_state(resume_file, model, optimizer, scaler)
     return state["epoch"], state["iteration"], state["samples_seen"]
 
 

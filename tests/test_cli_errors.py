@@ -142,6 +142,13 @@ def test_continue_train_of_a_finished_run_says_so(trained):
     assert _model_files(trained / "ckpt") == before
 
 
+def test_continue_train_from_an_epoch_explains_that_only_latest_resumes(trained):
+    result = run_script("train.py", "--gpu_ids", "-1", "--ngf", "8", "--nThreads", "0", "--batchSize", "2",
+                        "--dataroot", str(trained / "data"), "--checkpoints_dir", str(trained / "ckpt"),
+                        "--niter", "2", "--niter_decay", "0", "--continue_train", "--which_epoch", "1")
+    assert_one_line_error(result, "only the latest save keeps the optimizer", "Drop --which_epoch")
+
+
 def test_overwrite_that_fails_on_bad_data_keeps_the_options(trained, tmp_path):
     """--overwrite replaces a model only once training starts: a mesh that fails to read before then leaves
     opt.json as it was."""

@@ -49,7 +49,7 @@ def read_checkpoint(path: Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist ({what}); check --checkpoints_dir, "
-                                f"--dataset_mode and --which_epoch")
+                                f"--dataset_mode, --model and --which_epoch")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe files; report them as one
