@@ -71,7 +71,7 @@ def check_finite_outputs(fake_points: torch.Tensor, batch: dict) -> None:
     if not bool(finite.all()):
         k = int((~finite).nonzero()[0])
         raise ValueError(f"the output for identity {batch['identity_name'][k]} in pose {batch['pose_name'][k]} "
-                         f"is not finite (NaN or inf); is the checkpoint sound? Its earlier outputs were written")
+                         f"is not finite (NaN or inf); is the checkpoint sound? Earlier pairs' outputs were written")
 
 
 def main(opt: TestOptions) -> float:
