@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from data import DATASETS, MeshLayout
 from data.pair_dataset import seeded_generator
+from data.split import is_count
 from util.atomic import atomic_write, atomic_write_text
 from util.cli import OneLineErrorParser, run_main
 from util.mesh_io import read_mesh
@@ -135,20 +136,15 @@ def _files(count: int) -> str:
     return f"{count} file{'' if count == 1 else 's'}"
 
 
-def _is_count(value: object) -> bool:
-    """A JSON integer >= 0; Python's bool is an int, but true is no count."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _fingerprint_problem(fingerprint: object, rows: int, columns: int) -> str | None:
     """What makes index.json's source_files unusable for a rows x columns pack, or None."""
     sizes = fingerprint.get("sizes") if isinstance(fingerprint, dict) else None
     digests = fingerprint.get("sha256") if isinstance(fingerprint, dict) else None
     grid = isinstance(sizes, list) and len(sizes) == rows and all(
-        isinstance(row, list) and len(row) == columns and all(map(_is_count, row)) for row in sizes)
+        isinstance(row, list) and len(row) == columns and all(map(is_count, row)) for row in sizes)
     cells = isinstance(digests, list) and all(
-        isinstance(cell, list) and len(cell) == 3 and _is_count(cell[0]) and cell[0] < rows
-        and _is_count(cell[1]) and cell[1] < columns and isinstance(cell[2], str) for cell in digests)
+        isinstance(cell, list) and len(cell) == 3 and is_count(cell[0]) and cell[0] < rows
+        and is_count(cell[1]) and cell[1] < columns and isinstance(cell[2], str) for cell in digests)
     return None if grid and cells else f"has a source_files entry that does not fit {rows} identities x {columns} poses"
 
 
@@ -163,11 +159,11 @@ def _index_problem(index: object) -> str | None:
         return f"has dataset_mode {index['dataset_mode']!r}, not a name"
     for key in ("identities", "poses"):
         numbers = index[key]
-        if not (isinstance(numbers, list) and numbers and all(map(_is_count, numbers))
+        if not (isinstance(numbers, list) and numbers and all(map(is_count, numbers))
                 and len(set(numbers)) == len(numbers)):
             return f"has {key} that are not a non-empty list of distinct non-negative integers"
     for key in ("num_vertices", "num_faces"):
-        if not (_is_count(index[key]) and index[key] > 0):
+        if not (is_count(index[key]) and index[key] > 0):
             return f"has {key} {index[key]!r}, not a positive integer"
     if "source_files" in index:
         return _fingerprint_problem(index["source_files"], len(index["identities"]), len(index["poses"]))

@@ -23,15 +23,14 @@ _INDEX_TOKEN = re.compile(r"(\d+)(?:-(\d+))?")
 _INDEX_LIST_KEYS = ("train_identities", "train_poses", "test_identities", "test_poses")
 
 
-def parse_index_list(text: str) -> list[int]:
-    """Parse comma-separated non-negative integers and inclusive ranges, e.g. "0-15,21,23-24".
+def index_ranges(text: str) -> list[tuple[int, int]]:
+    """The inclusive (start, end) ranges of an index list such as "0-15,21,23-24" (21 is (21, 21)), checked but
+    not expanded, so that a list's size can be known before its indices are made.
 
     Args:
-        text: the list; white space around items is ignored.
-    Returns:
-        the indices, sorted and without repeats.
+        text: comma-separated non-negative integers and ranges; white space around items is ignored.
     """
-    indices: set[int] = set()
+    ranges = []
     for token in text.split(","):
         match = _INDEX_TOKEN.fullmatch(token.strip())
         if match is None:
@@ -42,11 +41,16 @@ def parse_index_list(text: str) -> list[int]:
         end = int(match.group(2)) if match.group(2) is not None else start
         if end < start:
             raise ValueError(f"index list {text!r} has the range {token.strip()!r}, whose end is below its start")
-        indices.update(range(start, end + 1))
-    return sorted(indices)
+        ranges.append((start, end))
+    return ranges
 
 
-def _is_count(value: object) -> bool:
+def parse_index_list(text: str) -> list[int]:
+    """The indices of an index list such as "0-15,21,23-24" (`index_ranges`), sorted and without repeats."""
+    return sorted({index for start, end in index_ranges(text) for index in range(start, end + 1)})
+
+
+def is_count(value: object) -> bool:
     """True for a non-negative int; JSON true/false load as bool, a subclass of int, and are not counts."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -80,12 +84,12 @@ def read_split_file(dataroot: str | os.PathLike) -> dict | None:
     split = {"dataset_mode": content["dataset_mode"]}
     for key in _INDEX_LIST_KEYS:
         value = content[key]
-        if not isinstance(value, list) or not value or not all(_is_count(item) for item in value):
+        if not isinstance(value, list) or not value or not all(is_count(item) for item in value):
             raise ValueError(
                 f"split file {path} key {key!r} must be a non-empty list of non-negative integers, "
                 f"got {reprlib.repr(value)}")
         split[key] = sorted(set(value))
-    if not _is_count(content["epoch_size"]) or content["epoch_size"] == 0:
+    if not is_count(content["epoch_size"]) or content["epoch_size"] == 0:
         raise ValueError(
             f"split file {path} key 'epoch_size' must be a positive integer, got {reprlib.repr(content['epoch_size'])}")
     split["epoch_size"] = content["epoch_size"]

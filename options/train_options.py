@@ -5,10 +5,10 @@ all processes, as the published iteration counter does.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+from data.split import index_ranges
 from models import MODELS
 from options.base_options import BaseOptions, option
 
@@ -17,14 +17,6 @@ from options.base_options import BaseOptions, option
 # meshes (identities x poses) and the epoch's sample order are all expanded in full.
 MAX_INDICES = 10_000_000
 MAX_EPOCH_SIZE = 100_000_000
-_RANGE_ITEM = re.compile(r"(\d+)-(\d+)")
-
-
-def index_list_size(text: str) -> int:
-    """How many indices an index list such as '0-15,21' names at most, counted without expanding its ranges
-    (data.split.parse_index_list expands them, and reports malformed items)."""
-    matches = [_RANGE_ITEM.fullmatch(item.strip()) for item in text.split(",")]
-    return sum(int(match[2]) - int(match[1]) + 1 if match else 1 for match in matches)
 
 
 @dataclass(frozen=True)
@@ -77,7 +69,9 @@ class TrainOptions(BaseOptions):
             raise ValueError(f"--epoch_size must be 0 (default) or positive, at most {MAX_EPOCH_SIZE:,} pairs, "
                              f"got {self.epoch_size:,}")
         for name in ("train_identities", "train_poses"):
-            size = index_list_size(getattr(self, name))
+            if not getattr(self, name):
+                continue
+            size = sum(end - start + 1 for start, end in index_ranges(getattr(self, name)))  # at most: with repeats
             if size > MAX_INDICES:
                 raise ValueError(f"--{name} {getattr(self, name)} names {size:,} indices; at most {MAX_INDICES:,} "
                                  f"are supported")
