@@ -16,7 +16,7 @@ from options.base_options import BaseOptions, option
 # epoch), and low enough that the lists training builds from them fit in memory: index lists, the training
 # meshes (identities x poses) and the epoch's sample order are all expanded in full.
 MAX_INDICES = 10_000_000
-MAX_EPOCH_SIZE = 100_000_000
+MAX_EPOCH_SIZE = 10_000_000
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ def test_split_file_epoch_too_large_to_list(tmp_path):
     (data / "split.json").write_text(json.dumps({**split, "epoch_size": 10**11}))
     result = run_script("train.py", "--gpu_ids", "-1", "--ngf", "8", "--dataroot", str(data), "--checkpoints_dir",
                         str(tmp_path / "ckpt"))
-    assert_one_line_error(result, "split.json asks for epoch_size 100,000,000,000", "at most 100,000,000 pairs")
+    assert_one_line_error(result, "split.json asks for epoch_size 100,000,000,000", "at most 10,000,000 pairs")
     assert not (tmp_path / "ckpt").exists()
 
 
