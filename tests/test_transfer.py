@@ -300,7 +300,6 @@ BAD_INPUTS = {
     "coordinates beyond float32": (_input_text("pose", "huge.obj", "v 0 0 0\nv 1e39 0 0\nv 0 1 0\nf 1 2 3\n"), [],
                                    "float32's range"),
     "checkpoint with a NaN weight": (_checkpoint_with_nan_weight, [], "holds NaN or inf values"),
-    "render into a file's folder": (_unchanged, ["--render", "identity.obj/x.png"], "is a file, not a folder"),
 }
 
 
@@ -378,6 +377,10 @@ def test_render_folder_that_is_a_file_is_refused_before_any_output(checkpoints, 
                             str(tmp_path / "a.obj")), capsys, monkeypatch)
     assert f"{tmp_path / 'a.obj'} is a file, not a folder; nothing was written" in lines[-1]
     assert not (tmp_path / "first.obj").exists()
+    lines = cli(common_args(checkpoints, "--identity", str(tmp_path / "a.obj"), "--pose", str(tmp_path / "b.obj"),
+                            "--out", str(tmp_path / "one.obj"), "--render", str(tmp_path / "a.obj" / "x.png")),
+                capsys, monkeypatch)
+    assert "is a file, not a folder" in lines[-1] and not (tmp_path / "one.obj").exists()
 
 
 def test_non_finite_output_is_not_written(checkpoints, pair, capsys, monkeypatch):
