@@ -32,6 +32,7 @@ from models.cuda_graphs import TransferFunction
 from options.base_options import parse, read_options_json
 from options.transfer_options import TransferOptions
 from util import checkpoint
+from util.atomic import unwritable_reason
 from util.cli import run_main
 from util.mesh_io import MESH_SUFFIXES, OUTPUT_SUFFIXES, read_mesh, write_mesh
 from util.mesh_ops import center_bbox
@@ -123,11 +124,9 @@ def check_outputs(jobs: list[TransferJob], overwrite: bool) -> None:
     file and, unless overwrite, any output or render that exists."""
     targets = [job.out for job in jobs] + [job.render for job in jobs if job.render]
     for path in targets:
-        blocking = next((folder for folder in path.parents if folder.exists() and not folder.is_dir()), None)
-        if blocking is not None:
-            raise ValueError(f"cannot write {path}: {blocking} is a file, not a folder; nothing was written")
-        if path.is_dir():
-            raise ValueError(f"cannot write {path}: it is a folder; name a file; nothing was written")
+        reason = unwritable_reason(path)
+        if reason is not None:
+            raise ValueError(f"{reason}; nothing was written")
     counts = Counter(path.resolve() for path in targets)
     repeated = [path for path, count in counts.items() if count > 1]
     if repeated:
@@ -280,9 +279,6 @@ def main(opt: TransferOptions) -> list[Path]:
     for job in jobs:
         identity, pose = inputs["identity", job.identity], inputs["pose", job.pose]
         outputs = transfer_pair(transfer, identity, pose, device)
-        if not np.isfinite(outputs["fake_points"]).all():
-            raise ValueError(f"the output for {identity.path} in the pose of {pose.path} is not finite (NaN or inf), "
-                             f"so {job.out} was not written; is the checkpoint sound?")
         write_mesh(job.out, outputs["fake_points"], identity.faces)
         if job.render:
             render_pair(job.render, identity, pose, outputs, job.out.name)

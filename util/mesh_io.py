@@ -68,11 +68,16 @@ def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             f"but only {vertices.shape[0]} vertices")
     with np.errstate(over="ignore"):
         vertices = vertices.astype(np.float32)  # coordinates beyond float32's range become inf here
-    if not np.isfinite(vertices).all():
-        bad = int((~np.isfinite(vertices)).any(axis=1).sum())
+    bad = _non_finite_vertices(vertices)
+    if bad:
         raise ValueError(f"mesh file {path} has {bad} vertices with non-finite coordinates (NaN, inf, or beyond "
                          f"float32's range of 3.4e38)")
     return vertices, faces
+
+
+def _non_finite_vertices(vertices: np.ndarray) -> int:
+    """How many rows of vertices (V, 3) hold a NaN or infinite coordinate."""
+    return int((~np.isfinite(vertices)).any(axis=1).sum())
 
 
 def _check_obj_elements(path: Path, lines: list[bytes]) -> None:
@@ -153,8 +158,8 @@ def write_mesh(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray)
         raise ValueError(f"vertices for {path} must have shape (V, 3), got {vertices.shape}")
     if faces.ndim != 2 or faces.shape[1] != 3:
         raise ValueError(f"faces for {path} must have shape (F, 3), got {faces.shape}")
-    if not np.isfinite(vertices).all():
-        bad = int((~np.isfinite(vertices)).any(axis=1).sum())
+    bad = _non_finite_vertices(vertices)
+    if bad:
         raise ValueError(f"not writing {path}: {bad} of its {len(vertices)} vertices are not finite (NaN or inf)")
     file_type = path.suffix.lstrip(".").lower()
     with atomic_write(path) as handle:
