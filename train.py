@@ -11,6 +11,7 @@ model is replaced only with --overwrite.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import time
@@ -35,14 +36,42 @@ from util.logger import TrainingLogger
 from util.mesh_io import write_mesh
 
 
+# What a training run writes into <checkpoints_dir>/<dataset_mode>: the files --overwrite sets aside.
+RUN_FILE_PATTERNS = ("*_net_*.pth", "*_resume.pth", "optimizer.pth", "iter.txt", "opt.json", "opt.txt",
+                     "data_stats.json", "loss_log.txt", "tensorboard")
+
+
+def holds_trained_model(directory: Path) -> bool:
+    return any(directory.glob("*_net_*.pth")) or any(directory.glob("*_resume.pth"))
+
+
 def refuse_to_replace_a_trained_model(opt: TrainOptions) -> None:
     """A fresh run writes the same file names as the one before it, so starting one in a folder that holds a
     trained model would silently replace that model; ask for --continue_train or --overwrite instead."""
     if opt.continue_train or opt.overwrite:
         return
-    if any(opt.checkpoint_dir.glob("*_net_*.pth")) or any(opt.checkpoint_dir.glob("*_resume.pth")):
+    if holds_trained_model(opt.checkpoint_dir):
         raise FileExistsError(f"{opt.checkpoint_dir} already holds a trained model; pass --continue_train to resume "
-                              f"it or --overwrite to start over (its files will be replaced)")
+                              f"it or --overwrite to start over (its files are moved into a replaced_<time> folder)")
+
+
+def set_aside_previous_run(directory: Path) -> Path | None:
+    """Move the files of the run a --overwrite replaces into <directory>/replaced_<time>, so that the folder holds
+    the new run alone (no epoch file of the old one is mistaken for the new one's) and nothing is deleted.
+
+    Returns:
+        the folder they went to, or None when the directory holds no trained model.
+    """
+    if not holds_trained_model(directory):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    names = itertools.chain([f"replaced_{stamp}"], (f"replaced_{stamp}_{count}" for count in itertools.count(2)))
+    aside = next(directory / name for name in names if not (directory / name).exists())
+    aside.mkdir()
+    for pattern in RUN_FILE_PATTERNS:
+        for path in directory.glob(pattern):
+            path.rename(aside / path.name)
+    return aside
 
 
 def training_split(opt: TrainOptions) -> tuple[list[int], list[int], int]:
@@ -170,6 +199,9 @@ def main(opt: TrainOptions) -> None:
               f"({type(batches).__name__}), epochs {first_epoch}..{total_epochs}")
         # Options are written once the data and the model are set up, so a run that fails before keeps the last.
         stats = {"model": opt.model, "dataset_mode": opt.dataset_mode, **training_data_stats(batches.sample_meshes())}
+        aside = set_aside_previous_run(opt.checkpoint_dir) if opt.overwrite else None
+        if aside is not None:
+            print(f"--overwrite: the previous run's files were moved to {aside}")
         save_options(opt, opt.checkpoint_dir)
         atomic_write_text(json.dumps(stats, indent=1) + "\n", opt.checkpoint_dir / "data_stats.json")
     network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \

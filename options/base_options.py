@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -188,10 +189,15 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     """
     parser = build_parser(options_class)
     parsed = parser.parse_args(args)
+    opt_file, from_opt_file = None, set()
     if parsed.load_from_opt_file:
-        parser.set_defaults(**opt_file_defaults(options_class, Path(parsed.checkpoints_dir) / parsed.dataset_mode /
-                                                "opt.json"))
+        opt_file = Path(parsed.checkpoints_dir) / parsed.dataset_mode / "opt.json"
+        saved = opt_file_defaults(options_class, opt_file)
+        parser.set_defaults(**saved)
+        command_line = vars(parsed)
         parsed = parser.parse_args(args)
+        from_opt_file = {name for name, value in saved.items()
+                         if getattr(parsed, name) == value and command_line[name] != value}
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -218,8 +224,20 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     unset = {name: value for name, value in options.published_defaults().items() if getattr(options, name) is None}
     if unset:
         options = dataclasses.replace(options, **unset)
-    options.validate()
+    try:
+        options.validate()
+    except ValueError as err:
+        raise _naming_opt_file(err, from_opt_file, opt_file) from None
     return options
+
+
+def _naming_opt_file(err: ValueError, from_opt_file: set[str], opt_file: Path | None) -> ValueError:
+    """err, with the opt.json it came from named when the flag it names (--name) took its value from that file."""
+    named = [name for name in re.findall(r"--(\w+)", str(err)) if name in from_opt_file]
+    if not named:
+        return err
+    return ValueError(f"{err} ({', '.join(named)} taken from {opt_file}; fix the file, delete it, or give "
+                      f"--{named[0]} on the command line)")
 
 
 def read_options_json(path: Path) -> dict[str, Any]:

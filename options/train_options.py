@@ -49,7 +49,8 @@ class TrainOptions(BaseOptions):
                          choices=("auto", "files", "packed"))
     output_dir: str = option("./output", "training meshes go to <output_dir>/<dataset_mode>")
     overwrite: bool = option(False, "start over in a <checkpoints_dir>/<dataset_mode> that already holds a trained "
-                             "model, replacing its files (without this flag or --continue_train, train.py refuses)")
+                             "model; its files are moved into a replaced_<time> folder there (without this flag or "
+                             "--continue_train, train.py refuses)")
 
     def published_defaults(self) -> dict:
         """Values for the flags left at None: the chosen model's published settings."""

@@ -163,6 +163,25 @@ def test_overwrite_that_fails_on_bad_data_keeps_the_options(trained, tmp_path):
     assert _model_files(tmp_path / "ckpt") == before
 
 
+def test_overwrite_sets_the_previous_run_aside(trained, tmp_path):
+    """--overwrite moves every file of the run it replaces into one replaced_<time> folder (nothing is deleted,
+    and no epoch file of the old run stays beside the new one's)."""
+    shutil.copytree(trained / "ckpt", tmp_path / "ckpt")
+    before = _model_files(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "human" / "7_net_G.pth").write_bytes(b"an old epoch")
+    result = run_script("train.py", "--gpu_ids", "-1", "--ngf", "8", "--nThreads", "0", "--batchSize", "2",
+                        "--dataroot", str(trained / "data"), "--checkpoints_dir", str(tmp_path / "ckpt"),
+                        "--niter", "1", "--niter_decay", "0", "--epoch_size", "2", "--seed", "5", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    human = tmp_path / "ckpt" / "human"
+    [aside] = human.glob("replaced_*")
+    assert f"previous run's files were moved to {aside}" in result.stdout
+    assert {path.name: path.read_bytes() for path in aside.iterdir() if path.is_file()} == \
+        {**before, "7_net_G.pth": b"an old epoch"}
+    assert not (human / "7_net_G.pth").exists()
+    assert {"latest_net_G.pth", "1_net_G.pth", "opt.json", "loss_log.txt"} <= set(_model_files(tmp_path / "ckpt"))
+
+
 def test_opt_file_with_an_unknown_model_names_file_and_key(tmp_path):
     (tmp_path / "ckpt" / "human").mkdir(parents=True)
     (tmp_path / "ckpt" / "human" / "opt.json").write_text(json.dumps({"model": "foo", "gpu_ids": -1}))

@@ -169,6 +169,23 @@ def test_bad_values_in_opt_file_name_the_file_and_key(tmp_path, saved, message):
     assert str(error.value) == f"{path}: {message}; fix or delete the file"
 
 
+def test_out_of_range_value_from_opt_file_names_the_file(tmp_path):
+    """A value of the right type that validation refuses says it came from opt.json; given on the command line
+    instead, the same check's message is left as it is."""
+    _write_opt_json(tmp_path, json.dumps({"ngf": 0, "batchSize": 4}).encode())
+    path = tmp_path / "human" / "opt.json"
+    with pytest.raises(ValueError) as error:
+        parse(TrainOptions, ["--gpu_ids", "-1", "--checkpoints_dir", str(tmp_path), "--load_from_opt_file"])
+    assert str(error.value) == (f"--ngf must be at least 1, got 0 (ngf taken from {path}; fix the file, delete it, "
+                                f"or give --ngf on the command line)")
+    assert parse(TrainOptions, ["--gpu_ids", "-1", "--checkpoints_dir", str(tmp_path), "--load_from_opt_file",
+                                "--ngf", "8"]).batchSize == 4
+    with pytest.raises(ValueError) as error:
+        parse(TrainOptions, ["--gpu_ids", "-1", "--checkpoints_dir", str(tmp_path), "--load_from_opt_file",
+                             "--ngf", "8", "--batchSize", "0"])
+    assert str(error.value) == "--batchSize must be at least 1, got 0"
+
+
 def test_opt_file_values_convert_as_their_flags_do(tmp_path):
     """An int for a string flag (gpu_ids, which_epoch) and the text of a number are unambiguous; null stands for
     the model's published value; --overwrite is consent for one run and never taken from the file."""
