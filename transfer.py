@@ -41,6 +41,9 @@ from util.render import render_side_by_side
 MIN_VERTICES = 3
 SCALE_TOLERANCE = 2.0  # warn when a bounding-box diagonal is over 2x or under 1/2 of the training one
 DEGENERATE_AREA = 1e-10  # a face is degenerate when twice its area is below this x the squared diagonal
+# The largest half-extent the model is given: the networks' float32 statistics square their inputs, and beyond
+# about 1e19 a variance overflows and the output is silently meaningless (finite, but not a body).
+MAX_MODEL_HALF_EXTENT = 1e15
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,24 @@ def load_input(path: Path, role: str, training_size: np.ndarray | None, rescale:
         elif not 1 / SCALE_TOLERANCE <= diagonal / training_diagonal <= SCALE_TOLERANCE:
             warn(f"{role} mesh {path} measures {_size_text(high - low)}, {diagonal / training_diagonal:.3g} times "
                  f"the training meshes' {_size_text(training_size)}; pass --rescale to scale it to the training size")
+    if np.max(high - low) / 2 * scale > MAX_MODEL_HALF_EXTENT:
+        raise ValueError(f"{role} mesh {path} measures {_size_text(high - low)}, too large for the model's float32 "
+                         f"arithmetic (at most {2 * MAX_MODEL_HALF_EXTENT:.0e} across); scale it to the size of the "
+                         f"training meshes (metres for the published sets)"
+                         + ("" if training_size is None else " or pass --rescale"))
     return InputMesh(path, vertices, faces, (low + high) / 2, scale)
+
+
+def check_finite_output(fake_points: np.ndarray, identity: InputMesh, pose: InputMesh) -> None:
+    """Refuse an output that is not finite, naming the likely cause: inputs far from the model's scale (half
+    precision overflows first) or an unsound checkpoint."""
+    if np.isfinite(fake_points).all():
+        return
+    extents = [np.ptp(mesh.vertices.astype(np.float64), axis=0) * mesh.scale for mesh in (identity, pose)]
+    sizes = " and ".join(_size_text(extent) for extent in extents)
+    raise ValueError(f"the output for identity {identity.path} in the pose of {pose.path} is not finite (NaN or inf); "
+                     f"the model saw meshes measuring {sizes}: scale them to the training meshes' size (--rescale), "
+                     f"or try --precision fp32, or check the checkpoint. Earlier pairs' outputs were written")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,6 +299,7 @@ def main(opt: TransferOptions) -> list[Path]:
     for job in jobs:
         identity, pose = inputs["identity", job.identity], inputs["pose", job.pose]
         outputs = transfer_pair(transfer, identity, pose, device)
+        check_finite_output(outputs["fake_points"], identity, pose)
         write_mesh(job.out, outputs["fake_points"], identity.faces)
         if job.render:
             render_pair(job.render, identity, pose, outputs, job.out.name)

@@ -300,6 +300,9 @@ BAD_INPUTS = {
     "coordinates beyond float32": (_input_text("pose", "huge.obj", "v 0 0 0\nv 1e39 0 0\nv 0 1 0\nf 1 2 3\n"), [],
                                    "float32's range"),
     "checkpoint with a NaN weight": (_checkpoint_with_nan_weight, [], "holds NaN or inf values"),
+    # Finite in float32, but a variance of the first layer's output would overflow and the output mean nothing.
+    "coordinates too large for the model": (_input_text("pose", "vast.obj", "v 0 0 0\nv 1e30 0 0\nv 0 1 0\nf 1 2 3\n"),
+                                            [], "too large for the model's float32 arithmetic"),
 }
 
 
@@ -388,5 +391,6 @@ def test_non_finite_output_is_not_written(checkpoints, pair, capsys, monkeypatch
         return {"fake_points": np.full((162, 3), np.nan)}
     monkeypatch.setattr(transfer, "transfer_pair", nan_pair)
     lines = cli(common_args(checkpoints, *pair_args(pair)), capsys, monkeypatch)
-    assert f"not writing {pair['out']}: 162 of its 162 vertices are not finite (NaN or inf)" in lines[-1]
+    assert f"the output for identity {pair['identity']} in the pose of {pair['pose']} is not finite" in lines[-1]
+    assert "scale them to the training meshes' size (--rescale)" in lines[-1]
     assert not pair["out"].exists()
