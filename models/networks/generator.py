@@ -21,11 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from models.networks.layers import ALIGNMENT, PointwiseConv1d, product, runs_on_tensor_cores
 
 ELAIN_EPS = 1e-5
+# The negative slope of the leaky ReLU after every ElaIN.
+LEAKY_SLOPE = 0.2
 
 
 def statistics_dtype(t: torch.Tensor) -> torch.dtype:
@@ -72,6 +75,63 @@ def kernel_conv_as_product(points: torch.Tensor, weight: torch.Tensor, bias: tor
     return product(flat_weight.expand(points.shape[0], -1, -1), columns, bias.unsqueeze(-1))
 
 
+def _elain_map_terms(x: torch.Tensor, gamma_id: torch.Tensor, beta_id: torch.Tensor, mean: torch.Tensor,
+                     std: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_hat = (x - mean) / std, 1 + gamma and beta of ElaIN's map y = x_hat (1 + gamma) + beta, in x's dtype:
+    gamma = gamma_id w + std (1 - w), beta = beta_id w + mean (1 - w). Shapes as `_ActivatedElaINMap`."""
+    dtype = x.dtype
+    weight_x = weight.to(dtype)
+    one_plus_gamma = 1 + (gamma_id.to(dtype) * weight_x + (std * (1 - weight)).to(dtype))
+    beta = beta_id.to(dtype) * weight_x + (mean * (1 - weight)).to(dtype)
+    return (x - mean.to(dtype)) / std.to(dtype), one_plus_gamma, beta
+
+
+class _ActivatedElaINMap(torch.autograd.Function):
+    """leaky_relu(y) with y = x_hat (1 + gamma) + beta, ElaIN's map on every column (`_elain_map_terms`), and a
+    backward written out: one pass over the (B, C, N') tensors gives the elementwise gradients and the five sums
+    over columns that the (B, C, 1) inputs' gradients need, where autograd through the map differentiates its
+    operations one by one.
+
+    With g = dL/dy (the activation's gradient applied) and sums over all columns:
+    dL/dx = g (1 + gamma) / std, dL/dgamma_id = g x_hat w, dL/dbeta_id = g w,
+    dL/dmean = (1 - w) S1 - ((1 + std (1 - w)) S1 + w S3) / std,
+    dL/dstd = (1 - w) S2 - ((1 + std (1 - w)) S2 + w S4) / std,
+    dL/dw = S4 - std S2 + S5 - mean S1,
+    where S1 = sum g, S2 = sum g x_hat, S3 = sum g gamma_id, S4 = sum g gamma_id x_hat, S5 = sum g beta_id.
+    mean, std and w come from x's statistics and the identity features; their own gradients flow on through
+    autograd.
+
+    Args (forward):
+        x, gamma_id, beta_id: (B, C, N'), x's dtype (half under autocast).
+        mean, std, weight: (B, C, 1) in `statistics_dtype`.
+    Returns:
+        (B, C, N') in x's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma_id, beta_id, mean, std, weight):
+        x_hat, one_plus_gamma, beta = _elain_map_terms(x, gamma_id, beta_id, mean, std, weight)
+        ctx.save_for_backward(x, gamma_id, beta_id, mean, std, weight)
+        return F.leaky_relu(x_hat * one_plus_gamma + beta, LEAKY_SLOPE)
+
+    @staticmethod
+    @once_differentiable  # the saved tensors carry no graph: a second derivative would be wrong
+    def backward(ctx, grad_out):
+        x, gamma_id, beta_id, mean, std, weight = ctx.saved_tensors
+        x_hat, one_plus_gamma, beta = _elain_map_terms(x, gamma_id, beta_id, mean, std, weight)
+        grad = torch.where(x_hat * one_plus_gamma + beta > 0, grad_out, grad_out * LEAKY_SLOPE)  # dL/dy
+        grad_stats, x_hat_stats, gamma_id_stats = (t.to(mean.dtype) for t in (grad, x_hat, gamma_id))
+        sums = [(grad_stats * factor).sum(dim=2, keepdim=True) for factor in (
+            1, x_hat_stats, gamma_id_stats, gamma_id_stats * x_hat_stats, beta_id.to(mean.dtype))]  # S1..S5
+        shortcut = 1 + std * (1 - weight)
+        grad_mean = (1 - weight) * sums[0] - (shortcut * sums[0] + weight * sums[2]) / std
+        grad_std = (1 - weight) * sums[1] - (shortcut * sums[1] + weight * sums[3]) / std
+        grad_weight = sums[3] - std * sums[1] + sums[4] - mean * sums[0]
+        weight_x = weight.to(x.dtype)
+        return (grad * one_plus_gamma / std.to(x.dtype), grad * x_hat * weight_x, grad * weight_x, grad_mean,
+                grad_std, grad_weight)
+
+
 class ElaIN(nn.Module):
     """Elastic instance normalisation of x (B, C, N), conditioned on identity features (B, Cid, N)."""
 
@@ -106,6 +166,19 @@ class ElaIN(nn.Module):
         condition_mean = self.mlp_same(mean_features).to(statistics_dtype(identity_features))  # (B, C, 1)
         return gamma_id, beta_id, condition_mean
 
+    def map_inputs(self, x: torch.Tensor, identity_features: torch.Tensor,
+                   vertices: int | None = None) -> tuple[torch.Tensor, ...]:
+        """x, gamma_id, beta_id (B, C, N') and x's mean, std and the blend weight w (B, C, 1): what the affine
+        map `_elain_map_terms` takes. Statistics in float32 even under mixed precision (`statistics_dtype`): a
+        sum over N vertices in half precision loses the mean."""
+        gamma_id, beta_id, condition_mean = self.identity_terms(identity_features, vertices)
+        statistics = x[..., :vertices].to(statistics_dtype(x))
+        mean = statistics.mean(dim=2, keepdim=True)  # (B, C, 1)
+        # Unbiased variance, unlike the InstanceNorm1d layers of Corr (SPEC.md; parity depends on it).
+        std = torch.sqrt(statistics.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
+        weight = self.mlp_weight(torch.cat([condition_mean, mean], dim=1)).to(statistics.dtype)  # (B, C, 1)
+        return x, gamma_id, beta_id, mean, std, weight
+
     def forward(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """
         Args:
@@ -114,22 +187,18 @@ class ElaIN(nn.Module):
             vertices: the real vertex count N <= N', the columns the statistics run over (None: all); the
                 columns past it are padding (`ElaINGenerator`).
         Returns:
-            float (B, C, N').
+            float (B, C, N'). The (B, C, N') map runs in x's dtype: float32 on the reference path, half precision
+            under autocast, which halves the memory it moves.
         """
-        gamma_id, beta_id, condition_mean = self.identity_terms(identity_features, vertices)
-        # Statistics in float32 even under mixed precision: a sum over N vertices in half precision loses
-        # the mean. The (B, C, N) affine map runs in x's dtype: float32 on the reference path (these casts
-        # are no-ops there), half precision under autocast, which halves the memory it moves.
-        statistics = x[..., :vertices].to(statistics_dtype(x))
-        mean = statistics.mean(dim=2, keepdim=True)  # (B, C, 1)
-        # Unbiased variance, unlike the InstanceNorm1d layers of Corr (SPEC.md; parity depends on it).
-        std = torch.sqrt(statistics.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
-        weight = self.mlp_weight(torch.cat([condition_mean, mean], dim=1)).to(statistics.dtype)  # (B, C, 1)
-        dtype = x.dtype
-        weight_x = weight.to(dtype)
-        gamma = gamma_id.to(dtype) * weight_x + (std * (1 - weight)).to(dtype)
-        beta = beta_id.to(dtype) * weight_x + (mean * (1 - weight)).to(dtype)
-        return (x - mean.to(dtype)) / std.to(dtype) * (1 + gamma) + beta
+        x_hat, one_plus_gamma, beta = _elain_map_terms(*self.map_inputs(x, identity_features, vertices))
+        return x_hat * one_plus_gamma + beta
+
+    def activated(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
+        """leaky_relu(self(x, identity_features, vertices)), what every ElaIN of the generator is followed by;
+        with fold_linear, map and activation are one `_ActivatedElaINMap` (the same values)."""
+        if not self.fold_linear:
+            return F.leaky_relu(self(x, identity_features, vertices), LEAKY_SLOPE)
+        return _ActivatedElaINMap.apply(*self.map_inputs(x, identity_features, vertices))
 
 
 class ElaINBlock(nn.Module):
@@ -148,9 +217,9 @@ class ElaINBlock(nn.Module):
                  vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs of the block's two output convolutions, conv_s and conv_1, each (B, C, N'):
         lrelu(norm_s(x)) and lrelu(norm_1(conv_0(lrelu(norm_0(x)))))."""
-        shortcut_input = F.leaky_relu(self.norm_s(x, identity_features, vertices), 0.2)
-        dx = self.conv_0(F.leaky_relu(self.norm_0(x, identity_features, vertices), 0.2))
-        return shortcut_input, F.leaky_relu(self.norm_1(dx, identity_features, vertices), 0.2)
+        shortcut_input = self.norm_s.activated(x, identity_features, vertices)
+        dx = self.conv_0(self.norm_0.activated(x, identity_features, vertices))
+        return shortcut_input, self.norm_1.activated(dx, identity_features, vertices)
 
     def forward(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """x: (B, C, N'), identity_features: (B, Cid, N') -> (B, C, N'); vertices as in `ElaIN`."""
