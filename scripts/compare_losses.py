@@ -4,7 +4,8 @@
 
 Each log line "(epoch: e, iters: i, ...) edge: x rec: y lr: z" is one logged step; the loss is rec + edge
 (both logged with their weights). With both paths present it prints fast / reference - 1 and its standard
-error from the spread over seeds.
+error from the spread over seeds. Runs that stopped at different points (a run cut off by a time limit) are
+compared over the same pairs: every mean is then taken up to the last point every run reached, and a line says so.
 """
 import argparse
 import math
@@ -15,15 +16,24 @@ from collections import defaultdict
 from pathlib import Path
 
 LOSS = re.compile(r"(?:rec|edge): ([0-9.eE+-]+)")
+PAIRS = re.compile(r"iters: (\d+)")
 NAME = re.compile(r"loss_(?P<path>\w+?)_seed(?P<seed>\d+)\.txt$")
 
 
-def last_mean(path: Path, count: int) -> float:
-    """Mean loss of the last `count` logged steps of one log; ValueError if it logged none."""
-    totals = [sum(map(float, LOSS.findall(line)))
-              for line in path.read_text().splitlines() if line.startswith("(epoch")]
-    if not totals:
+def logged_steps(path: Path) -> list[tuple[int, float]]:
+    """(pairs seen, rec + edge) of every logged step of one log; ValueError if it logged none."""
+    steps = [(int(PAIRS.search(line)[1]), sum(map(float, LOSS.findall(line))))
+             for line in path.read_text().splitlines() if line.startswith("(epoch")]
+    if not steps:
         raise ValueError(f"{path} has no logged training steps")
+    return steps
+
+
+def last_mean(path: Path, count: int, until: int | None = None) -> float:
+    """Mean loss of the last `count` logged steps of one log at or before `until` pairs (None: its end)."""
+    totals = [total for pairs, total in logged_steps(path) if until is None or pairs <= until]
+    if not totals:
+        raise ValueError(f"{path} has no logged training steps up to {until} pairs")
     return statistics.mean(totals[-count:])
 
 
@@ -41,17 +51,23 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--last", type=int, default=200, help="logged steps averaged at the end of each run")
     args = parser.parse_args()
+    logs = [log for folder in args.folders for log in folder.glob("loss_*_seed*.txt")]
+    if not logs:
+        print(f"error: no loss_<path>_seed<k>.txt logs in {', '.join(map(str, args.folders))}", file=sys.stderr)
+        sys.exit(2)
     runs = defaultdict(dict)
     try:
-        for folder in args.folders:
-            for log in folder.glob("loss_*_seed*.txt"):
-                match = NAME.search(log.name)
-                runs[match["path"]][int(match["seed"])] = last_mean(log, args.last)
+        ends = {log: logged_steps(log)[-1][0] for log in logs}
+        common_end = min(ends.values())
+        if max(ends.values()) > common_end:
+            print(f"the runs stopped at different points ({min(ends, key=ends.get).name} at {common_end} pairs, "
+                  f"{max(ends, key=ends.get).name} at {max(ends.values())}); every mean below is over the last "
+                  f"{args.last} logged steps up to {common_end} pairs, which every run reached")
+        for log in logs:
+            match = NAME.search(log.name)
+            runs[match["path"]][int(match["seed"])] = last_mean(log, args.last, common_end)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    if not runs:
-        print(f"error: no loss_<path>_seed<k>.txt logs in {', '.join(map(str, args.folders))}", file=sys.stderr)
         sys.exit(2)
     for path, by_seed in sorted(runs.items()):
         values = [by_seed[seed] for seed in sorted(by_seed)]

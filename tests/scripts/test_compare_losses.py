@@ -46,3 +46,17 @@ def test_no_logs_and_empty_logs_are_one_line_errors(tmp_path):
     (tmp_path / "loss_fast_seed1.txt").write_text("================ Training Loss ================\n")
     result = run_script("scripts/compare_losses.py", str(tmp_path))
     assert_one_line_error(result.returncode, result.stderr, "loss_fast_seed1.txt has no logged training steps")
+
+
+def test_runs_that_stopped_early_are_compared_over_the_pairs_every_run_reached(tmp_path):
+    """A reference run cut off after 3 of 5 logged steps: the fast runs' means are taken up to the same point,
+    and the output says so."""
+    write_log(tmp_path / "loss_fast_seed1.txt", [100.0, 12.0, 8.0, 1.0, 1.0])
+    write_log(tmp_path / "loss_reference_seed1.txt", [100.0, 10.0, 10.0])
+    assert last_mean(tmp_path / "loss_fast_seed1.txt", 2, until=24) == pytest.approx(10.0)
+    result = run_script("scripts/compare_losses.py", str(tmp_path), "--last", "2")
+    assert result.returncode == 0, result.stderr
+    assert ("the runs stopped at different points (loss_reference_seed1.txt at 24 pairs, loss_fast_seed1.txt at "
+            "40); every mean below is over the last 2 logged steps up to 24 pairs") in result.stdout
+    assert "fast       seeds [1]: last-2 mean loss 10.0000" in result.stdout
+    assert "fast / reference - 1 = +0.00%" in result.stdout
