@@ -3,6 +3,8 @@
     python -m util.bench --out bench.json                 # everything, on the GPU
     python -m util.bench --device cpu --vertices 500 --sweep "" --loader_pairs 0   # a quick CPU check
     python -m util.bench --fused_passes                   # the fused Sinkhorn kernels alone (a GPU)
+    python -m util.bench --profile fast-fp16-compiled     # where a training step's time goes: operators,
+                                                          # kernels, matrix products by shape and their rates
 
 Tables printed (and written as JSON with --out):
 - training step (forward, losses, backward, Adam) at --batch and --vertices: ms, pairs/s, peak GiB, the
@@ -206,7 +208,35 @@ def _profile(run: Callable[[], object], device: torch.device, calls: int) -> str
     by_shape = profiler.key_averages(group_by_input_shape=True).table(
         sort_by=f"self_{clock}_time_total", row_limit=25, max_name_column_width=50, max_shapes_column_width=60)
     return (f"{by_operator}\nBy input shape ({calls} calls):\n{by_shape}\n"
-            f"{_kernel_table(averages, calls)}")
+            f"{_kernel_table(averages, calls)}\n"
+            f"{_product_table(profiler.key_averages(group_by_input_shape=True), calls, device.type == 'cuda')}")
+
+
+def product_flops(name: str, shapes: list[list[int]]) -> int:
+    """Multiply-adds times 2 of one matrix-product operator from its recorded input shapes (0 for others):
+    bmm (B, M, K) x (B, K, N), mm (M, K) x (K, N), and baddbmm / addmm with the added tensor first."""
+    operands = {"aten::bmm": shapes[:2], "aten::mm": shapes[:2], "aten::baddbmm": shapes[1:3],
+                "aten::addmm": shapes[1:3]}.get(name)
+    if not operands or any(len(shape) < 2 for shape in operands):
+        return 0
+    left, right = operands
+    return 2 * math.prod(left) * right[-1]
+
+
+def _product_table(events: list, calls: int, on_device: bool) -> str:
+    """Matrix-product operators grouped by input shapes, by time per call (their kernels' device time, or the
+    CPU's without a GPU), with the rate each reached: which products run far below the tensor cores' rate
+    (small outputs, thin operands)."""
+    rows = sorted(((getattr(event, "device_time_total" if on_device else "cpu_time_total") / 1e3 / calls, event)
+                   for event in events if product_flops(event.key, event.input_shapes)),
+                  key=lambda row: row[0], reverse=True)
+    total = sum(ms for ms, _ in rows)
+    lines = [f"Matrix products by input shapes, per call ({total:.3f} ms in all):"]
+    for ms, event in rows:
+        rate = product_flops(event.key, event.input_shapes) * event.count / calls / (ms * 1e-3) / 1e12 if ms else 0.0
+        shapes = [shape for shape in event.input_shapes if shape]
+        lines.append(f"{ms:9.3f} ms {event.count // calls:4d}x {rate:6.0f} TFLOP/s  {event.key} {shapes}")
+    return "\n".join(lines)
 
 
 def _kernel_table(events: list, calls: int, rows: int = 80) -> str:

@@ -88,3 +88,33 @@ def test_bench_says_in_one_line_what_the_machine_lacks():
                                   timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
         assert finished.returncode == 2 and finished.stderr.startswith("error: "), finished.stderr
         assert len(finished.stderr.strip().splitlines()) == 1, finished.stderr
+
+
+def test_product_table_gives_each_shape_its_time_and_rate():
+    from types import SimpleNamespace
+    cpu = torch.autograd.DeviceType.CPU
+    assert bench.product_flops("aten::bmm", [[8, 64, 32], [8, 32, 100], []]) == 2 * 8 * 64 * 32 * 100
+    assert bench.product_flops("aten::addmm", [[10], [10, 20], [20, 30]]) == 2 * 10 * 20 * 30
+    assert bench.product_flops("aten::add", [[10, 20], [10, 20]]) == 0
+    events = [SimpleNamespace(key="aten::bmm", device_type=cpu, device_time_total=4000.0, count=4,
+                              input_shapes=[[8, 1000, 500], [8, 500, 1000], []]),
+              SimpleNamespace(key="aten::mm", device_type=cpu, device_time_total=1000.0, count=2,
+                              input_shapes=[[100, 100], [100, 100]]),
+              SimpleNamespace(key="aten::add", device_type=cpu, device_time_total=9000.0, count=2,
+                              input_shapes=[[100], [100]])]
+    lines = bench._product_table(events, calls=2, on_device=True).splitlines()
+    assert lines[0] == "Matrix products by input shapes, per call (2.500 ms in all):"
+    # 2 x 8 x 1000 x 500 x 1000 = 8 GFLOP a launch, 2 launches a call in 2 ms: 8 TFLOP/s.
+    assert lines[1].split()[:5] == ["2.000", "ms", "2x", "8", "TFLOP/s"] and "[8, 1000, 500]" in lines[1]
+    assert lines[2].split()[:5] == ["0.500", "ms", "1x", "0", "TFLOP/s"] and "aten::mm" in lines[2]
+    assert len(lines) == 3  # not a product: left out
+
+
+def test_profile_lists_the_products_by_shape():
+    batch = bench.synthetic_batch(2, 40, torch.device("cpu"))
+    table = bench.profile_training("reference", batch, torch.device("cpu"), steps=1)
+    products = table.split("Matrix products by input shapes, per call")[1].splitlines()[1:]
+    # The generator's 1x1 convolutions at 16 ngf = 1024 channels, without a bias (spectral_norm's conv_s) and with.
+    rows = {line.split("TFLOP/s")[1].strip(): float(line.split()[0]) for line in products}
+    assert rows["aten::bmm [[2, 1024, 1024], [2, 1024, 40]]"] > 0
+    assert rows["aten::baddbmm [[1024, 1], [2, 1024, 1024], [2, 1024, 40]]"] > 0
