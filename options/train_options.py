@@ -60,6 +60,8 @@ class TrainOptions(BaseOptions):
 
     def validate(self) -> None:
         super().validate()
+        if self.overwrite and self.continue_train:
+            raise ValueError("--overwrite starts over and --continue_train resumes; pass one of them")
         for name in ("display_freq", "print_freq", "save_latest_freq", "save_epoch_freq"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")

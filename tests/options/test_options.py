@@ -211,6 +211,11 @@ def test_sizes_too_large_to_list_in_memory(args, message):
         parse(TrainOptions, ["--gpu_ids", "-1", *args])
 
 
+def test_overwrite_and_continue_train_together_are_refused():
+    with pytest.raises(ValueError, match="--overwrite starts over and --continue_train resumes; pass one of them"):
+        parse(TrainOptions, ["--gpu_ids", "-1", "--overwrite", "--continue_train"])
+
+
 def test_largest_sizes_are_accepted():
     opt = parse(TrainOptions, ["--gpu_ids", "-1", "--train_identities", "5-10000004", "--epoch_size", "10000000"])
     assert opt.epoch_size == 10_000_000
