@@ -34,7 +34,7 @@ from options.transfer_options import TransferOptions
 from util import checkpoint
 from util.atomic import unwritable_reason
 from util.cli import run_main
-from util.mesh_io import MESH_SUFFIXES, OUTPUT_SUFFIXES, read_mesh, write_mesh
+from util.mesh_io import MESH_SUFFIXES, OUTPUT_SUFFIXES, read_mesh, read_mesh_triples, write_mesh
 from util.mesh_ops import center_bbox
 from util.render import render_side_by_side
 
@@ -76,23 +76,8 @@ def warn(message: str) -> None:
 
 def read_pairs_list(path: Path) -> list[tuple[Path, Path, Path]]:
     """The (identity, pose, output) paths of a --pairs list, relative ones resolved against its folder."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--pairs list {path} {'is a folder' if path.is_dir() else 'does not exist'}")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise ValueError(f"--pairs list {path} is not a text file of 'identity pose output' lines") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        names = line.split()
-        if names and len(names) != 3:
-            raise ValueError(f"--pairs list {path} line {number} has {len(names)} names; expected "
-                             f"'identity pose output'")
-        if names:
-            rows.append((path.parent / names[0], path.parent / names[1], path.parent / names[2]))
-    if not rows:
-        raise ValueError(f"--pairs list {path} holds no 'identity pose output' lines")
-    return rows
+    return [tuple(path.parent / name for name in names)
+            for _, names in read_mesh_triples(path, "--pairs list", "identity pose output")]
 
 
 def list_meshes(folder: Path, flag: str) -> list[Path]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util.mesh_io import read_mesh
+from util.mesh_io import read_mesh, read_mesh_triples
 from util.mesh_ops import center_bbox, permute_mesh_unchecked, random_permutation
 
 
@@ -213,31 +213,14 @@ class TestPairDataset(Dataset):
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
         list_path = Path(test_list_path)
-        if not list_path.is_file():
-            problem = "is a folder" if list_path.is_dir() else "does not exist"
-            raise FileNotFoundError(f"test list {list_path} {problem}")
-        try:
-            text = list_path.read_text()
-        except UnicodeDecodeError:
-            raise ValueError(f"test list {list_path} is not a text file of 'identity pose ground-truth' "
-                             f"lines") from None
         self.triples: list[tuple[str, str, str]] = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            names = line.split()
-            if not names:
-                continue
-            if len(names) != 3:
-                raise ValueError(
-                    f"test list {list_path} line {line_number} has {len(names)} names; "
-                    f"each line needs 'identity pose ground-truth'")
+        for line_number, names in read_mesh_triples(list_path, "test list", "identity pose ground-truth"):
             for name in names:
                 if not (self.root / name).is_file():
                     raise FileNotFoundError(
                         f"mesh file {self.root / name} named on line {line_number} of test list {list_path} "
                         f"does not exist")
-            self.triples.append((names[0], names[1], names[2]))
-        if not self.triples:
-            raise ValueError(f"test list {list_path} has no lines; each line needs 'identity pose ground-truth'")
+            self.triples.append(names)
         self.seed = seed
         self.shuffle_points = shuffle_points
 

@@ -23,6 +23,33 @@ MESH_SUFFIXES = (".obj", ".ply", ".off", ".stl", ".glb", ".gltf")
 OUTPUT_SUFFIXES = (".obj", ".ply", ".off", ".glb")
 
 
+def read_mesh_triples(path: Path, what: str, columns: str) -> list[tuple[int, tuple[str, str, str]]]:
+    """The lines of a list of mesh-file triples (a test list, a --pairs list): three names a line, blank lines
+    skipped; ValueError or FileNotFoundError with one line naming the list for anything else.
+
+    Args:
+        path: the list; what: how messages call it ("test list"); columns: its line form ("identity pose output").
+    Returns:
+        (line number, (name, name, name)) for every non-blank line, at least one.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a text file of '{columns}' lines") from None
+    triples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        names = line.split()
+        if names and len(names) != 3:
+            raise ValueError(f"{what} {path} line {number} has {len(names)} names; each line needs '{columns}'")
+        if names:
+            triples.append((number, (names[0], names[1], names[2])))
+    if not triples:
+        raise ValueError(f"{what} {path} has no lines; each line needs '{columns}'")
+    return triples
+
+
 def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a triangle mesh, keeping the file's vertex order.
 
