@@ -14,9 +14,10 @@ from torch.autograd.function import once_differentiable
 
 from models.networks.layers import (half_copies, half_product_gradients, product, split_operands, split_product,
                                     split_products_run_on)
-from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
-                                       bounded_shift, log_marginal_update, row_blocks, validate_chunk_size,
-                                       validate_feature_inputs, validate_similarity_inputs, working_dtype)
+from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, bounded_shift,
+                                       fixed_point_similarity, log_kernel_of, log_marginal_update, row_blocks,
+                                       validate_chunk_size, validate_feature_inputs, validate_similarity_inputs,
+                                       working_dtype)
 from models.networks.ot.fused import (fused_pass_supported, fused_row_column_backward, fused_row_column_forward,
                                       fused_similarity_gradient)
 
@@ -401,10 +402,12 @@ class _StoredSimilarityWarp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, identity_theta, pose_phi, pose_points, half_dtype, epsilon, iterations, chunk_size, compiled,
-                similarity_bound):
+                similarity_bound, fixed_point):
         theta_rows = identity_theta.transpose(1, 2)  # (B, N, C)
         with torch.autocast(identity_theta.device.type, enabled=False):
             similarity = _similarity(theta_rows, pose_phi, compiled)  # (B, N, M)
+            if fixed_point:  # the float32 C is freed here: every pass from now on reads the int16 one
+                similarity = _run_pass(compiled, fixed_point_similarity, similarity)
         theta_half, phi_half = half_copies(theta_rows, pose_phi, half_dtype)  # (B, N, C), (B, C, M')
         warp = _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
                                similarity_bound, theta_half, phi_half)
@@ -421,7 +424,7 @@ class _StoredSimilarityWarp(torch.autograd.Function):
         grad_theta_rows, grad_phi = (None, None) if grad_similarity is None else half_product_gradients(
             theta_rows, pose_phi, grad_similarity, grad_points.shape[1], needs_features, ctx.feature_dtypes)
         grad_theta = None if grad_theta_rows is None else grad_theta_rows.transpose(1, 2)  # (B, C, N)
-        return grad_theta, grad_phi, grad_points, None, None, None, None, None, None
+        return grad_theta, grad_phi, grad_points, None, None, None, None, None, None, None
 
 
 def _forward_saving(ctx, similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
@@ -569,7 +572,8 @@ def sinkhorn_warp_stored(similarity: torch.Tensor, pose_points: torch.Tensor, ep
 def similarity_warp_stored(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
                            half_dtype: torch.dtype, epsilon: float = SINKHORN_EPSILON,
                            iterations: int = SINKHORN_ITERATIONS, chunk_size: int | None = None,
-                           compiled: bool = False, similarity_bound: float | None = None) -> torch.Tensor:
+                           compiled: bool = False, similarity_bound: float | None = None,
+                           fixed_point: bool = False) -> torch.Tensor:
     """`sinkhorn_warp_stored(theta^T phi, pose_points, ...)` with C formed inside in float32 accuracy (on a GPU
     from fp16 pieces, `models.networks.layers.split_product`) and its two backward products in half precision,
     as `models.networks.layers.mixed_product` computes them, but with dL/dC written once in half precision
@@ -579,6 +583,9 @@ def similarity_warp_stored(identity_theta: torch.Tensor, pose_phi: torch.Tensor,
         identity_theta: float32 (B, C, N); pose_phi: float32 (B, C, M); pose_points: float (B, M, 3).
         half_dtype: torch.float16 or torch.bfloat16, the backward products' precision.
         epsilon, iterations, chunk_size, compiled, similarity_bound: as for `sinkhorn_warp_stored`.
+        fixed_point: keep C, once formed, as 16-bit fixed point (common.py's `fixed_point_similarity`, for
+            cosine similarities, similarity_bound 1): every pass reads half the bytes and backward keeps half,
+            for a rounding of C by at most 1.5e-5.
     Returns:
         warp_out: float32 (B, N, 3).
     """
@@ -587,9 +594,12 @@ def similarity_warp_stored(identity_theta: torch.Tensor, pose_phi: torch.Tensor,
     if identity_theta.dtype != torch.float32 or pose_phi.dtype != torch.float32:
         raise ValueError(f"similarity_warp_stored forms C in float32 and takes float32 features, got "
                          f"{identity_theta.dtype} and {pose_phi.dtype}")
+    if fixed_point and similarity_bound != 1.0:
+        raise ValueError(f"a fixed-point C holds cosine similarities: pass similarity_bound=1.0 with fixed_point, "
+                         f"got {similarity_bound!r}")
     return _StoredSimilarityWarp.apply(identity_theta, pose_phi, pose_points.to(working_dtype(pose_points)),
                                        half_dtype, float(epsilon), iterations, chunk_size, compiled,
-                                       similarity_bound)
+                                       similarity_bound, fixed_point)
 
 
 def _validate_stored_options(chunk_size: int | None, similarity_bound: float | None, epsilon: float) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models.networks.ot import fused
-from models.networks.ot.common import LOG_DIVISION_EPS, log_marginal_update
+from models.networks.ot.common import LOG_DIVISION_EPS, fixed_point_similarity, log_marginal_update
 
 EPSILON = 0.03
 SIMILARITY_BOUND = 1.0
@@ -221,9 +221,17 @@ def _padded_rows(similarity: torch.Tensor, extra: int) -> torch.Tensor:
     return torch.cat([similarity, filler], dim=2)[..., :similarity.shape[2]]
 
 
+def _fixed_point(inputs: tuple) -> tuple:
+    """inputs with C (the first) in 16-bit fixed point, as the mixed-precision stored warp keeps it (in rows padded
+    to 16 bytes)."""
+    return (fixed_point_similarity(inputs[0]), *inputs[1:])
+
+
 def _assert_forward_matches_naive(shape, programs_per_batch, seed: int, similarity_bound: float = SIMILARITY_BOUND,
-                                  row_padding: int = 0, **layout) -> None:
+                                  row_padding: int = 0, fixed_point: bool = False, **layout) -> None:
     inputs = _forward_inputs(*shape, seed=seed, similarity_bound=similarity_bound)
+    if fixed_point:
+        inputs = _fixed_point(inputs)
     expected = fused.fused_row_column_forward_naive(*inputs, EPSILON, similarity_bound)
     inputs = (_padded_rows(inputs[0], row_padding), *inputs[1:])
     actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), EPSILON, similarity_bound,
@@ -234,8 +242,11 @@ def _assert_forward_matches_naive(shape, programs_per_batch, seed: int, similari
         _assert_close(name, value, reference, rtol, atol)
 
 
-def _assert_backward_matches_naive(shape, programs_per_batch, seed: int, row_padding: int = 0, **layout) -> None:
+def _assert_backward_matches_naive(shape, programs_per_batch, seed: int, row_padding: int = 0,
+                                   fixed_point: bool = False, **layout) -> None:
     inputs = _backward_inputs(*shape, seed=seed)
+    if fixed_point:
+        inputs = _fixed_point(inputs)
     expected = fused.fused_row_column_backward_naive(*inputs)
     inputs = (_padded_rows(inputs[0], row_padding), *inputs[1:])
     actual = fused.fused_row_column_backward(*_to_kernel_device(inputs), programs_per_batch=programs_per_batch,
@@ -269,6 +280,14 @@ def test_fused_passes_read_a_view_of_padded_rows(shape, row_padding):
     # C as split_product leaves it on a GPU: rows padded to a multiple of 8 lanes, the view keeps the first M.
     _assert_forward_matches_naive(shape, None, seed=33, row_padding=row_padding)
     _assert_backward_matches_naive(shape, None, seed=34, row_padding=row_padding)
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape", [(2, 9, 13), (3, 20, 70), (1, 12, 6890)])
+def test_fused_passes_read_a_fixed_point_similarity(shape):
+    # int16 C as the mixed-precision stored warp keeps it: M = 13, 70 and 6890 are padded to 16, 72 and 6896 lanes.
+    _assert_forward_matches_naive(shape, None, seed=37, fixed_point=True)
+    _assert_backward_matches_naive(shape, None, seed=38, fixed_point=True)
 
 
 @requires_kernels
@@ -322,11 +341,19 @@ def test_fused_similarity_gradient_with_other_tiles(tile):
     _assert_gradient_matches_reference((2, 70, 1000), 13, 6, 6, torch.float16, tile)
 
 
+@requires_kernels
+@pytest.mark.parametrize("shape, padding", [((2, 33, 47), 1), ((1, 40, 6890), 6)])
+def test_fused_similarity_gradient_reads_a_fixed_point_similarity(shape, padding):
+    _assert_gradient_matches_reference(shape, 9, padding, 0, torch.float16, fused.GRADIENT_TILE, fixed_point=True)
+
+
 def _assert_gradient_matches_reference(shape, rank: int, padding: int, row_padding: int, gradient_dtype: torch.dtype,
-                                       tile: tuple[int, int, int]) -> None:
+                                       tile: tuple[int, int, int], fixed_point: bool = False) -> None:
     from models.networks.ot import stored
 
     similarity = _cosine_similarity(*shape, torch.Generator().manual_seed(60)).float()
+    if fixed_point:
+        similarity = fixed_point_similarity(similarity)
     row_factors, column_factors = _gradient_factors(*shape, rank, seed=61)
     expected = stored._bounded_similarity_gradient(similarity, row_factors, column_factors, EPSILON, gradient_dtype,
                                                    padding)
@@ -356,18 +383,12 @@ def test_fused_similarity_gradient_rejects_bad_arguments():
         fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, torch.float16, -1)
 
 
-@requires_kernels
-@pytest.mark.parametrize("iterations", [1, 2, 5])
-def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, monkeypatch):
-    """sinkhorn_warp_stored with its row and column passes fused (as on a GPU) gives the warp and gradients of
-    the separate passes. The passes around the fused ones run eagerly here (compiled=False, so no torch.compile
-    on the CPU): `_fused_passes` is told to ignore `compiled`."""
+def _fused_and_separate_passes(monkeypatch, warp_function, inputs: list[torch.Tensor], upstream: torch.Tensor) -> list:
+    """[warp, gradients of every input] of warp_function(*inputs) with the stored warp's row and column passes
+    fused (as on a GPU), then with them separate. The passes around the fused ones run eagerly here
+    (compiled=False, so no torch.compile on the CPU): `_fused_passes` is told to ignore `compiled`."""
     from models.networks.ot import stored
 
-    generator = torch.Generator().manual_seed(40)
-    similarity = _cosine_similarity(2, 30, 26, generator).float().to(KERNEL_DEVICE)
-    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
-    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
     chosen = []
 
     def fused_unless_told_otherwise(use_fused):
@@ -379,14 +400,52 @@ def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, m
     results = []
     for use_fused in (True, False):
         monkeypatch.setattr(stored, "_fused_passes", fused_unless_told_otherwise(use_fused))
-        inputs = [similarity.clone().requires_grad_(), points.clone().requires_grad_()]
-        warp = stored.sinkhorn_warp_stored(*inputs, iterations=iterations, similarity_bound=1.0)
+        leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+        warp = warp_function(*leaves)
         warp.backward(upstream)
-        results.append([warp, *(tensor.grad for tensor in inputs)])
+        results.append([warp, *(tensor.grad for tensor in leaves)])
     assert chosen == [True, True, False, False], "forward and backward each ask once"
+    return results
+
+
+@requires_kernels
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, monkeypatch):
+    """sinkhorn_warp_stored with its row and column passes fused gives the warp and gradients of the separate
+    passes."""
+    from models.networks.ot import stored
+
+    generator = torch.Generator().manual_seed(40)
+    similarity = _cosine_similarity(2, 30, 26, generator).float().to(KERNEL_DEVICE)
+    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
+    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
+    results = _fused_and_separate_passes(
+        monkeypatch, lambda *inputs: stored.sinkhorn_warp_stored(*inputs, iterations=iterations, similarity_bound=1.0),
+        [similarity, points], upstream)
     for name, actual, expected in zip(("warp", "dL/dC", "dL/dpose_points"), *results):
         error = ((actual - expected).norm() / expected.norm()).item()
         assert error < 1e-5, f"{name} differs by {error:.3g} relative"
+
+
+@requires_kernels
+def test_fixed_point_similarity_warp_with_fused_passes_matches_the_separate_passes(monkeypatch):
+    """The same for similarity_warp_stored with C in 16-bit fixed point, as the mixed-precision stored warp runs:
+    every pass reads the int16 C, fused or not. Its features' gradients come through float16 products of dL/dC."""
+    from models.networks.ot import stored
+
+    generator = torch.Generator().manual_seed(41)
+    theta, phi = (torch.nn.functional.normalize(torch.randn(2, 8, count, generator=generator), dim=1).to(KERNEL_DEVICE)
+                  for count in (30, 26))
+    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
+    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
+    results = _fused_and_separate_passes(
+        monkeypatch, lambda *inputs: stored.similarity_warp_stored(*inputs, torch.float16, similarity_bound=1.0,
+                                                                   fixed_point=True),
+        [theta, phi, points], upstream)
+    for name, actual, expected, tolerance in zip(("warp", "dL/dtheta", "dL/dphi", "dL/dpose_points"), *results,
+                                                 (1e-5, 1e-3, 1e-3, 1e-5)):
+        error = ((actual - expected).norm() / expected.norm()).item()
+        assert error < tolerance, f"{name} differs by {error:.3g} relative"
 
 
 @requires_kernels
