@@ -395,6 +395,14 @@ def _similarity(theta_rows: torch.Tensor, pose_phi: torch.Tensor, compiled: bool
     return split_product(theta_rows, pose_phi, form_operands=functools.partial(_run_pass, compiled, split_operands))
 
 
+def _non_finite_marker(theta_rows: torch.Tensor, pose_phi: torch.Tensor) -> torch.Tensor:
+    """0, or NaN when either features hold a non-finite value: int16 has no NaN, so the fixed-point C of such
+    features would be finite integers and the warp a finite answer to a failed computation. Added to that
+    warp, it keeps the NaN a float32 C would have carried (a scalar, without a host synchronisation)."""
+    finite = torch.isfinite(theta_rows).all() & torch.isfinite(pose_phi).all()
+    return torch.where(finite, 0.0, float("nan"))
+
+
 class _StoredSimilarityWarp(torch.autograd.Function):
     """`_StoredSinkhornWarp` of C = theta^T phi, formed here (`_similarity`), with C's backward products in half
     precision: the gradient pass writes dL/dC once, already half and padded for those products, where a
@@ -413,6 +421,8 @@ class _StoredSimilarityWarp(torch.autograd.Function):
                                similarity_bound, theta_half, phi_half)
         ctx.half_dtype, ctx.padding = half_dtype, phi_half.shape[2] - similarity.shape[2]
         ctx.feature_dtypes = identity_theta.dtype, pose_phi.dtype
+        if fixed_point:
+            warp = warp + _run_pass(compiled, _non_finite_marker, theta_rows, pose_phi)
         return warp
 
     @staticmethod

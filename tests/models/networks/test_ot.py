@@ -496,6 +496,19 @@ def test_fixed_point_similarity_warp_is_the_warp_of_the_rounded_similarity(chunk
     assert 0 < _relative_error(fixed_point[0], float_similarity[0]) < 1e-3
 
 
+@pytest.mark.parametrize("fixed_point", [False, True])
+def test_similarity_warp_of_non_finite_features_is_nan(fixed_point):
+    """A NaN feature makes C NaN in float32; in fixed point it would round to an integer, so the warp is made NaN
+    instead of a finite answer."""
+    theta, phi, points = _random_problem(2, 13, 9, torch.float32, seed=30)
+    phi[1, 0, 4] = float("nan")
+    warp = similarity_warp_stored(theta, phi, points, torch.float16, similarity_bound=1.0, fixed_point=fixed_point)
+    assert torch.isnan(warp[1]).any()
+    theta[0, 2, 3] = float("inf")
+    warp = similarity_warp_stored(theta, phi, points, torch.float16, similarity_bound=1.0, fixed_point=fixed_point)
+    assert torch.isnan(warp[0]).any()
+
+
 def test_fixed_point_similarity_warp_saves_c_in_int16():
     theta, phi, points = _random_problem(2, 40, 30, torch.float32, seed=29)
     theta.requires_grad_()
