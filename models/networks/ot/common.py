@@ -69,14 +69,16 @@ def working_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def fixed_point_similarity(similarity: torch.Tensor) -> torch.Tensor:
-    """C (B, N, M), a cosine similarity, as 16-bit fixed point: int16 q = round(clamp(C, -1, 1) * LEVELS).
+    """C (B, N, M), a cosine similarity, as 16-bit fixed point: int16 q = clamp(C, -1, 1) * LEVELS rounded half
+    away from zero (as fused.py's kernel that forms it rounds, in the same float32 steps).
 
     Half the bytes of float32 for every pass that reads C. Returned as a view of rows zero-padded to a multiple
     of 8 lanes (16 bytes), so that a kernel reading whole rows can issue aligned loads (fused.py).
     """
-    quantized = torch.round(similarity.clamp(-1.0, 1.0) * SIMILARITY_LEVELS).to(torch.int16)
+    scaled = similarity.float().clamp(-1.0, 1.0) * SIMILARITY_LEVELS
+    rounded = torch.where(scaled >= 0, torch.floor(scaled + 0.5), torch.ceil(scaled - 0.5)).to(torch.int16)
     extra = -similarity.shape[2] % 8
-    return F.pad(quantized, (0, extra))[..., :similarity.shape[2]] if extra else quantized
+    return F.pad(rounded, (0, extra))[..., :similarity.shape[2]] if extra else rounded
 
 
 def similarity_values(similarity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -32,8 +32,8 @@ from typing import NamedTuple
 
 import torch
 
-from models.networks.ot.common import (LOG_DIVISION_EPS, SIMILARITY_STEP, bounded_shift, log_kernel_of,
-                                       log_marginal_update)
+from models.networks.ot.common import (LOG_DIVISION_EPS, SIMILARITY_LEVELS, SIMILARITY_STEP, bounded_shift,
+                                       log_kernel_of, log_marginal_update)
 
 try:
     import triton
@@ -168,6 +168,33 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
 
 
 @_triton_jit
+def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num_identity, num_pose, readable_pose,
+                               fixed_row_stride, batch_stride, row_stride, fixed_batch_stride, rows_per_program,
+                               levels, similarity_step, inverse_epsilon, BLOCK_M: tl.constexpr,
+                               NUM_STAGES: tl.constexpr):
+    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see
+    `fused_fixed_point_column_pass`. Lanes from M to fixed_row_stride store zeros."""
+    program = tl.program_id(0)
+    batch = tl.program_id(1)
+    columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
+    column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
+    fixed_batch_ptr = fixed_point_ptr + batch.to(tl.int64) * fixed_batch_stride
+    first = program * rows_per_program
+    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+        similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable,
+                                 other=0.0)
+        scaled = tl.minimum(tl.maximum(tl.where(in_row, similarity_row, 0.0), -1.0), 1.0) * levels
+        fixed_point = tl.where(scaled >= 0, tl.floor(scaled + 0.5), tl.ceil(scaled - 0.5))
+        tl.store(fixed_batch_ptr + tl.cast(row, tl.int64) * fixed_row_stride + columns, fixed_point.to(tl.int16),
+                 mask=columns < fixed_row_stride)
+        log_kernel = (fixed_point * similarity_step - 1.0) * inverse_epsilon
+        column_sum += tl.where(in_row, tl.exp(log_kernel), 0.0)
+    partial = batch * tl.num_programs(0) + program
+    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, column_sum, mask=in_row)
+
+
+@_triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
                                  num_pose, readable_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
                                  similarity_step, inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -220,8 +247,9 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
 
 
 def _block_width(num_pose: int) -> int:
-    """BLOCK_M, the lanes a program holds a row of C in: the power of two at or above num_pose."""
-    return 1 << max(num_pose - 1, 0).bit_length()
+    """BLOCK_M, the lanes a program holds a row of C in: the power of two at or above num_pose, and at least the 8
+    lanes of a fixed-point row padded to 16 bytes (which `fused_fixed_point_column_pass` writes whole)."""
+    return max(8, 1 << max(num_pose - 1, 0).bit_length())
 
 
 def _pipeline_stages(block: int) -> int:
@@ -448,6 +476,42 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
             BLOCK_M=layout.block, NUM_STAGES=layout.stages,
             num_warps=layout.num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
+
+
+def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None,
+                                  pipeline_stages: int | None = None, num_warps: int | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 C turned into 16-bit fixed point, and the first Sinkhorn column pass over the fixed-point values,
+    in one read of the float32 C.
+
+    The first column pass reads a_0 = 1 / N, whose bounded shift at similarity bound 1 (`bounded_shift`) is
+    log a_0 itself, so its shifted logits are s = (q * SIMILARITY_STEP - 1) / epsilon and its sums
+    column_sum[m] = sum_n exp(s[n, m]).
+
+    Args:
+        similarity: C, float32 (B, N, M), rows contiguous; see `fused_pass_supported`.
+        epsilon: entropic temperature.
+        programs_per_batch, pipeline_stages, num_warps: as in `fused_row_column_forward`.
+    Returns:
+        fixed_point: int16 (B, N, M), common.py's `fixed_point_similarity(similarity)`: a view of rows zero-padded
+            to a multiple of 8 lanes.
+        column_sum: float32 (B, M).
+    """
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps)
+    if similarity.dtype != torch.float32:
+        raise ValueError(f"fused_fixed_point_column_pass reads a float32 similarity, got {similarity.dtype}")
+    batch, num_identity, num_pose = similarity.shape
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
+    fixed_row_stride = num_pose + -num_pose % 8
+    fixed_point = similarity.new_empty(batch, num_identity, fixed_row_stride, dtype=torch.int16)
+    partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
+    with _on_device(similarity):
+        _fixed_point_column_kernel[(layout.programs, batch)](
+            similarity, fixed_point, partial, num_identity, num_pose, _readable_width(similarity), fixed_row_stride,
+            similarity.stride(0), similarity.stride(1), fixed_point.stride(0), layout.rows_per_program,
+            float(SIMILARITY_LEVELS), SIMILARITY_STEP, 1.0 / epsilon, BLOCK_M=layout.block, NUM_STAGES=layout.stages,
+            num_warps=layout.num_warps)
+    return fixed_point[..., :num_pose], partial.sum(1)
 
 
 # dL/dC tiles (identity rows, pose columns, warps): 8192 lanes, 64 a thread at 4 warps. Rows of 1024 columns:

@@ -18,8 +18,8 @@ from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKH
                                        fixed_point_similarity, log_kernel_of, log_marginal_update, row_blocks,
                                        validate_chunk_size, validate_feature_inputs, validate_similarity_inputs,
                                        working_dtype)
-from models.networks.ot.fused import (fused_pass_supported, fused_row_column_backward, fused_row_column_forward,
-                                      fused_similarity_gradient)
+from models.networks.ot.fused import (fused_fixed_point_column_pass, fused_pass_supported, fused_row_column_backward,
+                                      fused_row_column_forward, fused_similarity_gradient)
 
 # The widest range of log K a bounded shift may span (`bounded_shift`): exp(-80) is 1.8e-35, well above
 # float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
@@ -298,16 +298,19 @@ def _lse_coefficient(maximum: torch.Tensor, total: torch.Tensor, gradient: torch
 
 
 def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
-                    blocks: list[slice], compiled: bool,
-                    similarity_bound: float | None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+                    blocks: list[slice], compiled: bool, similarity_bound: float | None,
+                    fixed_point: bool = False) -> tuple[torch.Tensor, list[list[torch.Tensor]], torch.Tensor]:
     """warp_out and the vectors backward needs, one read pass over C per Sinkhorn half-step.
 
     Each log-sum-exp is shifted by its maximum, or with `similarity_bound` by `bounded_shift`, which
-    the pass then need not find: one reduction over C instead of two.
+    the pass then need not find: one reduction over C instead of two. With `fixed_point` (similarity_bound 1), C
+    is first turned into 16-bit fixed point (`fixed_point_similarity`), which every pass then reads; with fused
+    passes, in the same read as the first column pass (`fused_fixed_point_column_pass`).
 
-    Returns warp (B, N, 3) and the lists [log a_0..a_{T-1} (B, N); log b_0..b_T (B, M); (maximum, sum) of
+    Returns warp (B, N, 3), the lists [log a_0..a_{T-1} (B, N); log b_0..b_T (B, M); (maximum, sum) of
     the column log-sum-exps u_1..u_T (B, M); those of the row log-sum-exps v_1..v_{T-1} (B, N); those of
-    the final softmax (B, N)]. v_T is not formed: it is the final softmax's normaliser, and log a_T cancels.
+    the final softmax (B, N)] and the C the passes read (for backward). v_T is not formed: it is the final
+    softmax's normaliser, and log a_T cancels.
     """
     batch, num_identity, num_pose = similarity.shape
     run = functools.partial(_run_pass, compiled)
@@ -317,6 +320,12 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     fused = _fused_passes(similarity, compiled, similarity_bound is not None, blocks)
     # One shift for every block (a bound over all rows), so the blocks' sums merge as they are.
     shift = bounded_shift(log_a[0], similarity_bound, epsilon)
+    if fixed_point and fused and iterations:  # the first column pass (step 0) comes with the fixed-point C
+        similarity, first_column_sum = fused_fixed_point_column_pass(similarity, epsilon)
+        column_max.append(shift.unsqueeze(1).expand(batch, num_pose))
+        column_sum.append(first_column_sum)
+    elif fixed_point:
+        similarity = run(fixed_point_similarity, similarity)
     for step in range(iterations):
         if step and fused:  # v_t's row pass and u_{t+1}'s column pass in one read of C
             total, next_log_a, column_shift, column_total = fused_row_column_forward(
@@ -326,7 +335,7 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
             log_a.append(next_log_a)
             column_max.append(column_shift.unsqueeze(1).expand(batch, num_pose))
             column_sum.append(column_total)
-        else:
+        elif step or not column_sum:  # step 0's column pass is done if it came with the fixed-point C
             if step:
                 maximum, total = _over_row_blocks(blocks, lambda rows: run(
                     _row_normaliser, similarity[:, rows], log_b[-1], epsilon, shift), _concatenate_rows)
@@ -346,7 +355,8 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     pose_major_points = _pose_major(pose_points)
     warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
         _plan_warp, similarity[:, rows], log_b[-1], pose_major_points, epsilon, shift), _concatenate_rows)
-    return warp, [log_a[:iterations], log_b, column_max, column_sum, row_max, row_sum, [plan_max, plan_sum]]
+    vectors = [log_a[:iterations], log_b, column_max, column_sum, row_max, row_sum, [plan_max, plan_sum]]
+    return warp, vectors, similarity
 
 
 class _StoredSinkhornWarp(torch.autograd.Function):
@@ -374,7 +384,7 @@ class _StoredSinkhornWarp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled, similarity_bound):
         return _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
-                               similarity_bound)
+                               similarity_bound, False)
 
     @staticmethod
     @once_differentiable
@@ -414,11 +424,10 @@ class _StoredSimilarityWarp(torch.autograd.Function):
         theta_rows = identity_theta.transpose(1, 2)  # (B, N, C)
         with torch.autocast(identity_theta.device.type, enabled=False):
             similarity = _similarity(theta_rows, pose_phi, compiled)  # (B, N, M)
-            if fixed_point:  # the float32 C is freed here: every pass from now on reads the int16 one
-                similarity = _run_pass(compiled, fixed_point_similarity, similarity)
         theta_half, phi_half = half_copies(theta_rows, pose_phi, half_dtype)  # (B, N, C), (B, C, M')
+        # With fixed_point, the passes read C's int16 copy, which is what backward keeps.
         warp = _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
-                               similarity_bound, theta_half, phi_half)
+                               similarity_bound, fixed_point, theta_half, phi_half)
         ctx.half_dtype, ctx.padding = half_dtype, phi_half.shape[2] - similarity.shape[2]
         ctx.feature_dtypes = identity_theta.dtype, pose_phi.dtype
         if fixed_point:
@@ -438,14 +447,14 @@ class _StoredSimilarityWarp(torch.autograd.Function):
 
 
 def _forward_saving(ctx, similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
-                    chunk_size: int | None, compiled: bool, similarity_bound: float | None,
+                    chunk_size: int | None, compiled: bool, similarity_bound: float | None, fixed_point: bool,
                     *kept: torch.Tensor) -> torch.Tensor:
-    """`_stored_forward` for an autograd Function's forward, saving for `_saved_backward` C, the vectors
-    and `kept` (the Function's own tensors). Returns warp (B, N, 3)."""
+    """`_stored_forward` for an autograd Function's forward, saving for `_saved_backward` C (as the passes read
+    it, fixed point or not), the vectors and `kept` (the Function's own tensors). Returns warp (B, N, 3)."""
     blocks = row_blocks(similarity.shape[1], chunk_size or similarity.shape[1])
     with torch.autocast(similarity.device.type, enabled=False):
-        warp, vectors = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled,
-                                        similarity_bound)
+        warp, vectors, similarity = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled,
+                                                    similarity_bound, fixed_point)
     # save_for_backward takes a flat list; the group lengths (T, T + 1, T, T, T - 1, T - 1, 2) split it again.
     ctx.save_for_backward(similarity, pose_points, warp, *kept, *itertools.chain(*vectors))
     ctx.group_lengths = [len(group) for group in vectors]

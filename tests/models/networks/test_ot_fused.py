@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models.networks.ot import fused
-from models.networks.ot.common import LOG_DIVISION_EPS, fixed_point_similarity, log_marginal_update
+from models.networks.ot.common import LOG_DIVISION_EPS, fixed_point_similarity, log_kernel_of, log_marginal_update
 
 EPSILON = 0.03
 SIMILARITY_BOUND = 1.0
@@ -288,6 +288,32 @@ def test_fused_passes_read_a_fixed_point_similarity(shape):
     # int16 C as the mixed-precision stored warp keeps it: M = 13, 70 and 6890 are padded to 16, 72 and 6896 lanes.
     _assert_forward_matches_naive(shape, None, seed=37, fixed_point=True)
     _assert_backward_matches_naive(shape, None, seed=38, fixed_point=True)
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape, programs_per_batch, row_padding",
+                         [((1, 2, 3), None, 0), ((2, 9, 13), 4, 3), ((3, 20, 70), 1, 0), ((1, 12, 6890), None, 6)])
+def test_fused_fixed_point_column_pass_matches_the_rounding_and_the_column_sums(shape, programs_per_batch,
+                                                                                row_padding):
+    """The fixed-point C equals common.py's `fixed_point_similarity` (values, zero padding, row stride) and the
+    column sums are sum_n exp(s) over that C, the first column pass's at a_0 = 1 / N and bound 1."""
+    similarity = _cosine_similarity(*shape, torch.Generator().manual_seed(39)).float()
+    similarity[0, 0, 0] = 1.0 + 1e-6  # past the bound by rounding: clamped
+    expected_fixed_point = fixed_point_similarity(similarity)
+    log_kernel = log_kernel_of(expected_fixed_point, EPSILON, torch.float64)
+    expected_column_sum = torch.exp(log_kernel).sum(1)  # (B, M)
+    fixed_point, column_sum = fused.fused_fixed_point_column_pass(
+        *_to_kernel_device([_padded_rows(similarity, row_padding)]), EPSILON, programs_per_batch=programs_per_batch)
+    assert fixed_point.dtype == torch.int16 and fixed_point.stride() == expected_fixed_point.stride()
+    assert torch.equal(fixed_point.cpu(), expected_fixed_point)
+    padded_storage = fixed_point.cpu().as_strided((shape[0], shape[1], fixed_point.stride(1)), fixed_point.stride())
+    assert not padded_storage[..., shape[2]:].any()
+    _assert_close("column_sum", column_sum, expected_column_sum, SUM_TOLERANCE, 0)
+
+
+def test_fused_fixed_point_column_pass_reads_only_float32():
+    with pytest.raises(ValueError, match="reads a float32 similarity"):
+        fused.fused_fixed_point_column_pass(torch.zeros(1, 2, 3, dtype=torch.int16, device=KERNEL_DEVICE), EPSILON)
 
 
 @requires_kernels
