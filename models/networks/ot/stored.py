@@ -424,11 +424,12 @@ class _StoredSimilarityWarp(torch.autograd.Function):
         theta_rows = identity_theta.transpose(1, 2)  # (B, N, C)
         with torch.autocast(identity_theta.device.type, enabled=False):
             similarity = _similarity(theta_rows, pose_phi, compiled)  # (B, N, M)
-        theta_half, phi_half = half_copies(theta_rows, pose_phi, half_dtype)  # (B, N, C), (B, C, M')
+        # The half copies serve C's backward products alone: none without a gradient to the features (inference).
+        kept = half_copies(theta_rows, pose_phi, half_dtype) if any(ctx.needs_input_grad[:2]) else ()
         # With fixed_point, the passes read C's int16 copy, which is what backward keeps.
         warp = _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
-                               similarity_bound, fixed_point, theta_half, phi_half)
-        ctx.half_dtype, ctx.padding = half_dtype, phi_half.shape[2] - similarity.shape[2]
+                               similarity_bound, fixed_point, *kept)  # kept: (B, N, C), (B, C, M')
+        ctx.half_dtype, ctx.padding = half_dtype, kept[1].shape[2] - similarity.shape[2] if kept else 0
         ctx.feature_dtypes = identity_theta.dtype, pose_phi.dtype
         if fixed_point:
             warp = warp + _run_pass(compiled, _non_finite_marker, theta_rows, pose_phi)
@@ -438,10 +439,10 @@ class _StoredSimilarityWarp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_warp):
         needs_features = ctx.needs_input_grad[:2]
-        grad_similarity, grad_points, (theta_rows, pose_phi) = _saved_backward(
+        grad_similarity, grad_points, kept = _saved_backward(
             ctx, grad_warp, ctx.half_dtype, ctx.padding, any(needs_features))  # dL/dC: (B, N, M') half
         grad_theta_rows, grad_phi = (None, None) if grad_similarity is None else half_product_gradients(
-            theta_rows, pose_phi, grad_similarity, grad_points.shape[1], needs_features, ctx.feature_dtypes)
+            *kept, grad_similarity, grad_points.shape[1], needs_features, ctx.feature_dtypes)
         grad_theta = None if grad_theta_rows is None else grad_theta_rows.transpose(1, 2)  # (B, C, N)
         return grad_theta, grad_phi, grad_points, None, None, None, None, None, None, None
 

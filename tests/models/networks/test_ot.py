@@ -548,6 +548,26 @@ def test_similarity_warp_saves_half_copies_and_similarity_only():
     assert theta.grad.dtype == torch.float32 and phi.grad is None and torch.isfinite(theta.grad).all()
 
 
+def test_similarity_warp_makes_no_half_copies_without_a_gradient_to_the_features(monkeypatch):
+    """The half-precision feature copies serve dL/dC's products alone: inference, or a gradient to the pose points
+    only, makes none, and the points' gradient is the one computed beside the features'."""
+    from models.networks.ot import stored
+
+    theta, phi, points = _random_problem(2, 13, 9, torch.float32, seed=31)
+    upstream = torch.randn(2, 13, 3, generator=torch.Generator().manual_seed(32))
+    options = dict(similarity_bound=1.0, fixed_point=True)
+    features_too = [tensor.clone().requires_grad_() for tensor in (theta, phi, points)]
+    similarity_warp_stored(*features_too, torch.float16, **options).backward(upstream)
+    monkeypatch.setattr(stored, "half_copies", None)  # calling it would fail
+    with torch.no_grad():
+        inference = similarity_warp_stored(theta, phi, points, torch.float16, **options)
+    points_only = points.clone().requires_grad_()
+    warp = similarity_warp_stored(theta, phi, points_only, torch.float16, **options)
+    warp.backward(upstream)
+    torch.testing.assert_close(inference, warp.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(points_only.grad, features_too[2].grad, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("num_pose", [203, 6890])
 def test_similarity_warp_on_a_gpu_forms_c_from_fp16_pieces_to_float32_accuracy(num_pose):
