@@ -138,8 +138,7 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
                                 row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
                                 partial_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
                                 rows_per_program, similarity_step, inverse_epsilon, log_division_eps,
-                                BLOCK_M: tl.constexpr,
-                                NUM_STAGES: tl.constexpr):
+                                BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
     program = tl.program_id(0)
     batch = tl.program_id(1)
@@ -230,9 +229,8 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
     rows_contiguous = similarity.dim() == 3 and similarity.stride(2) == 1
     if similarity.dtype not in (torch.float32, torch.int16) or not rows_contiguous:
         return (f"the fused Sinkhorn passes need a float32 or fixed-point (int16) (B, N, M) similarity with "
-                f"contiguous rows, got a "
-                f"{'' if rows_contiguous else 'non-contiguous '}{similarity.dtype} tensor of shape "
-                f"{tuple(similarity.shape)}")
+                f"contiguous rows, got a {'' if rows_contiguous else 'non-contiguous '}{similarity.dtype} tensor "
+                f"of shape {tuple(similarity.shape)}")
     if not (similarity.is_cuda or (similarity.device.type == "cpu" and _INTERPRETED)):
         return (f"the fused Sinkhorn passes run on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set "
                 f"before triton was imported), got one on {similarity.device}")
@@ -423,8 +421,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
             layout.rows_per_program, _similarity_step(similarity), 1.0 / epsilon, math.log(num_identity),
-            LOG_DIVISION_EPS, BLOCK_M=layout.block,
-            NUM_STAGES=layout.stages, num_warps=layout.num_warps)
+            LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
@@ -473,8 +470,7 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
             partial, num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
             layout.rows_per_program, _similarity_step(similarity), 1.0 / epsilon, LOG_DIVISION_EPS,
-            BLOCK_M=layout.block, NUM_STAGES=layout.stages,
-            num_warps=layout.num_warps)
+            BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
 
 

@@ -384,7 +384,7 @@ class _StoredSinkhornWarp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled, similarity_bound):
         return _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
-                               similarity_bound, False)
+                               similarity_bound, fixed_point=False)
 
     @staticmethod
     @once_differentiable
