@@ -7,7 +7,12 @@ skipped, and the references' math and the merge of per-program column sums are s
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -509,3 +514,71 @@ def test_shared_memory_shortfall_counts_the_pipelined_rows():
     message = fused.shared_memory_shortfall(8193, 99 * 1024, "small GPU")
     assert message == ("the fused Sinkhorn passes need 128 KiB of shared memory per block for rows of 8193 pose "
                        "vertices, and the small GPU has 99 KiB")
+
+
+# Compiles every kernel for Hopper (sm_90) with Triton's own ptxas, no GPU needed, and prints, per kernel and dtype of
+# C, the count of each global-memory instruction in its PTX. Integer arguments that the launches get as multiples of 16
+# at N = M = 6890 in padded rows (strides, widths) are declared so, as Triton specialises them at a launch.
+_HOPPER_PTX_SCRIPT = """
+import collections, json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from models.networks.ot import fused
+
+FLOATS = {"similarity_step", "inverse_epsilon", "log_num_identity", "log_division_eps", "levels"}
+MULTIPLES_OF_16 = {"readable_pose", "padded_pose", "fixed_row_stride", "batch_stride", "row_stride",
+                   "fixed_batch_stride", "column_factor_stride"}
+POINTER_TYPES = {"fixed_point_ptr": "*i16", "gradient_ptr": "*fp16"}
+
+def global_memory_instructions(kernel, similarity_type, constexprs, num_warps):
+    signature = {}
+    for name in kernel.arg_names:
+        if name.endswith("_ptr"):
+            signature[name] = similarity_type if name == "similarity_ptr" else POINTER_TYPES.get(name, "*fp32")
+        else:
+            signature[name] = "constexpr" if name.isupper() else "fp32" if name in FLOATS else "i32"
+    attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
+             if name.endswith("_ptr") or name in MULTIPLES_OF_16}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptx = compiled.asm["ptx"]
+    counts = collections.Counter(re.findall(r"\\b((?:ld|st)\\.global[.a-z0-9]*)\\s", ptx))
+    counts.update(f"cp.async.{size}" for size in re.findall(
+        r"cp\\.async\\.c[ag]\\.shared\\.global\\S*\\s+\\[[^\\]]+\\],\\s*\\[[^\\]]+\\],\\s*(\\w+)", ptx))
+    return counts
+
+rows = {"BLOCK_M": 8192, "NUM_STAGES": 3}
+results = {}
+for similarity_type in ("*fp32", "*i16"):
+    results["forward " + similarity_type] = global_memory_instructions(
+        fused._row_column_forward_kernel, similarity_type, rows, 16)
+    results["backward " + similarity_type] = global_memory_instructions(
+        fused._row_column_backward_kernel, similarity_type, rows, 16)
+    results["gradient " + similarity_type] = global_memory_instructions(
+        fused._similarity_gradient_kernel, similarity_type, {"RANK": 13, "BLOCK_N": 8, "BLOCK_M": 1024}, 4)
+results["fixed point column"] = global_memory_instructions(fused._fixed_point_column_kernel, "*fp32", rows, 16)
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs triton")
+def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte_loads():
+    """Each kernel compiles for an H100 (sm_90) with a float32 and with an int16 C, and C's rows arrive in 16-byte
+    copies: pipelined through shared memory (cp.async) in the row passes, vector loads in the dL/dC tiles, half as
+    many for int16 as for float32, and no 2-byte loads; the fixed-point column pass stores its int16 rows 16 bytes
+    at a time. Runs in a subprocess: here Triton's interpreter replaces its compiler."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _HOPPER_PTX_SCRIPT], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[3], env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    for kernel in ("forward", "backward"):
+        float_copies, fixed_copies = (counts[f"{kernel} {dtype}"].get("cp.async.0x10", 0)
+                                      for dtype in ("*fp32", "*i16"))
+        assert float_copies == 4 * 3 and fixed_copies == 2 * 3, (kernel, counts)  # 16 lanes a thread, 3 rows in flight
+    float_loads, fixed_loads = (counts[f"gradient {dtype}"].get("ld.global.v4.b32", 0) for dtype in ("*fp32", "*i16"))
+    assert fixed_loads * 2 == float_loads > 0, counts
+    assert not any(op.startswith(("ld.global.b16", "ld.global.u16", "ld.global.s16")) for kernel_counts in
+                   counts.values() for op in kernel_counts), counts
+    assert counts["fixed point column"].get("st.global.v4.b32", 0) > 0, counts
