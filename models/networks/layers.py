@@ -199,6 +199,27 @@ def mixed_product(a: torch.Tensor, b: torch.Tensor, half_dtype: torch.dtype | No
     return _MixedProduct.apply(a, b, bias, half_dtype)
 
 
+# Under torch.compile, outside autocast, a 1x1 convolution with at most this many input channels (the correspondence
+# network's first layer reads x, y, z) is that many broadcast multiply-adds (`few_channel_product`). cuBLAS's float32
+# weight gradient of its (64, 3) weight over 16 x 6896 vertices took 0.21 ms of a training step on the H100 (a 32 x 32
+# tile kernel at 0 TFLOP/s, docs/products_by_shape_h100_2026-12-06.txt); as a reduction Inductor fuses it is a pass
+# over the gradient.
+FEW_INPUT_CHANNELS = 4
+
+
+def few_channel_product(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bias + weight @ x as a sum over the few input channels of broadcast products, the form of a 1x1
+    convolution Inductor fuses with its neighbours, in both directions.
+
+    Args:
+        weight: (C_out, C_in); x: (B, C_in, N); bias: None or (C_out, 1).
+    Returns:
+        (B, C_out, N).
+    """
+    out = sum(weight[:, channel].unsqueeze(1) * x[:, channel].unsqueeze(1) for channel in range(x.shape[1]))
+    return out if bias is None else out + bias
+
+
 class PointwiseConv1d(nn.Conv1d):
     """nn.Conv1d(in, out, kernel_size=1) computed as one batched matrix product.
 
@@ -216,6 +237,9 @@ class PointwiseConv1d(nn.Conv1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, N) -> (B, C_out, N)."""
-        weight = self.weight.squeeze(-1).expand(x.shape[0], -1, -1)  # (B, C_out, C_in)
         bias = None if self.bias is None else self.bias.unsqueeze(-1)  # (C_out, 1)
+        if (torch.compiler.is_compiling() and self.in_channels <= FEW_INPUT_CHANNELS
+                and not torch.is_autocast_enabled(x.device.type)):  # under autocast a product's dtype is autocast's
+            return few_channel_product(self.weight.squeeze(-1), x, bias)
+        weight = self.weight.squeeze(-1).expand(x.shape[0], -1, -1)  # (B, C_out, C_in)
         return mixed_product(weight, x, self.half_dtype, bias)  # (B, C_out, N)

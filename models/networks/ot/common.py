@@ -4,11 +4,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 SINKHORN_EPSILON = 0.03
 SINKHORN_ITERATIONS = 5
 SINKHORN_DIVISION_EPS = 1e-8
 LOG_DIVISION_EPS = math.log(SINKHORN_DIVISION_EPS)
+# A cosine similarity C in [-1, 1] stored as 16-bit fixed point (`fixed_point_similarity`): q = round(C * LEVELS)
+# in int16, read back as q * SIMILARITY_STEP. The rounding moves C by at most SIMILARITY_STEP / 2 (1.5e-5), so
+# log K = (C - 1) / epsilon by at most 5.1e-4 at epsilon 0.03; float16 would move C near 1 by up to 2.4e-4.
+SIMILARITY_LEVELS = 32767
+SIMILARITY_STEP = 1.0 / SIMILARITY_LEVELS
 
 
 def validate_schedule(epsilon: float, iterations: int) -> None:
@@ -62,9 +68,29 @@ def working_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def fixed_point_similarity(similarity: torch.Tensor) -> torch.Tensor:
+    """C (B, N, M), a cosine similarity, as 16-bit fixed point: int16 q = clamp(C, -1, 1) * LEVELS rounded half
+    away from zero (as fused.py's kernel that forms it rounds, in the same float32 steps).
+
+    Half the bytes of float32 for every pass that reads C. Returned as a view of rows zero-padded to a multiple
+    of 8 lanes (16 bytes), so that a kernel reading whole rows can issue aligned loads (fused.py).
+    """
+    scaled = similarity.float().clamp(-1.0, 1.0) * SIMILARITY_LEVELS
+    rounded = torch.where(scaled >= 0, torch.floor(scaled + 0.5), torch.ceil(scaled - 0.5)).to(torch.int16)
+    extra = -similarity.shape[2] % 8
+    return F.pad(rounded, (0, extra))[..., :similarity.shape[2]] if extra else rounded
+
+
+def similarity_values(similarity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """C in `dtype`: a fixed-point C (int16, `fixed_point_similarity`) scaled back, any other cast."""
+    if similarity.dtype == torch.int16:
+        return similarity.to(dtype) * SIMILARITY_STEP
+    return similarity.to(dtype)
+
+
 def log_kernel_of(similarity: torch.Tensor, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
-    """log K = (C - 1) / epsilon, computed in `dtype`."""
-    return (similarity.to(dtype) - 1.0) / epsilon
+    """log K = (C - 1) / epsilon, computed in `dtype` (C float, or int16 fixed point)."""
+    return (similarity_values(similarity, dtype) - 1.0) / epsilon
 
 
 def bounded_shift(log_weights: torch.Tensor, similarity_bound: float | None, epsilon: float) -> torch.Tensor | None:

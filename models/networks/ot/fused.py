@@ -16,6 +16,8 @@ pass over C.
 - `fused_similarity_gradient`: dL/dC = exp(s) (U V^T) / epsilon of the bounded backward, written in half
   precision and padded, in one read of C (Inductor's version of this pass wrote U V^T out first).
 `fused_row_column_forward_naive` and `fused_row_column_backward_naive` are their float64 references.
+Each kernel reads C as float32 or as 16-bit fixed point (int16, common.py's `fixed_point_similarity`), which halves
+the bytes every pass reads.
 
 triton is imported only if it is installed (CPU-only installs have none). With TRITON_INTERPRET=1 set before
 triton is imported, the kernels run in Triton's interpreter on CPU tensors (the tests do this without a GPU).
@@ -30,7 +32,8 @@ from typing import NamedTuple
 
 import torch
 
-from models.networks.ot.common import LOG_DIVISION_EPS, bounded_shift, log_marginal_update
+from models.networks.ot.common import (LOG_DIVISION_EPS, SIMILARITY_LEVELS, SIMILARITY_STEP, bounded_shift,
+                                       log_kernel_of, log_marginal_update)
 
 try:
     import triton
@@ -77,20 +80,22 @@ def _row_lanes(num_pose, readable_pose, BLOCK_M: tl.constexpr):
 
 
 @_triton_jit
-def _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, inverse_epsilon):
+def _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step, inverse_epsilon):
     """s = (C - 1) / epsilon of one row of C (batch_ptr: its batch element's first row) at the lanes `columns`
-    (-1 / epsilon past M, where in_row is False).
+    (-1 / epsilon past M, where in_row is False). C is the value loaded times similarity_step: 1 for a float32 C,
+    SIMILARITY_STEP for a fixed-point one (int16).
 
     The load reads every lane of in_readable (`_readable_width`), padding past M included, and discards the
     padding after the load: a mask whose bound is a multiple of 16 lets Triton issue 16-byte loads."""
-    similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable, other=0.0)
+    similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable,
+                             other=0).to(tl.float32) * similarity_step
     return (tl.where(in_row, similarity_row, 0.0) - 1.0) * inverse_epsilon
 
 
 @_triton_jit
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
                                program_shift_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
-                               rows_per_program, inverse_epsilon,
+                               rows_per_program, similarity_step, inverse_epsilon,
                                log_num_identity, log_division_eps, BLOCK_M: tl.constexpr,
                                NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_forward`.
@@ -110,7 +115,8 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, inverse_epsilon)
+        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step,
+                                     inverse_epsilon)
         row_sum = tl.sum(tl.exp(log_kernel + row_offset), axis=0)
         row_lse = row_shift + tl.log(row_sum)
         # logaddexp(row_lse, log 1e-8). tl has no log1p (libdevice's does not run in the interpreter); log(1 + x)
@@ -131,8 +137,8 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
 def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr, column_coefficient_ptr,
                                 row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
                                 partial_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
-                                rows_per_program, inverse_epsilon, log_division_eps, BLOCK_M: tl.constexpr,
-                                NUM_STAGES: tl.constexpr):
+                                rows_per_program, similarity_step, inverse_epsilon, log_division_eps,
+                                BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
     program = tl.program_id(0)
     batch = tl.program_id(1)
@@ -147,7 +153,8 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     first = program * rows_per_program
     for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, inverse_epsilon)
+        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step,
+                                     inverse_epsilon)
         row_offset = tl.load(log_a_prev_ptr + index) - column_shift
         grad_log_a = tl.sum(tl.exp(log_kernel + row_offset) * column_coefficient, axis=0)
         row_sum = tl.load(row_sum_ptr + index)
@@ -160,9 +167,37 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
 
 
 @_triton_jit
+def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num_identity, num_pose, readable_pose,
+                               fixed_row_stride, batch_stride, row_stride, fixed_batch_stride, rows_per_program,
+                               levels, similarity_step, inverse_epsilon, BLOCK_M: tl.constexpr,
+                               NUM_STAGES: tl.constexpr):
+    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see
+    `fused_fixed_point_column_pass`. Lanes from M to fixed_row_stride store zeros."""
+    program = tl.program_id(0)
+    batch = tl.program_id(1)
+    columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
+    column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
+    fixed_batch_ptr = fixed_point_ptr + batch.to(tl.int64) * fixed_batch_stride
+    first = program * rows_per_program
+    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+        similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable,
+                                 other=0.0)
+        scaled = tl.minimum(tl.maximum(tl.where(in_row, similarity_row, 0.0), -1.0), 1.0) * levels
+        fixed_point = tl.where(scaled >= 0, tl.floor(scaled + 0.5), tl.ceil(scaled - 0.5))
+        tl.store(fixed_batch_ptr + tl.cast(row, tl.int64) * fixed_row_stride + columns, fixed_point.to(tl.int16),
+                 mask=columns < fixed_row_stride)
+        log_kernel = (fixed_point * similarity_step - 1.0) * inverse_epsilon
+        column_sum += tl.where(in_row, tl.exp(log_kernel), 0.0)
+    partial = batch * tl.num_programs(0) + program
+    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, column_sum, mask=in_row)
+
+
+@_triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
                                  num_pose, readable_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
-                                 inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                                 similarity_step, inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_M: tl.constexpr):
     """One (BLOCK_N, BLOCK_M) tile of dL/dC for program (row block, column block, b); see
     `fused_similarity_gradient`. Lanes from num_pose to padded_pose store zeros."""
     row_block, column_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -173,7 +208,8 @@ def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_
     inside = in_rows[:, None] & in_columns[None, :]
     # Padding past M is read too (see `_log_kernel_row`) and discarded by the last `tl.where`.
     similarity = tl.load(similarity_ptr + batch.to(tl.int64) * batch_stride + rows[:, None].to(tl.int64) * row_stride
-                         + columns[None, :], mask=in_rows[:, None] & (columns[None, :] < readable_pose), other=1.0)
+                         + columns[None, :], mask=in_rows[:, None] & (columns[None, :] < readable_pose),
+                         other=0).to(tl.float32) * similarity_step
     outer = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for rank in tl.static_range(RANK):
         row_factor = tl.load(row_factors_ptr + (batch * num_identity + rows) * RANK + rank, mask=in_rows, other=0.0)
@@ -191,10 +227,10 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
     if triton is None:
         return "the fused Sinkhorn passes need triton, which is not installed"
     rows_contiguous = similarity.dim() == 3 and similarity.stride(2) == 1
-    if similarity.dtype != torch.float32 or not rows_contiguous:
-        return (f"the fused Sinkhorn passes need a float32 (B, N, M) similarity with contiguous rows, got a "
-                f"{'' if rows_contiguous else 'non-contiguous '}{similarity.dtype} tensor of shape "
-                f"{tuple(similarity.shape)}")
+    if similarity.dtype not in (torch.float32, torch.int16) or not rows_contiguous:
+        return (f"the fused Sinkhorn passes need a float32 or fixed-point (int16) (B, N, M) similarity with "
+                f"contiguous rows, got a {'' if rows_contiguous else 'non-contiguous '}{similarity.dtype} tensor "
+                f"of shape {tuple(similarity.shape)}")
     if not (similarity.is_cuda or (similarity.device.type == "cpu" and _INTERPRETED)):
         return (f"the fused Sinkhorn passes run on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set "
                 f"before triton was imported), got one on {similarity.device}")
@@ -209,8 +245,9 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
 
 
 def _block_width(num_pose: int) -> int:
-    """BLOCK_M, the lanes a program holds a row of C in: the power of two at or above num_pose."""
-    return 1 << max(num_pose - 1, 0).bit_length()
+    """BLOCK_M, the lanes a program holds a row of C in: the power of two at or above num_pose, and at least the 8
+    lanes of a fixed-point row padded to 16 bytes (which `fused_fixed_point_column_pass` writes whole)."""
+    return max(8, 1 << max(num_pose - 1, 0).bit_length())
 
 
 def _pipeline_stages(block: int) -> int:
@@ -234,8 +271,9 @@ def shared_memory_shortfall(num_pose: int, available: int | None, device_name: s
 def fused_pass_supported(similarity: torch.Tensor) -> bool:
     """Whether `fused_row_column_forward` and `fused_row_column_backward` can read `similarity`.
 
-    True when triton is installed and similarity is a float32 (B, N, M) CUDA tensor with contiguous rows (or a CPU
-    one while TRITON_INTERPRET=1 selects Triton's interpreter) with M <= MAX_FUSED_POSE_VERTICES.
+    True when triton is installed and similarity is a float32 or fixed-point (int16) (B, N, M) CUDA tensor with
+    contiguous rows (or a CPU one while TRITON_INTERPRET=1 selects Triton's interpreter) with
+    M <= MAX_FUSED_POSE_VERTICES.
     """
     return unsupported_reason(similarity) is None
 
@@ -315,6 +353,11 @@ def _readable_width(similarity: torch.Tensor) -> int:
     return row_stride if end * similarity.element_size() <= similarity.untyped_storage().nbytes() else num_pose
 
 
+def _similarity_step(similarity: torch.Tensor) -> float:
+    """What the kernels multiply a loaded element of C by: SIMILARITY_STEP for fixed point (int16), else 1."""
+    return SIMILARITY_STEP if similarity.dtype == torch.int16 else 1.0
+
+
 def _on_device(similarity: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launches on similarity's GPU (Triton launches on the current device)."""
     return torch.cuda.device(similarity.device) if similarity.is_cuda else contextlib.nullcontext()
@@ -348,9 +391,9 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     (C - 1) times the float32 reciprocal of epsilon, as torch's CUDA division by a Python number forms it.
 
     Args:
-        similarity: C, float32 (B, N, M), rows contiguous (any row and batch strides, such as a view of
-            padded rows), |C| <= similarity_bound up to rounding; see
-            `fused_pass_supported`.
+        similarity: C, float32 or fixed point (int16, common.py's `fixed_point_similarity`) (B, N, M), rows
+            contiguous (any row and batch strides, such as a view of padded rows), |C| <= similarity_bound up to
+            rounding; see `fused_pass_supported`.
         log_b: float32 (B, M).
         row_shift: float32 (B,), an upper bound of s + log b over each batch element (`bounded_shift`).
         epsilon: entropic temperature.
@@ -369,16 +412,16 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
                            row_shift=(row_shift, "B"))
     batch, num_identity, num_pose = similarity.shape
     layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
-    row_sum = similarity.new_empty(batch, num_identity)
-    log_a = similarity.new_empty(batch, num_identity)
-    partial = similarity.new_empty(batch, layout.programs, num_pose)
-    program_shift = similarity.new_empty(batch, layout.programs)
+    row_sum = similarity.new_empty(batch, num_identity, dtype=torch.float32)
+    log_a = similarity.new_empty(batch, num_identity, dtype=torch.float32)
+    partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
+    program_shift = similarity.new_empty(batch, layout.programs, dtype=torch.float32)
     with _on_device(similarity):
         _row_column_forward_kernel[(layout.programs, batch)](
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            layout.rows_per_program, 1.0 / epsilon, math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=layout.block,
-            NUM_STAGES=layout.stages, num_warps=layout.num_warps)
+            layout.rows_per_program, _similarity_step(similarity), 1.0 / epsilon, math.log(num_identity),
+            LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
@@ -397,7 +440,8 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
     grad_log_b[m] = sum_n exp(s[n, m] + log_b_prev[m] - row_shift) row_coefficient[n], for each batch element.
 
     Args:
-        similarity: C, float32 (B, N, M), rows contiguous; see `fused_pass_supported`.
+        similarity: C, float32 or fixed point (int16, common.py's `fixed_point_similarity`) (B, N, M), rows
+            contiguous; see `fused_pass_supported`.
         log_a_prev: float32 (B, N), the log a that the column pass of column_shift read.
         column_shift: float32 (B,), that pass's shift.
         column_coefficient: float32 (B, M).
@@ -417,17 +461,53 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
                            row_shift=(row_shift, "B"), row_sum=(row_sum, "BN"), log_b_prev=(log_b_prev, "BM"))
     batch, num_identity, num_pose = similarity.shape
     layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
-    grad_log_a = similarity.new_empty(batch, num_identity)
-    row_coefficient = similarity.new_empty(batch, num_identity)
-    partial = similarity.new_empty(batch, layout.programs, num_pose)
+    grad_log_a = similarity.new_empty(batch, num_identity, dtype=torch.float32)
+    row_coefficient = similarity.new_empty(batch, num_identity, dtype=torch.float32)
+    partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
     with _on_device(similarity):
         _row_column_backward_kernel[(layout.programs, batch)](
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
             partial, num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            layout.rows_per_program, 1.0 / epsilon, LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages,
-            num_warps=layout.num_warps)
+            layout.rows_per_program, _similarity_step(similarity), 1.0 / epsilon, LOG_DIVISION_EPS,
+            BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
+
+
+def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None,
+                                  pipeline_stages: int | None = None, num_warps: int | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 C turned into 16-bit fixed point, and the first Sinkhorn column pass over the fixed-point values,
+    in one read of the float32 C.
+
+    The first column pass reads a_0 = 1 / N, whose bounded shift at similarity bound 1 (`bounded_shift`) is
+    log a_0 itself, so its shifted logits are s = (q * SIMILARITY_STEP - 1) / epsilon and its sums
+    column_sum[m] = sum_n exp(s[n, m]).
+
+    Args:
+        similarity: C, float32 (B, N, M), rows contiguous; see `fused_pass_supported`.
+        epsilon: entropic temperature.
+        programs_per_batch, pipeline_stages, num_warps: as in `fused_row_column_forward`.
+    Returns:
+        fixed_point: int16 (B, N, M), common.py's `fixed_point_similarity(similarity)`: a view of rows zero-padded
+            to a multiple of 8 lanes.
+        column_sum: float32 (B, M).
+    """
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps)
+    if similarity.dtype != torch.float32:
+        raise ValueError(f"fused_fixed_point_column_pass reads a float32 similarity, got {similarity.dtype}")
+    batch, num_identity, num_pose = similarity.shape
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
+    fixed_row_stride = num_pose + -num_pose % 8
+    fixed_point = similarity.new_empty(batch, num_identity, fixed_row_stride, dtype=torch.int16)
+    partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
+    with _on_device(similarity):
+        _fixed_point_column_kernel[(layout.programs, batch)](
+            similarity, fixed_point, partial, num_identity, num_pose, _readable_width(similarity), fixed_row_stride,
+            similarity.stride(0), similarity.stride(1), fixed_point.stride(0), layout.rows_per_program,
+            float(SIMILARITY_LEVELS), SIMILARITY_STEP, 1.0 / epsilon, BLOCK_M=layout.block, NUM_STAGES=layout.stages,
+            num_warps=layout.num_warps)
+    return fixed_point[..., :num_pose], partial.sum(1)
 
 
 # dL/dC tiles (identity rows, pose columns, warps): 8192 lanes, 64 a thread at 4 warps. Rows of 1024 columns:
@@ -443,7 +523,8 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     `padding` zero columns: stored.py's `_bounded_similarity_gradient` (its float32 reference) as one kernel.
 
     Args:
-        similarity: C, float32 (B, N, M), rows contiguous; see `fused_pass_supported`.
+        similarity: C, float32 or fixed point (int16, common.py's `fixed_point_similarity`) (B, N, M), rows
+            contiguous; see `fused_pass_supported`.
         row_factors: U, float32 (B, N, R); column_factors: V, float32 (B, M, R) stored pose-major, as (B, R, M)
             (stored.py's `_pose_major`).
         epsilon: entropic temperature. gradient_dtype: float16, bfloat16 or float32. padding: >= 0.
@@ -473,7 +554,8 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
         _similarity_gradient_kernel[grid](
             similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose,
             _readable_width(similarity), padded_pose, similarity.stride(0), similarity.stride(1),
-            column_factors.stride(2), 1.0 / epsilon, RANK=rank, BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps)
+            column_factors.stride(2), _similarity_step(similarity), 1.0 / epsilon, RANK=rank, BLOCK_N=block_n,
+            BLOCK_M=block_m, num_warps=num_warps)
     return gradient
 
 
@@ -483,11 +565,11 @@ def fused_row_column_forward_naive(similarity: torch.Tensor, log_b: torch.Tensor
     """`fused_row_column_forward` in float64 on whole (B, N, M) tensors, for testing.
 
     Args:
-        similarity: float (B, N, M); log_b: float (B, M); row_shift: float (B,).
+        similarity: float or int16 fixed point (B, N, M); log_b: float (B, M); row_shift: float (B,).
     Returns:
         row_sum (B, N), log_a (B, N), column_shift (B,), column_sum (B, M), all float64.
     """
-    log_kernel = (similarity.double() - 1.0) / epsilon  # (B, N, M)
+    log_kernel = log_kernel_of(similarity, epsilon, torch.float64)  # (B, N, M)
     row_shift = row_shift.double()
     row_sum = torch.exp(log_kernel + log_b.double().unsqueeze(1) - row_shift.view(-1, 1, 1)).sum(2)  # (B, N)
     log_a = log_marginal_update(row_shift.unsqueeze(1) + row_sum.log(), similarity.shape[1])
@@ -503,12 +585,12 @@ def fused_row_column_backward_naive(similarity: torch.Tensor, log_a_prev: torch.
     """`fused_row_column_backward` in float64 on whole (B, N, M) tensors, for testing.
 
     Args:
-        similarity: float (B, N, M); log_a_prev, row_sum: float (B, N); column_coefficient, log_b_prev:
-            float (B, M); column_shift, row_shift: float (B,).
+        similarity: float or int16 fixed point (B, N, M); log_a_prev, row_sum: float (B, N); column_coefficient,
+            log_b_prev: float (B, M); column_shift, row_shift: float (B,).
     Returns:
         grad_log_a (B, N), row_coefficient (B, N), grad_log_b (B, M), all float64.
     """
-    log_kernel = (similarity.double() - 1.0) / epsilon  # (B, N, M)
+    log_kernel = log_kernel_of(similarity, epsilon, torch.float64)  # (B, N, M)
     column_weights = torch.exp(log_kernel + (log_a_prev.double() - column_shift.double().unsqueeze(1)).unsqueeze(2))
     grad_log_a = (column_weights * column_coefficient.double().unsqueeze(1)).sum(2)  # (B, N)
     row_shift, row_sum = row_shift.double(), row_sum.double()

@@ -14,11 +14,12 @@ from torch.autograd.function import once_differentiable
 
 from models.networks.layers import (half_copies, half_product_gradients, product, split_operands, split_product,
                                     split_products_run_on)
-from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, log_kernel_of,
-                                       bounded_shift, log_marginal_update, row_blocks, validate_chunk_size,
-                                       validate_feature_inputs, validate_similarity_inputs, working_dtype)
-from models.networks.ot.fused import (fused_pass_supported, fused_row_column_backward, fused_row_column_forward,
-                                      fused_similarity_gradient)
+from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, bounded_shift,
+                                       fixed_point_similarity, log_kernel_of, log_marginal_update, row_blocks,
+                                       validate_chunk_size, validate_feature_inputs, validate_similarity_inputs,
+                                       working_dtype)
+from models.networks.ot.fused import (fused_fixed_point_column_pass, fused_pass_supported, fused_row_column_backward,
+                                      fused_row_column_forward, fused_similarity_gradient)
 
 # The widest range of log K a bounded shift may span (`bounded_shift`): exp(-80) is 1.8e-35, well above
 # float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
@@ -297,16 +298,19 @@ def _lse_coefficient(maximum: torch.Tensor, total: torch.Tensor, gradient: torch
 
 
 def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
-                    blocks: list[slice], compiled: bool,
-                    similarity_bound: float | None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+                    blocks: list[slice], compiled: bool, similarity_bound: float | None,
+                    fixed_point: bool = False) -> tuple[torch.Tensor, list[list[torch.Tensor]], torch.Tensor]:
     """warp_out and the vectors backward needs, one read pass over C per Sinkhorn half-step.
 
     Each log-sum-exp is shifted by its maximum, or with `similarity_bound` by `bounded_shift`, which
-    the pass then need not find: one reduction over C instead of two.
+    the pass then need not find: one reduction over C instead of two. With `fixed_point` (similarity_bound 1), C
+    is first turned into 16-bit fixed point (`fixed_point_similarity`), which every pass then reads; with fused
+    passes, in the same read as the first column pass (`fused_fixed_point_column_pass`).
 
-    Returns warp (B, N, 3) and the lists [log a_0..a_{T-1} (B, N); log b_0..b_T (B, M); (maximum, sum) of
+    Returns warp (B, N, 3), the lists [log a_0..a_{T-1} (B, N); log b_0..b_T (B, M); (maximum, sum) of
     the column log-sum-exps u_1..u_T (B, M); those of the row log-sum-exps v_1..v_{T-1} (B, N); those of
-    the final softmax (B, N)]. v_T is not formed: it is the final softmax's normaliser, and log a_T cancels.
+    the final softmax (B, N)] and the C the passes read (for backward). v_T is not formed: it is the final
+    softmax's normaliser, and log a_T cancels.
     """
     batch, num_identity, num_pose = similarity.shape
     run = functools.partial(_run_pass, compiled)
@@ -316,6 +320,12 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     fused = _fused_passes(similarity, compiled, similarity_bound is not None, blocks)
     # One shift for every block (a bound over all rows), so the blocks' sums merge as they are.
     shift = bounded_shift(log_a[0], similarity_bound, epsilon)
+    if fixed_point and fused and iterations:  # the first column pass (step 0) comes with the fixed-point C
+        similarity, first_column_sum = fused_fixed_point_column_pass(similarity, epsilon)
+        column_max.append(shift.unsqueeze(1).expand(batch, num_pose))
+        column_sum.append(first_column_sum)
+    elif fixed_point:
+        similarity = run(fixed_point_similarity, similarity)
     for step in range(iterations):
         if step and fused:  # v_t's row pass and u_{t+1}'s column pass in one read of C
             total, next_log_a, column_shift, column_total = fused_row_column_forward(
@@ -325,7 +335,7 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
             log_a.append(next_log_a)
             column_max.append(column_shift.unsqueeze(1).expand(batch, num_pose))
             column_sum.append(column_total)
-        else:
+        elif step or not column_sum:  # step 0's column pass is done if it came with the fixed-point C
             if step:
                 maximum, total = _over_row_blocks(blocks, lambda rows: run(
                     _row_normaliser, similarity[:, rows], log_b[-1], epsilon, shift), _concatenate_rows)
@@ -345,7 +355,8 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     pose_major_points = _pose_major(pose_points)
     warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
         _plan_warp, similarity[:, rows], log_b[-1], pose_major_points, epsilon, shift), _concatenate_rows)
-    return warp, [log_a[:iterations], log_b, column_max, column_sum, row_max, row_sum, [plan_max, plan_sum]]
+    vectors = [log_a[:iterations], log_b, column_max, column_sum, row_max, row_sum, [plan_max, plan_sum]]
+    return warp, vectors, similarity
 
 
 class _StoredSinkhornWarp(torch.autograd.Function):
@@ -373,7 +384,7 @@ class _StoredSinkhornWarp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled, similarity_bound):
         return _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
-                               similarity_bound)
+                               similarity_bound, fixed_point=False)
 
     @staticmethod
     @once_differentiable
@@ -394,6 +405,14 @@ def _similarity(theta_rows: torch.Tensor, pose_phi: torch.Tensor, compiled: bool
     return split_product(theta_rows, pose_phi, form_operands=functools.partial(_run_pass, compiled, split_operands))
 
 
+def _non_finite_marker(theta_rows: torch.Tensor, pose_phi: torch.Tensor) -> torch.Tensor:
+    """0, or NaN when either features hold a non-finite value: int16 has no NaN, so the fixed-point C of such
+    features would be finite integers and the warp a finite answer to a failed computation. Added to that
+    warp, it keeps the NaN a float32 C would have carried (a scalar, without a host synchronisation)."""
+    finite = torch.isfinite(theta_rows).all() & torch.isfinite(pose_phi).all()
+    return torch.where(finite, 0.0, float("nan"))
+
+
 class _StoredSimilarityWarp(torch.autograd.Function):
     """`_StoredSinkhornWarp` of C = theta^T phi, formed here (`_similarity`), with C's backward products in half
     precision: the gradient pass writes dL/dC once, already half and padded for those products, where a
@@ -401,38 +420,42 @@ class _StoredSimilarityWarp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, identity_theta, pose_phi, pose_points, half_dtype, epsilon, iterations, chunk_size, compiled,
-                similarity_bound):
+                similarity_bound, fixed_point):
         theta_rows = identity_theta.transpose(1, 2)  # (B, N, C)
         with torch.autocast(identity_theta.device.type, enabled=False):
             similarity = _similarity(theta_rows, pose_phi, compiled)  # (B, N, M)
-        theta_half, phi_half = half_copies(theta_rows, pose_phi, half_dtype)  # (B, N, C), (B, C, M')
+        # The half copies serve C's backward products alone: none without a gradient to the features (inference).
+        kept = half_copies(theta_rows, pose_phi, half_dtype) if any(ctx.needs_input_grad[:2]) else ()
+        # With fixed_point, the passes read C's int16 copy, which is what backward keeps.
         warp = _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
-                               similarity_bound, theta_half, phi_half)
-        ctx.half_dtype, ctx.padding = half_dtype, phi_half.shape[2] - similarity.shape[2]
+                               similarity_bound, fixed_point, *kept)  # kept: (B, N, C), (B, C, M')
+        ctx.half_dtype, ctx.padding = half_dtype, kept[1].shape[2] - similarity.shape[2] if kept else 0
         ctx.feature_dtypes = identity_theta.dtype, pose_phi.dtype
+        if fixed_point:
+            warp = warp + _run_pass(compiled, _non_finite_marker, theta_rows, pose_phi)
         return warp
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_warp):
         needs_features = ctx.needs_input_grad[:2]
-        grad_similarity, grad_points, (theta_rows, pose_phi) = _saved_backward(
+        grad_similarity, grad_points, kept = _saved_backward(
             ctx, grad_warp, ctx.half_dtype, ctx.padding, any(needs_features))  # dL/dC: (B, N, M') half
         grad_theta_rows, grad_phi = (None, None) if grad_similarity is None else half_product_gradients(
-            theta_rows, pose_phi, grad_similarity, grad_points.shape[1], needs_features, ctx.feature_dtypes)
+            *kept, grad_similarity, grad_points.shape[1], needs_features, ctx.feature_dtypes)
         grad_theta = None if grad_theta_rows is None else grad_theta_rows.transpose(1, 2)  # (B, C, N)
-        return grad_theta, grad_phi, grad_points, None, None, None, None, None, None
+        return grad_theta, grad_phi, grad_points, None, None, None, None, None, None, None
 
 
 def _forward_saving(ctx, similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
-                    chunk_size: int | None, compiled: bool, similarity_bound: float | None,
+                    chunk_size: int | None, compiled: bool, similarity_bound: float | None, fixed_point: bool,
                     *kept: torch.Tensor) -> torch.Tensor:
-    """`_stored_forward` for an autograd Function's forward, saving for `_saved_backward` C, the vectors
-    and `kept` (the Function's own tensors). Returns warp (B, N, 3)."""
+    """`_stored_forward` for an autograd Function's forward, saving for `_saved_backward` C (as the passes read
+    it, fixed point or not), the vectors and `kept` (the Function's own tensors). Returns warp (B, N, 3)."""
     blocks = row_blocks(similarity.shape[1], chunk_size or similarity.shape[1])
     with torch.autocast(similarity.device.type, enabled=False):
-        warp, vectors = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled,
-                                        similarity_bound)
+        warp, vectors, similarity = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled,
+                                                    similarity_bound, fixed_point)
     # save_for_backward takes a flat list; the group lengths (T, T + 1, T, T, T - 1, T - 1, 2) split it again.
     ctx.save_for_backward(similarity, pose_points, warp, *kept, *itertools.chain(*vectors))
     ctx.group_lengths = [len(group) for group in vectors]
@@ -569,7 +592,8 @@ def sinkhorn_warp_stored(similarity: torch.Tensor, pose_points: torch.Tensor, ep
 def similarity_warp_stored(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
                            half_dtype: torch.dtype, epsilon: float = SINKHORN_EPSILON,
                            iterations: int = SINKHORN_ITERATIONS, chunk_size: int | None = None,
-                           compiled: bool = False, similarity_bound: float | None = None) -> torch.Tensor:
+                           compiled: bool = False, similarity_bound: float | None = None,
+                           fixed_point: bool = False) -> torch.Tensor:
     """`sinkhorn_warp_stored(theta^T phi, pose_points, ...)` with C formed inside in float32 accuracy (on a GPU
     from fp16 pieces, `models.networks.layers.split_product`) and its two backward products in half precision,
     as `models.networks.layers.mixed_product` computes them, but with dL/dC written once in half precision
@@ -579,6 +603,9 @@ def similarity_warp_stored(identity_theta: torch.Tensor, pose_phi: torch.Tensor,
         identity_theta: float32 (B, C, N); pose_phi: float32 (B, C, M); pose_points: float (B, M, 3).
         half_dtype: torch.float16 or torch.bfloat16, the backward products' precision.
         epsilon, iterations, chunk_size, compiled, similarity_bound: as for `sinkhorn_warp_stored`.
+        fixed_point: keep C, once formed, as 16-bit fixed point (common.py's `fixed_point_similarity`, for
+            cosine similarities, similarity_bound 1): every pass reads half the bytes and backward keeps half,
+            for a rounding of C by at most 1.5e-5.
     Returns:
         warp_out: float32 (B, N, 3).
     """
@@ -587,9 +614,12 @@ def similarity_warp_stored(identity_theta: torch.Tensor, pose_phi: torch.Tensor,
     if identity_theta.dtype != torch.float32 or pose_phi.dtype != torch.float32:
         raise ValueError(f"similarity_warp_stored forms C in float32 and takes float32 features, got "
                          f"{identity_theta.dtype} and {pose_phi.dtype}")
+    if fixed_point and similarity_bound != 1.0:
+        raise ValueError(f"a fixed-point C holds cosine similarities: pass similarity_bound=1.0 with fixed_point, "
+                         f"got {similarity_bound!r}")
     return _StoredSimilarityWarp.apply(identity_theta, pose_phi, pose_points.to(working_dtype(pose_points)),
                                        half_dtype, float(epsilon), iterations, chunk_size, compiled,
-                                       similarity_bound)
+                                       similarity_bound, fixed_point)
 
 
 def _validate_stored_options(chunk_size: int | None, similarity_bound: float | None, epsilon: float) -> None:

@@ -164,6 +164,23 @@ def test_product_adds_the_bias_after_the_product_when_compiling(monkeypatch, dty
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("channels_in, bias", [(3, True), (1, False)])
+def test_few_input_channels_are_broadcast_products_when_compiling(monkeypatch, channels_in, bias):
+    """The compiled graph's form of a 1x1 convolution on x, y, z: no matrix product, the same values and gradients."""
+    torch.manual_seed(0)
+    layer = PointwiseConv1d(channels_in, 16, bias=bias)
+    x = torch.randn(2, channels_in, 30, requires_grad=True)
+    upstream = torch.randn(2, 16, 30)
+    expected = layer(x)
+    expected_grads = torch.autograd.grad(expected, [x, *layer.parameters()], upstream)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(layers, "mixed_product", None)  # the broadcast form must not reach it
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    for grad, expected_grad in zip(torch.autograd.grad(out, [x, *layer.parameters()], upstream), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
 def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return (torch.linalg.norm(value.double() - reference) / torch.linalg.norm(reference)).item()
 

@@ -7,13 +7,18 @@ skipped, and the references' math and the merge of per-program column sums are s
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from models.networks.ot import fused
-from models.networks.ot.common import LOG_DIVISION_EPS, log_marginal_update
+from models.networks.ot.common import LOG_DIVISION_EPS, fixed_point_similarity, log_kernel_of, log_marginal_update
 
 EPSILON = 0.03
 SIMILARITY_BOUND = 1.0
@@ -221,9 +226,17 @@ def _padded_rows(similarity: torch.Tensor, extra: int) -> torch.Tensor:
     return torch.cat([similarity, filler], dim=2)[..., :similarity.shape[2]]
 
 
+def _fixed_point(inputs: tuple) -> tuple:
+    """inputs with C (the first) in 16-bit fixed point, as the mixed-precision stored warp keeps it (in rows padded
+    to 16 bytes)."""
+    return (fixed_point_similarity(inputs[0]), *inputs[1:])
+
+
 def _assert_forward_matches_naive(shape, programs_per_batch, seed: int, similarity_bound: float = SIMILARITY_BOUND,
-                                  row_padding: int = 0, **layout) -> None:
+                                  row_padding: int = 0, fixed_point: bool = False, **layout) -> None:
     inputs = _forward_inputs(*shape, seed=seed, similarity_bound=similarity_bound)
+    if fixed_point:
+        inputs = _fixed_point(inputs)
     expected = fused.fused_row_column_forward_naive(*inputs, EPSILON, similarity_bound)
     inputs = (_padded_rows(inputs[0], row_padding), *inputs[1:])
     actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), EPSILON, similarity_bound,
@@ -234,8 +247,11 @@ def _assert_forward_matches_naive(shape, programs_per_batch, seed: int, similari
         _assert_close(name, value, reference, rtol, atol)
 
 
-def _assert_backward_matches_naive(shape, programs_per_batch, seed: int, row_padding: int = 0, **layout) -> None:
+def _assert_backward_matches_naive(shape, programs_per_batch, seed: int, row_padding: int = 0,
+                                   fixed_point: bool = False, **layout) -> None:
     inputs = _backward_inputs(*shape, seed=seed)
+    if fixed_point:
+        inputs = _fixed_point(inputs)
     expected = fused.fused_row_column_backward_naive(*inputs)
     inputs = (_padded_rows(inputs[0], row_padding), *inputs[1:])
     actual = fused.fused_row_column_backward(*_to_kernel_device(inputs), programs_per_batch=programs_per_batch,
@@ -269,6 +285,40 @@ def test_fused_passes_read_a_view_of_padded_rows(shape, row_padding):
     # C as split_product leaves it on a GPU: rows padded to a multiple of 8 lanes, the view keeps the first M.
     _assert_forward_matches_naive(shape, None, seed=33, row_padding=row_padding)
     _assert_backward_matches_naive(shape, None, seed=34, row_padding=row_padding)
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape", [(2, 9, 13), (3, 20, 70), (1, 12, 6890)])
+def test_fused_passes_read_a_fixed_point_similarity(shape):
+    # int16 C as the mixed-precision stored warp keeps it: M = 13, 70 and 6890 are padded to 16, 72 and 6896 lanes.
+    _assert_forward_matches_naive(shape, None, seed=37, fixed_point=True)
+    _assert_backward_matches_naive(shape, None, seed=38, fixed_point=True)
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape, programs_per_batch, row_padding",
+                         [((1, 2, 3), None, 0), ((2, 9, 13), 4, 3), ((3, 20, 70), 1, 0), ((1, 12, 6890), None, 6)])
+def test_fused_fixed_point_column_pass_matches_the_rounding_and_the_column_sums(shape, programs_per_batch,
+                                                                                row_padding):
+    """The fixed-point C equals common.py's `fixed_point_similarity` (values, zero padding, row stride) and the
+    column sums are sum_n exp(s) over that C, the first column pass's at a_0 = 1 / N and bound 1."""
+    similarity = _cosine_similarity(*shape, torch.Generator().manual_seed(39)).float()
+    similarity[0, 0, 0] = 1.0 + 1e-6  # past the bound by rounding: clamped
+    expected_fixed_point = fixed_point_similarity(similarity)
+    log_kernel = log_kernel_of(expected_fixed_point, EPSILON, torch.float64)
+    expected_column_sum = torch.exp(log_kernel).sum(1)  # (B, M)
+    fixed_point, column_sum = fused.fused_fixed_point_column_pass(
+        *_to_kernel_device([_padded_rows(similarity, row_padding)]), EPSILON, programs_per_batch=programs_per_batch)
+    assert fixed_point.dtype == torch.int16 and fixed_point.stride() == expected_fixed_point.stride()
+    assert torch.equal(fixed_point.cpu(), expected_fixed_point)
+    padded_storage = fixed_point.cpu().as_strided((shape[0], shape[1], fixed_point.stride(1)), fixed_point.stride())
+    assert not padded_storage[..., shape[2]:].any()
+    _assert_close("column_sum", column_sum, expected_column_sum, SUM_TOLERANCE, 0)
+
+
+def test_fused_fixed_point_column_pass_reads_only_float32():
+    with pytest.raises(ValueError, match="reads a float32 similarity"):
+        fused.fused_fixed_point_column_pass(torch.zeros(1, 2, 3, dtype=torch.int16, device=KERNEL_DEVICE), EPSILON)
 
 
 @requires_kernels
@@ -322,11 +372,19 @@ def test_fused_similarity_gradient_with_other_tiles(tile):
     _assert_gradient_matches_reference((2, 70, 1000), 13, 6, 6, torch.float16, tile)
 
 
+@requires_kernels
+@pytest.mark.parametrize("shape, padding", [((2, 33, 47), 1), ((1, 40, 6890), 6)])
+def test_fused_similarity_gradient_reads_a_fixed_point_similarity(shape, padding):
+    _assert_gradient_matches_reference(shape, 9, padding, 0, torch.float16, fused.GRADIENT_TILE, fixed_point=True)
+
+
 def _assert_gradient_matches_reference(shape, rank: int, padding: int, row_padding: int, gradient_dtype: torch.dtype,
-                                       tile: tuple[int, int, int]) -> None:
+                                       tile: tuple[int, int, int], fixed_point: bool = False) -> None:
     from models.networks.ot import stored
 
     similarity = _cosine_similarity(*shape, torch.Generator().manual_seed(60)).float()
+    if fixed_point:
+        similarity = fixed_point_similarity(similarity)
     row_factors, column_factors = _gradient_factors(*shape, rank, seed=61)
     expected = stored._bounded_similarity_gradient(similarity, row_factors, column_factors, EPSILON, gradient_dtype,
                                                    padding)
@@ -356,18 +414,12 @@ def test_fused_similarity_gradient_rejects_bad_arguments():
         fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, torch.float16, -1)
 
 
-@requires_kernels
-@pytest.mark.parametrize("iterations", [1, 2, 5])
-def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, monkeypatch):
-    """sinkhorn_warp_stored with its row and column passes fused (as on a GPU) gives the warp and gradients of
-    the separate passes. The passes around the fused ones run eagerly here (compiled=False, so no torch.compile
-    on the CPU): `_fused_passes` is told to ignore `compiled`."""
+def _fused_and_separate_passes(monkeypatch, warp_function, inputs: list[torch.Tensor], upstream: torch.Tensor) -> list:
+    """[warp, gradients of every input] of warp_function(*inputs) with the stored warp's row and column passes
+    fused (as on a GPU), then with them separate. The passes around the fused ones run eagerly here
+    (compiled=False, so no torch.compile on the CPU): `_fused_passes` is told to ignore `compiled`."""
     from models.networks.ot import stored
 
-    generator = torch.Generator().manual_seed(40)
-    similarity = _cosine_similarity(2, 30, 26, generator).float().to(KERNEL_DEVICE)
-    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
-    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
     chosen = []
 
     def fused_unless_told_otherwise(use_fused):
@@ -379,14 +431,52 @@ def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, m
     results = []
     for use_fused in (True, False):
         monkeypatch.setattr(stored, "_fused_passes", fused_unless_told_otherwise(use_fused))
-        inputs = [similarity.clone().requires_grad_(), points.clone().requires_grad_()]
-        warp = stored.sinkhorn_warp_stored(*inputs, iterations=iterations, similarity_bound=1.0)
+        leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+        warp = warp_function(*leaves)
         warp.backward(upstream)
-        results.append([warp, *(tensor.grad for tensor in inputs)])
+        results.append([warp, *(tensor.grad for tensor in leaves)])
     assert chosen == [True, True, False, False], "forward and backward each ask once"
+    return results
+
+
+@requires_kernels
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, monkeypatch):
+    """sinkhorn_warp_stored with its row and column passes fused gives the warp and gradients of the separate
+    passes."""
+    from models.networks.ot import stored
+
+    generator = torch.Generator().manual_seed(40)
+    similarity = _cosine_similarity(2, 30, 26, generator).float().to(KERNEL_DEVICE)
+    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
+    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
+    results = _fused_and_separate_passes(
+        monkeypatch, lambda *inputs: stored.sinkhorn_warp_stored(*inputs, iterations=iterations, similarity_bound=1.0),
+        [similarity, points], upstream)
     for name, actual, expected in zip(("warp", "dL/dC", "dL/dpose_points"), *results):
         error = ((actual - expected).norm() / expected.norm()).item()
         assert error < 1e-5, f"{name} differs by {error:.3g} relative"
+
+
+@requires_kernels
+def test_fixed_point_similarity_warp_with_fused_passes_matches_the_separate_passes(monkeypatch):
+    """The same for similarity_warp_stored with C in 16-bit fixed point, as the mixed-precision stored warp runs:
+    every pass reads the int16 C, fused or not. Its features' gradients come through float16 products of dL/dC."""
+    from models.networks.ot import stored
+
+    generator = torch.Generator().manual_seed(41)
+    theta, phi = (torch.nn.functional.normalize(torch.randn(2, 8, count, generator=generator), dim=1).to(KERNEL_DEVICE)
+                  for count in (30, 26))
+    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
+    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
+    results = _fused_and_separate_passes(
+        monkeypatch, lambda *inputs: stored.similarity_warp_stored(*inputs, torch.float16, similarity_bound=1.0,
+                                                                   fixed_point=True),
+        [theta, phi, points], upstream)
+    for name, actual, expected, tolerance in zip(("warp", "dL/dtheta", "dL/dphi", "dL/dpose_points"), *results,
+                                                 (1e-5, 1e-3, 1e-3, 1e-5)):
+        error = ((actual - expected).norm() / expected.norm()).item()
+        assert error < tolerance, f"{name} differs by {error:.3g} relative"
 
 
 @requires_kernels
@@ -424,3 +514,71 @@ def test_shared_memory_shortfall_counts_the_pipelined_rows():
     message = fused.shared_memory_shortfall(8193, 99 * 1024, "small GPU")
     assert message == ("the fused Sinkhorn passes need 128 KiB of shared memory per block for rows of 8193 pose "
                        "vertices, and the small GPU has 99 KiB")
+
+
+# Compiles every kernel for Hopper (sm_90) with Triton's own ptxas, no GPU needed, and prints, per kernel and dtype of
+# C, the count of each global-memory instruction in its PTX. Integer arguments that the launches get as multiples of 16
+# at N = M = 6890 in padded rows (strides, widths) are declared so, as Triton specialises them at a launch.
+_HOPPER_PTX_SCRIPT = """
+import collections, json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from models.networks.ot import fused
+
+FLOATS = {"similarity_step", "inverse_epsilon", "log_num_identity", "log_division_eps", "levels"}
+MULTIPLES_OF_16 = {"readable_pose", "padded_pose", "fixed_row_stride", "batch_stride", "row_stride",
+                   "fixed_batch_stride", "column_factor_stride"}
+POINTER_TYPES = {"fixed_point_ptr": "*i16", "gradient_ptr": "*fp16"}
+
+def global_memory_instructions(kernel, similarity_type, constexprs, num_warps):
+    signature = {}
+    for name in kernel.arg_names:
+        if name.endswith("_ptr"):
+            signature[name] = similarity_type if name == "similarity_ptr" else POINTER_TYPES.get(name, "*fp32")
+        else:
+            signature[name] = "constexpr" if name.isupper() else "fp32" if name in FLOATS else "i32"
+    attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
+             if name.endswith("_ptr") or name in MULTIPLES_OF_16}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptx = compiled.asm["ptx"]
+    counts = collections.Counter(re.findall(r"\\b((?:ld|st)\\.global[.a-z0-9]*)\\s", ptx))
+    counts.update(f"cp.async.{size}" for size in re.findall(
+        r"cp\\.async\\.c[ag]\\.shared\\.global\\S*\\s+\\[[^\\]]+\\],\\s*\\[[^\\]]+\\],\\s*(\\w+)", ptx))
+    return counts
+
+rows = {"BLOCK_M": 8192, "NUM_STAGES": 3}
+results = {}
+for similarity_type in ("*fp32", "*i16"):
+    results["forward " + similarity_type] = global_memory_instructions(
+        fused._row_column_forward_kernel, similarity_type, rows, 16)
+    results["backward " + similarity_type] = global_memory_instructions(
+        fused._row_column_backward_kernel, similarity_type, rows, 16)
+    results["gradient " + similarity_type] = global_memory_instructions(
+        fused._similarity_gradient_kernel, similarity_type, {"RANK": 13, "BLOCK_N": 8, "BLOCK_M": 1024}, 4)
+results["fixed point column"] = global_memory_instructions(fused._fixed_point_column_kernel, "*fp32", rows, 16)
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs triton")
+def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte_loads():
+    """Each kernel compiles for an H100 (sm_90) with a float32 and with an int16 C, and C's rows arrive in 16-byte
+    copies: pipelined through shared memory (cp.async) in the row passes, vector loads in the dL/dC tiles, half as
+    many for int16 as for float32, and no 2-byte loads; the fixed-point column pass stores its int16 rows 16 bytes
+    at a time. Runs in a subprocess: here Triton's interpreter replaces its compiler."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _HOPPER_PTX_SCRIPT], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[3], env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    for kernel in ("forward", "backward"):
+        float_copies, fixed_copies = (counts[f"{kernel} {dtype}"].get("cp.async.0x10", 0)
+                                      for dtype in ("*fp32", "*i16"))
+        assert float_copies == 4 * 3 and fixed_copies == 2 * 3, (kernel, counts)  # 16 lanes a thread, 3 rows in flight
+    float_loads, fixed_loads = (counts[f"gradient {dtype}"].get("ld.global.v4.b32", 0) for dtype in ("*fp32", "*i16"))
+    assert fixed_loads * 2 == float_loads > 0, counts
+    assert not any(op.startswith(("ld.global.b16", "ld.global.u16", "ld.global.s16")) for kernel_counts in
+                   counts.values() for op in kernel_counts), counts
+    assert counts["fixed point column"].get("st.global.v4.b32", 0) > 0, counts
