@@ -156,12 +156,21 @@ def chunked_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_poin
 STORED_WARP_MAX_BYTES = 8 * 2**30
 
 
+def _stored_bytes_per_element(needs_gradient: bool, half_dtype: torch.dtype | None) -> int:
+    """The most bytes per element of C that stored_warp holds at once in C-sized tensors: in float32, C (4) and in
+    training dL/dC (4); with half_dtype, the float32 C beside its int16 copy while the forward forms it (6), and
+    in backward the int16 C and the half dL/dC (4)."""
+    if half_dtype is not None:
+        return 6
+    return 8 if needs_gradient else 4
+
+
 def auto_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
               half_dtype: torch.dtype | None = None) -> torch.Tensor:
     """stored_warp for moderate sizes (fastest), else chunked_warp (same arguments)."""
     batch, _, num_identity = identity_theta.shape
     needs_gradient = torch.is_grad_enabled() and (identity_theta.requires_grad or pose_phi.requires_grad)
-    stored_bytes = (2 if needs_gradient else 1) * 4 * batch * num_identity * pose_phi.shape[2]  # float32 C, dC
+    stored_bytes = _stored_bytes_per_element(needs_gradient, half_dtype) * batch * num_identity * pose_phi.shape[2]
     warp = stored_warp if stored_bytes <= STORED_WARP_MAX_BYTES else chunked_warp
     return warp(identity_theta, pose_phi, pose_points, half_dtype)
 

@@ -26,6 +26,17 @@ def test_auto_stores_the_similarity_while_it_fits(chosen):
     assert chosen == ["stored", "stored", "chunked", "stored"]
 
 
+def test_auto_counts_the_float32_similarity_beside_its_fixed_point_copy(chosen, monkeypatch):
+    """With half_dtype the stored warp forms C's int16 copy while the float32 C still lives: 6 bytes an element,
+    inference or training (in backward, the int16 C and the half dL/dC take 4)."""
+    theta, phi, points = torch.rand(1, 4, 10), torch.rand(1, 4, 12), torch.rand(1, 12, 3)
+    with torch.no_grad():  # 1 x 10 x 12 x 6 = 720 bytes
+        correspondence.auto_warp(theta, phi, points, torch.float16)
+    monkeypatch.setattr(correspondence, "STORED_WARP_MAX_BYTES", 720)
+    correspondence.auto_warp(theta.requires_grad_(), phi, points, torch.float16)
+    assert chosen == ["chunked", "stored"]
+
+
 def _trained_mode_gradients(model: correspondence.Correspondence, identity_points, pose_points, upstream):
     warp_out, identity_features = model(identity_points, pose_points)
     loss = (warp_out * upstream).sum() + identity_features.square().mean()
