@@ -133,13 +133,6 @@ class _ActivatedElaINMap(torch.autograd.Function):
                 grad_std, grad_weight)
 
 
-def on_statistics(conv: PointwiseConv1d, statistics: torch.Tensor) -> torch.Tensor:
-    """conv of per-channel statistics, (B, C_in, 1) -> (B, C_out, 1), as one (B, C_in) x (C_in, C_out) product: it
-    reads the weight once and its weight gradient is one product, where conv's batched product reads the weight B
-    times, pads the single column to ALIGNMENT on tensor cores and sums B weight gradients."""
-    return F.linear(statistics.squeeze(2), conv.weight.squeeze(2), conv.bias).unsqueeze(2)
-
-
 class ElaIN(nn.Module):
     """Elastic instance normalisation of x (B, C, N), conditioned on identity features (B, Cid, N)."""
 
@@ -171,7 +164,7 @@ class ElaIN(nn.Module):
                              bias.unsqueeze(-1))  # (B, 2C, N)
         gamma_id, beta_id = gamma_beta.chunk(2, dim=1)
         mean_features = identity_features[..., :vertices].mean(dim=2, keepdim=True)  # (B, Cid, 1)
-        condition_mean = on_statistics(self.mlp_same, mean_features).to(statistics_dtype(identity_features))
+        condition_mean = self.mlp_same.on_statistics(mean_features).to(statistics_dtype(identity_features))
         return gamma_id, beta_id, condition_mean
 
     def map_inputs(self, x: torch.Tensor, identity_features: torch.Tensor,
@@ -185,7 +178,7 @@ class ElaIN(nn.Module):
         # Unbiased variance, unlike the InstanceNorm1d layers of Corr (SPEC.md; parity depends on it).
         std = torch.sqrt(statistics.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
         stacked = torch.cat([condition_mean, mean], dim=1)  # (B, 2C, 1)
-        weight = on_statistics(self.mlp_weight, stacked) if self.fold_linear else self.mlp_weight(stacked)
+        weight = self.mlp_weight.on_statistics(stacked) if self.fold_linear else self.mlp_weight(stacked)
         weight = weight.to(statistics.dtype)  # (B, C, 1)
         return x, gamma_id, beta_id, mean, std, weight
 

@@ -243,3 +243,9 @@ class PointwiseConv1d(nn.Conv1d):
             return few_channel_product(self.weight.squeeze(-1), x, bias)
         weight = self.weight.squeeze(-1).expand(x.shape[0], -1, -1)  # (B, C_out, C_in)
         return mixed_product(weight, x, self.half_dtype, bias)  # (B, C_out, N)
+
+    def on_statistics(self, statistics: torch.Tensor) -> torch.Tensor:
+        """This convolution of per-channel statistics, (B, C_in, 1) -> (B, C_out, 1), as one (B, C_in) x (C_in, C_out)
+        product: it reads the weight once and its weight gradient is one product, where the batched product reads
+        the weight B times, pads the single column to ALIGNMENT on tensor cores and sums B weight gradients."""
+        return F.linear(statistics.squeeze(2), self.weight.squeeze(2), self.bias).unsqueeze(2)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from models.networks.layers import padded
 
 SINKHORN_EPSILON = 0.03
 SINKHORN_ITERATIONS = 5
@@ -73,12 +74,11 @@ def fixed_point_similarity(similarity: torch.Tensor) -> torch.Tensor:
     away from zero (as fused.py's kernel that forms it rounds, in the same float32 steps).
 
     Half the bytes of float32 for every pass that reads C. Returned as a view of rows zero-padded to a multiple
-    of 8 lanes (16 bytes), so that a kernel reading whole rows can issue aligned loads (fused.py).
+    of ALIGNMENT (8) lanes, 16 bytes, so that a kernel reading whole rows can issue aligned loads (fused.py).
     """
     scaled = similarity.float().clamp(-1.0, 1.0) * SIMILARITY_LEVELS
     rounded = torch.where(scaled >= 0, torch.floor(scaled + 0.5), torch.ceil(scaled - 0.5)).to(torch.int16)
-    extra = -similarity.shape[2] % 8
-    return F.pad(rounded, (0, extra))[..., :similarity.shape[2]] if extra else rounded
+    return padded(rounded)[..., :similarity.shape[2]]
 
 
 def similarity_values(similarity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

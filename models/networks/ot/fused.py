@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from models.networks.layers import ALIGNMENT
 from models.networks.ot.common import (LOG_DIVISION_EPS, SIMILARITY_LEVELS, SIMILARITY_STEP, bounded_shift,
                                        log_kernel_of, log_marginal_update)
 
@@ -247,7 +248,7 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
 def _block_width(num_pose: int) -> int:
     """BLOCK_M, the lanes a program holds a row of C in: the power of two at or above num_pose, and at least the 8
     lanes of a fixed-point row padded to 16 bytes (which `fused_fixed_point_column_pass` writes whole)."""
-    return max(8, 1 << max(num_pose - 1, 0).bit_length())
+    return max(ALIGNMENT, 1 << max(num_pose - 1, 0).bit_length())
 
 
 def _pipeline_stages(block: int) -> int:
@@ -498,7 +499,7 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
         raise ValueError(f"fused_fixed_point_column_pass reads a float32 similarity, got {similarity.dtype}")
     batch, num_identity, num_pose = similarity.shape
     layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
-    fixed_row_stride = num_pose + -num_pose % 8
+    fixed_row_stride = num_pose + -num_pose % ALIGNMENT  # as common.py's `fixed_point_similarity` pads
     fixed_point = similarity.new_empty(batch, num_identity, fixed_row_stride, dtype=torch.int16)
     partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
     with _on_device(similarity):
