@@ -274,12 +274,13 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     """A fused row + column Sinkhorn pass (models/networks/ot/fused.py) against the compiled row pass, vector
     step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
     features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
-    the default number of programs per batch element and a few others, for 2 to 4 pipeline stages and for 8 to
-    32 warps; and ms of the dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16) with its
-    default tile and GRADIENT_TILES."""
+    the default number of programs per batch element and a few others, for 2 to 4 pipeline stages (6 too on
+    the fixed-point C) and for 8 to 32 warps; and ms of the dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16) with its
+    default tile and GRADIENT_TILES. The fused kernels are timed on the float32 C (results' "float32") and on its
+    16-bit fixed-point copy, as half precision stores it ("fixed_point")."""
     from models.networks.layers import padded
     from models.networks.ot import fused, stored
-    from models.networks.ot.common import bounded_shift
+    from models.networks.ot.common import bounded_shift, fixed_point_similarity
 
     run = functools.partial(stored._run_pass, True)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -301,28 +302,33 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     if device.type == "cuda":
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         program_counts += [max(1, per_sm * sm_count // batch) for per_sm in (1, 2, 4)]
-    row_sum, log_a, column_shift, _ = fused.fused_row_column_forward(similarity, log_b, shift,
-                                                                     stored.SINKHORN_EPSILON, 1.0)
-    backward_inputs = (similarity, log_a, column_shift, torch.randn_like(log_b), shift, row_sum, log_b,
-                       stored.SINKHORN_EPSILON)
-
-    def pass_times(**layout) -> dict[str, float]:
-        return {"forward_ms": time_median(lambda: fused.fused_row_column_forward(
-                    similarity, log_b, shift, stored.SINKHORN_EPSILON, 1.0, **layout), device, warmup, repeats),
-                "backward_ms": time_median(lambda: fused.fused_row_column_backward(*backward_inputs, **layout),
-                                           device, warmup, repeats)}
-    results["fused"] = {str(programs or "default"): pass_times(programs_per_batch=programs)
-                        for programs in program_counts}
-    results["stages"] = {str(stages): pass_times(pipeline_stages=stages) for stages in (2, 3, 4)}
-    results["warps"] = {str(warps): pass_times(num_warps=warps) for warps in (8, 16, 32)}
     rank = 4 + 2 * stored.SINKHORN_ITERATIONS - 1
     row_factors = torch.rand(batch, vertices, rank, device=device, generator=generator)
     column_factors = stored._pose_major(torch.rand(batch, vertices, rank, device=device, generator=generator))
-    results["similarity_gradient"] = {
-        "x".join(map(str, tile)): time_median(
-            lambda: fused.fused_similarity_gradient(similarity, row_factors, column_factors, stored.SINKHORN_EPSILON,
-                                                    torch.float16, padding, tile=tile), device, warmup, repeats)
-        for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES])}
+    # Pipeline stages to time: a float32 row of 8192 lanes takes 32 KiB of shared memory a stage, a fixed-point one 16.
+    forms = {"float32": (similarity, (2, 3, 4)), "fixed_point": (fixed_point_similarity(similarity), (2, 3, 4, 6))}
+    for form, (stored_similarity, stage_counts) in forms.items():
+        row_sum, log_a, column_shift, _ = fused.fused_row_column_forward(stored_similarity, log_b, shift,
+                                                                         stored.SINKHORN_EPSILON, 1.0)
+        backward_inputs = (stored_similarity, log_a, column_shift, torch.randn_like(log_b), shift, row_sum, log_b,
+                           stored.SINKHORN_EPSILON)
+
+        def pass_times(**layout) -> dict[str, float]:
+            return {"forward_ms": time_median(lambda: fused.fused_row_column_forward(
+                        stored_similarity, log_b, shift, stored.SINKHORN_EPSILON, 1.0, **layout), device, warmup,
+                        repeats),
+                    "backward_ms": time_median(lambda: fused.fused_row_column_backward(*backward_inputs, **layout),
+                                               device, warmup, repeats)}
+        results[form] = {
+            "fused": {str(programs or "default"): pass_times(programs_per_batch=programs) for programs in program_counts},
+            "stages": {str(stages): pass_times(pipeline_stages=stages) for stages in stage_counts},
+            "warps": {str(warps): pass_times(num_warps=warps) for warps in (8, 16, 32)},
+            "similarity_gradient": {
+                "x".join(map(str, tile)): time_median(
+                    lambda: fused.fused_similarity_gradient(stored_similarity, row_factors, column_factors,
+                                                            stored.SINKHORN_EPSILON, torch.float16, padding, tile=tile),
+                    device, warmup, repeats)
+                for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES])}}
     return results
 
 
@@ -431,13 +437,15 @@ def main() -> None:
         results = {size: bench_fused_passes(device, size, args.vertices, args.warmup, args.repeats)
                    for size in sorted({args.batch, 1}, reverse=True)}
         for size, row in results.items():
-            for key, label in (("fused", "programs per batch element"), ("stages", "pipeline stages"),
-                               ("warps", "warps")):
-                print(f"batch {size}: separate row + column passes {row['separate_ms']:.3f} ms; fused, by {label}: "
-                      + ", ".join(f"{value} {times['forward_ms']:.3f} ms forward {times['backward_ms']:.3f} ms "
-                                  "backward" for value, times in row[key].items()))
-            print(f"batch {size}: dL/dC kernel, by tile (rows x columns x warps): "
-                  + ", ".join(f"{tile} {ms:.3f} ms" for tile, ms in row["similarity_gradient"].items()))
+            print(f"batch {size}: separate row + column passes (float32 C) {row['separate_ms']:.3f} ms")
+            for form in ("float32", "fixed_point"):
+                for key, label in (("fused", "programs per batch element"), ("stages", "pipeline stages"),
+                                   ("warps", "warps")):
+                    print(f"batch {size}, {form} C: fused, by {label}: "
+                          + ", ".join(f"{value} {times['forward_ms']:.3f} ms forward {times['backward_ms']:.3f} ms "
+                                      "backward" for value, times in row[form][key].items()))
+                print(f"batch {size}, {form} C: dL/dC kernel, by tile (rows x columns x warps): "
+                      + ", ".join(f"{tile} {ms:.3f} ms" for tile, ms in row[form]["similarity_gradient"].items()))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return

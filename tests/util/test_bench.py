@@ -63,15 +63,20 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
     results = json.loads(out.read_text())
     assert set(results) == {"2", "1"}
     for row in results.values():
-        assert row["separate_ms"] > 0 and all(ms > 0 for ms in row["similarity_gradient"].values())
-        assert list(row["similarity_gradient"])[0] == "x".join(map(str, fused.GRADIENT_TILE))  # the default first
-        assert set(row["stages"]) == {"2", "3", "4"} and set(row["warps"]) == {"8", "16", "32"}
-        assert all(times["forward_ms"] > 0 and times["backward_ms"] > 0
-                   for times in [*row["fused"].values(), *row["stages"].values(), *row["warps"].values()])
+        assert row["separate_ms"] > 0
+        for form, stage_counts in (("float32", {"2", "3", "4"}), ("fixed_point", {"2", "3", "4", "6"})):
+            timed = row[form]
+            assert all(ms > 0 for ms in timed["similarity_gradient"].values())
+            assert list(timed["similarity_gradient"])[0] == "x".join(map(str, fused.GRADIENT_TILE))  # default first
+            assert set(timed["stages"]) == stage_counts and set(timed["warps"]) == {"8", "16", "32"}
+            assert all(times["forward_ms"] > 0 and times["backward_ms"] > 0
+                       for times in [*timed["fused"].values(), *timed["stages"].values(), *timed["warps"].values()])
     printed = capsys.readouterr().out
-    assert "fused, by programs per batch element: default" in printed and "fused, by pipeline stages: 2" in printed
     default_tile = "x".join(map(str, fused.GRADIENT_TILE))
-    assert f"dL/dC kernel, by tile (rows x columns x warps): {default_tile}" in printed
+    for form in ("float32", "fixed_point"):
+        assert f"{form} C: fused, by programs per batch element: default" in printed
+        assert f"{form} C: fused, by pipeline stages: 2" in printed
+        assert f"{form} C: dL/dC kernel, by tile (rows x columns x warps): {default_tile}" in printed
 
 
 def test_bench_says_in_one_line_what_the_machine_lacks():
