@@ -9,12 +9,13 @@ vertices, ngf 64, by torch.utils.flop_counter): two affine layers with nothing b
 So ElaIN's mlp_gamma(mlp_same(f)) and mlp_beta(mlp_same(f)) become one (2C x Cid) product of the identity features
 (instead of C x Cid, then two C x C); conv1(fc(x)) becomes one kernel-3 convolution of the 3-channel input (instead
 of a 1024 x 1024 product per vertex), computed as one product over each vertex's window; and each residual block's
-output conv_s(a_s) + conv_1(a_1), followed by a convolution (conv2, conv3, conv4), becomes one product of the
-stacked inputs [a_s; a_1] with [W W_s | W W_1] (`ElaINGenerator.block_then_conv`), without the block's two C x C
-products and its C-channel sum. The folded weights are made from the parameters on every call (spectral norm's
-power iteration included, once a call as unfolded), so training, gradients and checkpoints are unchanged; only the
-rounding differs. With it, each ElaIN's map and the leaky ReLU after it are also one autograd.Function whose backward
-is written out (`_ActivatedElaINMap`): the same values, fewer passes over the activations in backward.
+output conv_s(a_s) + conv_1(a_1), followed by a convolution (conv2, conv3, conv4), becomes (W W_s) a_s + (W W_1) a_1,
+two products of the branches, the second adding the first as it writes (`ElaINGenerator.block_then_conv`), without
+the block's two C x C products and its C-channel sum. The folded weights are made from the parameters on every call
+(spectral norm's power iteration included, once a call as unfolded), so training, gradients and checkpoints are
+unchanged; only the rounding differs. With it, each ElaIN's map and the leaky ReLU after it are also one
+autograd.Function whose backward is written out (`_ActivatedElaINMap`): the same values, fewer passes over the
+activations in backward.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from torch.nn.utils import spectral_norm
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.spectral_norm import SpectralNorm
 
-from models.networks.layers import ALIGNMENT, PointwiseConv1d, product, runs_on_tensor_cores
+from models.networks.layers import (ALIGNMENT, PointwiseConv1d, accumulated_product, product,
+                                    runs_on_tensor_cores)
 
 ELAIN_EPS = 1e-5
 # The negative slope of the leaky ReLU after every ElaIN.
@@ -259,17 +261,21 @@ class ElaINGenerator(nn.Module):
 
     def block_then_conv(self, block: ElaINBlock, conv: PointwiseConv1d, x: torch.Tensor,
                         identity_features: torch.Tensor, vertices: int | None) -> torch.Tensor:
-        """conv(block(x)): (B, C, N') -> (B, C_out, N'). Folded, W (W_s a_s + W_1 a_1 + b_1) + b as one product
-        [W W_s | W W_1] @ [a_s; a_1] + (W b_1 + b) of the block's branches (`ElaINBlock.branches`)."""
+        """conv(block(x)): (B, C, N') -> (B, C_out, N'). Folded, W (W_s a_s + W_1 a_1 + b_1) + b as
+        (W W_s) a_s + (W W_1) a_1 + (W b_1 + b) of the block's branches (`ElaINBlock.branches`): two products, the
+        second adding the first as it writes (`accumulated_product`). One product of the stacked branches
+        [a_s; a_1] would first copy both into a (B, 2C, N') tensor."""
         if not self.fold_linear:
             return conv(block(x, identity_features, vertices))
         shortcut_input, residual_input = block.branches(x, identity_features, vertices)
         out_weight = conv.weight.squeeze(-1)  # (C_out, C)
-        weight = torch.cat([out_weight @ spectral_normalized_weight(block.conv_s).squeeze(-1),
-                            out_weight @ spectral_normalized_weight(block.conv_1).squeeze(-1)], dim=1)  # (C_out, 2C)
+        batch = x.shape[0]
+        shortcut_weight = out_weight @ spectral_normalized_weight(block.conv_s).squeeze(-1)  # (C_out, C)
+        residual_weight = out_weight @ spectral_normalized_weight(block.conv_1).squeeze(-1)  # (C_out, C)
         bias = out_weight @ block.conv_1.bias + conv.bias  # (C_out,)
-        stacked = torch.cat([shortcut_input, residual_input], dim=1)  # (B, 2C, N')
-        return product(weight.expand(x.shape[0], -1, -1), stacked, bias.unsqueeze(-1))
+        out = accumulated_product(product(shortcut_weight.expand(batch, -1, -1), shortcut_input),
+                                  residual_weight.expand(batch, -1, -1), residual_input)  # (B, C_out, N')
+        return out + bias.unsqueeze(-1).to(out.dtype)
 
     def forward(self, warp_points: torch.Tensor, identity_features: torch.Tensor,
                 vertices: int | None = None) -> torch.Tensor:

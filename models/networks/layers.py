@@ -56,6 +56,15 @@ def product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
     return out[..., :columns]
 
 
+def accumulated_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c + a @ b, batched, as one product that adds c as it writes its output: (B, P, Q) from c (B, P, Q),
+    a (B, P, K) and b (B, K, Q); on tensor cores aligned as `product` aligns (a view of the first Q columns)."""
+    columns = b.shape[2]
+    if runs_on_tensor_cores(b):
+        b, c = padded(b), padded(c)
+    return torch.baddbmm(c, a, b)[..., :columns]
+
+
 # Clears the 13 low significand bits of a float32 (0xFFFFE000 as int32), leaving float16's 11 significant bits.
 HALF_SIGNIFICAND_MASK = -8192
 

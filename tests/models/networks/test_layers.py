@@ -126,6 +126,23 @@ def test_product_on_padded_columns_has_the_plain_values_and_gradients(monkeypatc
         torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("aligned", [True, False], ids=["tensor-core-padding", "as-is"])
+def test_accumulated_product_is_c_plus_the_product_in_value_and_gradient(monkeypatch, aligned):
+    """c + a @ b, its columns padded and cut as `product` does them on tensor cores (forced here, float64)."""
+    monkeypatch.setattr(layers, "runs_on_tensor_cores", lambda b: aligned)
+    generator = torch.Generator().manual_seed(8)
+    a, b, c = (torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+               for shape in ((3, 5, 4), (3, 4, 9), (3, 5, 9)))
+    out = layers.accumulated_product(c, a, b)
+    expected = c + a @ b
+    assert out.shape == (3, 5, 9)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(3, 5, 9, generator=generator, dtype=torch.float64)
+    for grad, reference in zip(torch.autograd.grad(out, (a, b, c), upstream),
+                               torch.autograd.grad(expected, (a, b, c), upstream)):
+        torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
+
+
 def test_product_pads_only_on_tensor_cores(monkeypatch):
     padded_shapes = []
     monkeypatch.setattr(layers, "padded", lambda t: padded_shapes.append(tuple(t.shape)) or padded(t))
