@@ -46,8 +46,8 @@ except ImportError:  # CPU-only installs: `fused_pass_supported` then answers Fa
 _INTERPRETED = triton is not None and bool(
     triton.knobs.runtime.interpret if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-# The widest row a program holds in registers: with num_warps = BLOCK_M / 512 (at most 32) each thread keeps
-# 16 lanes of every row-wide value (the row, a per-column vector or two, the column sums).
+# The widest row a program holds in registers: with at most 32 warps each thread keeps 16 lanes (32 in the forward
+# pass, `FORWARD_LANES_PER_THREAD`) of every row-wide value (the row, a per-column vector or two, the column sums).
 MAX_FUSED_POSE_VERTICES = 16384
 # Programs per streaming multiprocessor over the whole batch, rounded down so that the last wave is never a few
 # programs alone (a program of 8192 lanes, 16 warps of about 110 registers a thread, fills an H100 SM's registers,
@@ -64,6 +64,14 @@ INTERPRETER_PROGRAMS = 4
 PIPELINE_STAGES = 3
 WIDE_ROW_PIPELINE_STAGES = 2
 WIDE_ROW_LANES = 8192
+# Lanes of a row each thread holds (num_warps = BLOCK_M / (32 x this), between 4 and 32 warps): every row-wide value
+# is this many registers a thread. The passes are bound by each row's block-wide reduction rather than by reading C
+# (at N = M = 6890, batch 8, on an H100, a forward pass took 0.71 ms on a float32 C and 0.72 on its fixed-point copy,
+# half the bytes): with 32 lanes a thread, half the warps join each reduction, and the forward pass took 0.62 ms
+# (both forms; 0.164 against 0.175 ms for one pair), while the backward pass, which holds more row-wide values, took
+# 0.85 against 0.71 ms (docs/benchmarks.md, seventeenth session).
+FORWARD_LANES_PER_THREAD = 32
+LANES_PER_THREAD = 16
 
 
 def _triton_jit(function: Callable) -> Callable:
@@ -318,12 +326,13 @@ class _LaunchLayout(NamedTuple):
 
 
 def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
-                   pipeline_stages: int | None, num_warps: int | None) -> _LaunchLayout:
+                   pipeline_stages: int | None, num_warps: int | None,
+                   lanes_per_thread: int = LANES_PER_THREAD) -> _LaunchLayout:
     """How a fused pass over `similarity` is launched.
 
     P defaults to PROGRAMS_PER_SM programs per SM over the whole batch (rounded down), at most N. num_warps
-    keeps 16 lanes of a row per thread (each row-wide value is then 16 registers), between 4 and 32 warps. The
-    stages default to `_pipeline_stages`. A given num_warps or pipeline_stages replaces the rule's.
+    keeps `lanes_per_thread` lanes of a row per thread, between 4 and 32 warps. The stages default to
+    `_pipeline_stages`. A given num_warps or pipeline_stages replaces the rule's.
     """
     batch, num_identity, num_pose = similarity.shape
     if programs_per_batch is None:
@@ -335,7 +344,7 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
     programs = min(programs_per_batch, num_identity)
     block = _block_width(num_pose)
     stages = pipeline_stages or _pipeline_stages(block)
-    num_warps = num_warps or min(32, max(4, block // 512))
+    num_warps = num_warps or min(32, max(4, block // (32 * lanes_per_thread)))
     return _LaunchLayout(programs, triton.cdiv(num_identity, programs), block, num_warps, stages)
 
 
@@ -402,7 +411,8 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
         pipeline_stages: rows in flight in a program's loop, or None for `_pipeline_stages` (for benchmarks; more
             than the default may exceed a GPU's shared memory and fail to launch).
-        num_warps: warps of a program, a power of two, or None for 16 lanes of a row a thread (for benchmarks).
+        num_warps: warps of a program, a power of two, or None for FORWARD_LANES_PER_THREAD lanes of a row a
+            thread (for benchmarks).
     Returns:
         row_sum: float32 (B, N).
         log_a: float32 (B, N).
@@ -412,7 +422,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps, log_b=(log_b, "BM"),
                            row_shift=(row_shift, "B"))
     batch, num_identity, num_pose = similarity.shape
-    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps, FORWARD_LANES_PER_THREAD)
     row_sum = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     log_a = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)

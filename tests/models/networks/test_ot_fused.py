@@ -552,9 +552,9 @@ rows = {"BLOCK_M": 8192, "NUM_STAGES": 3}
 results = {}
 for similarity_type in ("*fp32", "*i16"):
     results["forward " + similarity_type] = global_memory_instructions(
-        fused._row_column_forward_kernel, similarity_type, rows, 16)
+        fused._row_column_forward_kernel, similarity_type, rows, 8192 // (32 * fused.FORWARD_LANES_PER_THREAD))
     results["backward " + similarity_type] = global_memory_instructions(
-        fused._row_column_backward_kernel, similarity_type, rows, 16)
+        fused._row_column_backward_kernel, similarity_type, rows, 8192 // (32 * fused.LANES_PER_THREAD))
     results["gradient " + similarity_type] = global_memory_instructions(
         fused._similarity_gradient_kernel, similarity_type, {"RANK": 13, "BLOCK_N": 8, "BLOCK_M": 1024}, 4)
 results["fixed point column"] = global_memory_instructions(fused._fixed_point_column_kernel, "*fp32", rows, 16)
@@ -573,10 +573,11 @@ def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte
                             cwd=Path(__file__).resolve().parents[3], env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
-    for kernel in ("forward", "backward"):
+    for kernel, lanes in (("forward", fused.FORWARD_LANES_PER_THREAD), ("backward", fused.LANES_PER_THREAD)):
         float_copies, fixed_copies = (counts[f"{kernel} {dtype}"].get("cp.async.0x10", 0)
                                       for dtype in ("*fp32", "*i16"))
-        assert float_copies == 4 * 3 and fixed_copies == 2 * 3, (kernel, counts)  # 16 lanes a thread, 3 rows in flight
+        # A thread's lanes of a row in 16-byte copies (4 float32 or 8 int16 lanes each), 3 rows in flight.
+        assert float_copies == lanes // 4 * 3 and fixed_copies == lanes // 8 * 3, (kernel, counts)
     float_loads, fixed_loads = (counts[f"gradient {dtype}"].get("ld.global.v4.b32", 0) for dtype in ("*fp32", "*i16"))
     assert fixed_loads * 2 == float_loads > 0, counts
     assert not any(op.startswith(("ld.global.b16", "ld.global.u16", "ld.global.s16")) for kernel_counts in
