@@ -275,9 +275,9 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
     features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
     the default number of programs per batch element and a few others, for 2 to 4 pipeline stages (6 too on
-    the fixed-point C) and for 8 to 32 warps; and ms of the dL/dC kernel (rank 13, as five Sinkhorn iterations give, written in fp16) with its
-    default tile and GRADIENT_TILES. The fused kernels are timed on the float32 C (results' "float32") and on its
-    16-bit fixed-point copy, as half precision stores it ("fixed_point")."""
+    the fixed-point C) and for 8 to 32 warps; and ms of the dL/dC kernel (rank 13, as five Sinkhorn iterations
+    give, written in fp16) with its default tile and GRADIENT_TILES. The fused kernels are timed on the float32 C
+    (results' "float32") and on its 16-bit fixed-point copy, as half precision stores it ("fixed_point")."""
     from models.networks.layers import padded
     from models.networks.ot import fused, stored
     from models.networks.ot.common import bounded_shift, fixed_point_similarity
@@ -320,7 +320,8 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
                     "backward_ms": time_median(lambda: fused.fused_row_column_backward(*backward_inputs, **layout),
                                                device, warmup, repeats)}
         results[form] = {
-            "fused": {str(programs or "default"): pass_times(programs_per_batch=programs) for programs in program_counts},
+            "fused": {str(programs or "default"): pass_times(programs_per_batch=programs)
+                      for programs in program_counts},
             "stages": {str(stages): pass_times(pipeline_stages=stages) for stages in stage_counts},
             "warps": {str(warps): pass_times(num_warps=warps) for warps in (8, 16, 32)},
             "similarity_gradient": {
