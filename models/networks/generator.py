@@ -26,8 +26,7 @@ from torch.nn.utils import spectral_norm
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.spectral_norm import SpectralNorm
 
-from models.networks.layers import (ALIGNMENT, PointwiseConv1d, accumulated_product, product,
-                                    runs_on_tensor_cores)
+from models.networks.layers import PointwiseConv1d, accumulated_product, aligned, product, runs_on_tensor_cores
 
 ELAIN_EPS = 1e-5
 # The negative slope of the leaky ReLU after every ElaIN.
@@ -73,7 +72,7 @@ def kernel_conv_as_product(points: torch.Tensor, weight: torch.Tensor, bias: tor
     columns = neighbour_columns(points, weight.shape[2])  # (B, C * K, N)
     flat_weight = weight.flatten(1)  # (C_out, C * K)
     if runs_on_tensor_cores(columns):
-        extra = -columns.shape[1] % ALIGNMENT
+        extra = aligned(columns.shape[1]) - columns.shape[1]
         columns, flat_weight = F.pad(columns, (0, 0, 0, extra)), F.pad(flat_weight, (0, extra))
     return product(flat_weight.expand(points.shape[0], -1, -1), columns, bias.unsqueeze(-1))
 
@@ -273,9 +272,8 @@ class ElaINGenerator(nn.Module):
         shortcut_weight = out_weight @ spectral_normalized_weight(block.conv_s).squeeze(-1)  # (C_out, C)
         residual_weight = out_weight @ spectral_normalized_weight(block.conv_1).squeeze(-1)  # (C_out, C)
         bias = out_weight @ block.conv_1.bias + conv.bias  # (C_out,)
-        out = accumulated_product(product(shortcut_weight.expand(batch, -1, -1), shortcut_input),
-                                  residual_weight.expand(batch, -1, -1), residual_input)  # (B, C_out, N')
-        return out + bias.unsqueeze(-1).to(out.dtype)
+        shortcut_out = product(shortcut_weight.expand(batch, -1, -1), shortcut_input, bias.unsqueeze(-1))
+        return accumulated_product(shortcut_out, residual_weight.expand(batch, -1, -1), residual_input)
 
     def forward(self, warp_points: torch.Tensor, identity_features: torch.Tensor,
                 vertices: int | None = None) -> torch.Tensor:

@@ -21,10 +21,15 @@ FLOAT_OUTPUT_HALF_PRODUCTS = "dtype" in torch.ops.aten.bmm.overloads()
 INSTANCE_NORM_EPS = 1e-5
 
 
+def aligned(size: int) -> int:
+    """size rounded up to a multiple of ALIGNMENT."""
+    return size + -size % ALIGNMENT
+
+
 def padded(t: torch.Tensor) -> torch.Tensor:
     """t (B, P, Q) with its columns zero-padded to a multiple of ALIGNMENT (t itself when Q is one). The zeros
     leave a product unchanged where the padding meets its contraction."""
-    extra = -t.shape[2] % ALIGNMENT
+    extra = aligned(t.shape[2]) - t.shape[2]
     return F.pad(t, (0, extra)) if extra else t
 
 

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from models.networks.layers import ALIGNMENT
+from models.networks.layers import ALIGNMENT, aligned
 from models.networks.ot.common import (LOG_DIVISION_EPS, SIMILARITY_LEVELS, SIMILARITY_STEP, bounded_shift,
                                        log_kernel_of, log_marginal_update)
 
@@ -509,7 +509,7 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
         raise ValueError(f"fused_fixed_point_column_pass reads a float32 similarity, got {similarity.dtype}")
     batch, num_identity, num_pose = similarity.shape
     layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
-    fixed_row_stride = num_pose + -num_pose % ALIGNMENT  # as common.py's `fixed_point_similarity` pads
+    fixed_row_stride = aligned(num_pose)  # as common.py's `fixed_point_similarity` pads
     fixed_point = similarity.new_empty(batch, num_identity, fixed_row_stride, dtype=torch.int16)
     partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
     with _on_device(similarity):
