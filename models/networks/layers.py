@@ -182,9 +182,13 @@ class _MixedProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         a, b = ctx.saved_tensors
-        grad_bias = grad.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[2] else None
-        grad_a, grad_b = half_product_gradients(a, b, padded(grad.to(a.dtype)), ctx.columns,
-                                                ctx.needs_input_grad[:2], ctx.input_dtypes)
+        half_grad = padded(grad.to(a.dtype))  # (B, P, Q'), zero past column Q
+        # The bias gradient sums the half-precision gradient the products read, in float32: compiled, the float32
+        # gradient then need not be written out for this sum alone.
+        grad_bias = (half_grad.sum(dim=(0, 2), dtype=torch.float32).reshape(ctx.bias_shape)
+                     if ctx.needs_input_grad[2] else None)
+        grad_a, grad_b = half_product_gradients(a, b, half_grad, ctx.columns, ctx.needs_input_grad[:2],
+                                                ctx.input_dtypes)
         return grad_a, grad_b, grad_bias, None
 
 
@@ -196,8 +200,8 @@ def mixed_product(a: torch.Tensor, b: torch.Tensor, half_dtype: torch.dtype | No
     `split_product` (float32-class accuracy from fp16 pieces), so values stay exact where they must (the
     correspondence network's features and similarity, which enter exp(C / 0.03)), while the backward's two
     products, twice the forward's work, run on half-precision tensor cores, as autocast runs the generator's;
-    the bias gradient is summed in float32. Gradients come back in the inputs' dtypes, carrying half-precision
-    rounding. None: plain autograd, float32's product.
+    the bias gradient is the float32 sum of the half-precision output gradient. Gradients come back in the
+    inputs' dtypes, carrying half-precision rounding. None: plain autograd, float32's product.
 
     Args:
         a: float32 (B, P, K); b: float32 (B, K, Q); bias: None or float32 (P, 1).
