@@ -88,14 +88,24 @@ def _elain_map_terms(x: torch.Tensor, gamma_id: torch.Tensor, beta_id: torch.Ten
     return (x - mean.to(dtype)) / std.to(dtype), one_plus_gamma, beta
 
 
+def _with_bias(products: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """products (B, C, N') plus bias (C, 1), in the products' dtype (where a product with a bias adds it)."""
+    return products + bias.to(products.dtype)
+
+
 class _ActivatedElaINMap(torch.autograd.Function):
     """leaky_relu(y) with y = x_hat (1 + gamma) + beta, ElaIN's map on every column (`_elain_map_terms`), and a
     backward written out: one pass over the (B, C, N') tensors gives the elementwise gradients and the five sums
     over columns that the (B, C, 1) inputs' gradients need, where autograd through the map differentiates its
     operations one by one.
 
+    The condition gamma_id = P_gamma + b_gamma, beta_id = P_beta + b_beta comes in as its products P and its biases
+    b: the biases' gradients are then sums over the batch of the (B, C, 1) sums below, where a bias added to P
+    before the map would have its gradient summed again over the (B, C, N') gradient of P.
+
     With g = dL/dy (the activation's gradient applied) and sums over all columns:
-    dL/dx = g (1 + gamma) / std, dL/dgamma_id = g x_hat w, dL/dbeta_id = g w,
+    dL/dx = g (1 + gamma) / std, dL/dP_gamma = g x_hat w, dL/dP_beta = g w,
+    dL/db_gamma = sum over the batch of w S2, dL/db_beta = sum over the batch of w S1,
     dL/dmean = (1 - w) S1 - ((1 + std (1 - w)) S1 + w S3) / std,
     dL/dstd = (1 - w) S2 - ((1 + std (1 - w)) S2 + w S4) / std,
     dL/dw = S4 - std S2 + S5 - mean S1,
@@ -104,22 +114,25 @@ class _ActivatedElaINMap(torch.autograd.Function):
     autograd.
 
     Args (forward):
-        x, gamma_id, beta_id: (B, C, N'), x's dtype (half under autocast).
+        x, gamma_products, beta_products: (B, C, N'), x's dtype (half under autocast).
+        gamma_bias, beta_bias: (C, 1), float32 (or the parameters' dtype).
         mean, std, weight: (B, C, 1) in `statistics_dtype`.
     Returns:
         (B, C, N') in x's dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, gamma_id, beta_id, mean, std, weight):
+    def forward(ctx, x, gamma_products, beta_products, gamma_bias, beta_bias, mean, std, weight):
+        gamma_id, beta_id = _with_bias(gamma_products, gamma_bias), _with_bias(beta_products, beta_bias)
         x_hat, one_plus_gamma, beta = _elain_map_terms(x, gamma_id, beta_id, mean, std, weight)
-        ctx.save_for_backward(x, gamma_id, beta_id, mean, std, weight)
+        ctx.save_for_backward(x, gamma_products, beta_products, gamma_bias, beta_bias, mean, std, weight)
         return F.leaky_relu(x_hat * one_plus_gamma + beta, LEAKY_SLOPE)
 
     @staticmethod
     @once_differentiable  # the saved tensors carry no graph: a second derivative would be wrong
     def backward(ctx, grad_out):
-        x, gamma_id, beta_id, mean, std, weight = ctx.saved_tensors
+        x, gamma_products, beta_products, gamma_bias, beta_bias, mean, std, weight = ctx.saved_tensors
+        gamma_id, beta_id = _with_bias(gamma_products, gamma_bias), _with_bias(beta_products, beta_bias)
         x_hat, one_plus_gamma, beta = _elain_map_terms(x, gamma_id, beta_id, mean, std, weight)
         grad = torch.where(x_hat * one_plus_gamma + beta > 0, grad_out, grad_out * LEAKY_SLOPE)  # dL/dy
         grad_stats, x_hat_stats, gamma_id_stats = (t.to(mean.dtype) for t in (grad, x_hat, gamma_id))
@@ -129,9 +142,11 @@ class _ActivatedElaINMap(torch.autograd.Function):
         grad_mean = (1 - weight) * sums[0] - (shortcut * sums[0] + weight * sums[2]) / std
         grad_std = (1 - weight) * sums[1] - (shortcut * sums[1] + weight * sums[3]) / std
         grad_weight = sums[3] - std * sums[1] + sums[4] - mean * sums[0]
+        grad_gamma_bias = (weight * sums[1]).sum(dim=0).to(gamma_bias.dtype)  # (C, 1)
+        grad_beta_bias = (weight * sums[0]).sum(dim=0).to(beta_bias.dtype)
         weight_x = weight.to(x.dtype)
-        return (grad * one_plus_gamma / std.to(x.dtype), grad * x_hat * weight_x, grad * weight_x, grad_mean,
-                grad_std, grad_weight)
+        return (grad * one_plus_gamma / std.to(x.dtype), grad * x_hat * weight_x, grad * weight_x, grad_gamma_bias,
+                grad_beta_bias, grad_mean, grad_std, grad_weight)
 
 
 class ElaIN(nn.Module):
@@ -150,38 +165,52 @@ class ElaIN(nn.Module):
         """gamma_id, beta_id (B, C, N') in the products' dtype (half under autocast), and the mean over the first
         `vertices` columns (None: all) of mlp_same's output (B, C, 1) in `statistics_dtype` (float32).
 
-        Folded: gamma_id and beta_id come from one product with the composed weights, and the mean of the
-        (affine) condition is the condition of the mean.
+        Folded: gamma_id and beta_id come from one product with the composed weights (`folded_identity_products`).
         """
         if not self.fold_linear:
             condition = self.mlp_same(identity_features)  # (B, C, N)
             return (self.mlp_gamma(condition), self.mlp_beta(condition),
                     condition[..., :vertices].to(statistics_dtype(identity_features)).mean(dim=2, keepdim=True))
+        gamma_products, beta_products, gamma_bias, beta_bias, condition_mean = self.folded_identity_products(
+            identity_features, vertices)
+        return _with_bias(gamma_products, gamma_bias), _with_bias(beta_products, beta_bias), condition_mean
+
+    def folded_identity_products(self, identity_features: torch.Tensor,
+                                 vertices: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The folded condition before its bias: gamma_id = P_gamma + b_gamma and beta_id = P_beta + b_beta with
+        P_gamma, P_beta (B, C, N') from one product of the identity features with the composed (2C x Cid) weight,
+        b_gamma, b_beta (C, 1) the composed biases, and the condition's mean (B, C, 1) in `statistics_dtype`: the
+        mean of the (affine) condition is the condition of the mean."""
         same_weight = self.mlp_same.weight.squeeze(-1)  # (C, Cid)
         outer_weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight]).squeeze(-1)  # (2C, C)
         weight = outer_weight @ same_weight  # (2C, Cid)
         bias = outer_weight @ self.mlp_same.bias + torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias])  # (2C,)
-        gamma_beta = product(weight.expand(identity_features.shape[0], -1, -1), identity_features,
-                             bias.unsqueeze(-1))  # (B, 2C, N)
-        gamma_id, beta_id = gamma_beta.chunk(2, dim=1)
+        gamma_beta = product(weight.expand(identity_features.shape[0], -1, -1), identity_features)  # (B, 2C, N')
+        gamma_products, beta_products = gamma_beta.chunk(2, dim=1)
+        gamma_bias, beta_bias = bias.unsqueeze(-1).chunk(2)  # (C, 1) each
         mean_features = identity_features[..., :vertices].mean(dim=2, keepdim=True)  # (B, Cid, 1)
         condition_mean = self.mlp_same.on_statistics(mean_features).to(statistics_dtype(identity_features))
-        return gamma_id, beta_id, condition_mean
+        return gamma_products, beta_products, gamma_bias, beta_bias, condition_mean
 
-    def map_inputs(self, x: torch.Tensor, identity_features: torch.Tensor,
-                   vertices: int | None = None) -> tuple[torch.Tensor, ...]:
-        """x, gamma_id, beta_id (B, C, N') and x's mean, std and the blend weight w (B, C, 1): what the affine
-        map `_elain_map_terms` takes. Statistics in float32 even under mixed precision (`statistics_dtype`): a
-        sum over N vertices in half precision loses the mean."""
-        gamma_id, beta_id, condition_mean = self.identity_terms(identity_features, vertices)
+    def statistics(self, x: torch.Tensor, condition_mean: torch.Tensor,
+                   vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x's mean and std and the blend weight w, each (B, C, 1) in `statistics_dtype` (float32 even under mixed
+        precision: a sum over N vertices in half precision loses the mean), from x (B, C, N') over its first
+        `vertices` columns and the condition's mean (B, C, 1)."""
         statistics = x[..., :vertices].to(statistics_dtype(x))
         mean = statistics.mean(dim=2, keepdim=True)  # (B, C, 1)
         # Unbiased variance, unlike the InstanceNorm1d layers of Corr (SPEC.md; parity depends on it).
         std = torch.sqrt(statistics.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
         stacked = torch.cat([condition_mean, mean], dim=1)  # (B, 2C, 1)
         weight = self.mlp_weight.on_statistics(stacked) if self.fold_linear else self.mlp_weight(stacked)
-        weight = weight.to(statistics.dtype)  # (B, C, 1)
-        return x, gamma_id, beta_id, mean, std, weight
+        return mean, std, weight.to(statistics.dtype)
+
+    def map_inputs(self, x: torch.Tensor, identity_features: torch.Tensor,
+                   vertices: int | None = None) -> tuple[torch.Tensor, ...]:
+        """x, gamma_id, beta_id (B, C, N') and x's mean, std and the blend weight w (B, C, 1) (`statistics`): what
+        the affine map `_elain_map_terms` takes."""
+        gamma_id, beta_id, condition_mean = self.identity_terms(identity_features, vertices)
+        return x, gamma_id, beta_id, *self.statistics(x, condition_mean, vertices)
 
     def forward(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """
@@ -202,7 +231,10 @@ class ElaIN(nn.Module):
         with fold_linear, map and activation are one `_ActivatedElaINMap` (the same values)."""
         if not self.fold_linear:
             return F.leaky_relu(self(x, identity_features, vertices), LEAKY_SLOPE)
-        return _ActivatedElaINMap.apply(*self.map_inputs(x, identity_features, vertices))
+        gamma_products, beta_products, gamma_bias, beta_bias, condition_mean = self.folded_identity_products(
+            identity_features, vertices)
+        return _ActivatedElaINMap.apply(x, gamma_products, beta_products, gamma_bias, beta_bias,
+                                        *self.statistics(x, condition_mean, vertices))
 
 
 class ElaINBlock(nn.Module):
