@@ -77,6 +77,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def host_launch_us(device: torch.device, launches: int = 2000) -> float:
+    """Microseconds the host takes to issue one small operator (an in-place add to one element), the median of 5 runs
+    of `launches` while the GPU keeps up: a gauge of the host, not the GPU. A compiled training step issues about 870
+    kernels, so a slow host bounds it: on the host of the eighteenth session's call, where eager one-pair inference
+    took 16 to 19 ms (5.8 ms in the seventeenth session), main's step took 53 and 47 ms against 32.6 ms
+    (docs/benchmarks.md). Every result records this figure, at the start and at the end of its run."""
+    counter = torch.zeros(1, device=device)
+    runs = []
+    for _ in range(5):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(launches):
+            counter.add_(1)
+        runs.append((time.perf_counter() - start) / launches * 1e6)
+    synchronize(device)
+    return statistics.median(runs)
+
+
 def time_median(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     """Median milliseconds of step() after warm-up."""
     for _ in range(warmup):
@@ -458,7 +476,9 @@ def main() -> None:
         return
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "batch": args.batch, "vertices": args.vertices,
-               "date": time.strftime("%Y-%m-%d"), "train": {}, "infer_one": {}, "infer_batch": {}, "sweep": {}}
+               "date": time.strftime("%Y-%m-%d"), "host_launch_us": {"start": host_launch_us(device)}, "train": {},
+               "infer_one": {}, "infer_batch": {}, "sweep": {}}
+    print(f"host: {results['host_launch_us']['start']:.1f} us to issue an operator", flush=True)
     step_gflop = 3 * FORWARD_GFLOP_PER_PAIR_6890 * args.vertices / 6890 * args.batch
     batch = synthetic_batch(args.batch, args.vertices, device)
     one = {key: value[:1] for key, value in batch.items()}
@@ -517,6 +537,9 @@ def main() -> None:
         big_rate = f"{results['infer_big_batch'][name]['pairs_per_s']:18.1f}" if big is not None else ""
         print(f"{name:30} {results['infer_one'][name]['ms']:10.2f} {results['infer_batch'][name]['pairs_per_s']:16.1f} "
               f"{results['infer_batch'][name]['peak_gib']:9.2f} {big_rate}")
+    results["host_launch_us"]["end"] = host_launch_us(device)
+    print(f"\nhost: {results['host_launch_us']['start']:.1f} us to issue an operator at the start, "
+          f"{results['host_launch_us']['end']:.1f} at the end")
     if "loaders" in results:
         print(f"\ndata path: packed {results['loaders']['packed']['pairs_per_s']:.0f} pairs/s, OBJ files "
               f"{results['loaders']['files']['pairs_per_s']:.0f} pairs/s with {args.workers} workers")

@@ -22,8 +22,10 @@ def test_bench_writes_timings_for_each_variant(tmp_path, monkeypatch, capsys):
     train = results["train"]["reference"]
     assert train["ms"] > 0 and math.isclose(train["pairs_per_s"], 2 / train["ms"] * 1e3)
     assert results["infer_one"]["reference"]["ms"] > 0
+    assert sorted(results["host_launch_us"]) == ["end", "start"]
+    assert all(0 < us < 1e4 for us in results["host_launch_us"].values())
     printed = capsys.readouterr().out
-    assert "training step" in printed and "reference" in printed
+    assert "training step" in printed and "reference" in printed and "us to issue an operator" in printed
 
 
 def test_profile_names_operators_and_their_shapes():
