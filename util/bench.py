@@ -159,14 +159,29 @@ def time_back_to_back(step: Callable[[], object], device: torch.device, steps: i
     return (time.perf_counter() - started) * 1e3 / steps
 
 
+def kernel_ms(step: Callable[[], object], device: torch.device, calls: int = 3) -> float:
+    """Milliseconds of GPU kernels per call of step() (the sum of their device times under torch.profiler, over
+    `calls` calls), NaN on a CPU: what a step costs the GPU whatever the host, which a slow host hides under the time
+    it takes to issue the kernels (`host_launch_us`). Changes to the kernels compare on it across hosts."""
+    if device.type != "cuda":
+        return float("nan")
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]  # as `_profile` records
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(calls):
+            step()
+        synchronize(device)
+    return sum(event.self_device_time_total for event in _device_kernels(profiler.key_averages())) / 1e3 / calls
+
+
 def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, warmup: int,
                    repeats: int) -> dict[str, float]:
-    """Median ms of one synchronised step, mean ms of --repeats steps back to back, and peak memory of
-    `make_training_step`."""
+    """Median ms of one synchronised step, mean ms of --repeats steps back to back, peak memory and the GPU's kernel
+    time per step (`kernel_ms`) of `make_training_step`."""
     step = make_training_step(model, batch, device)
     reset_peak(device)
     ms = time_median(step, device, warmup, repeats)
-    return {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats), "peak_gib": peak_gib(device)}
+    return {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats), "peak_gib": peak_gib(device),
+            "kernel_ms": kernel_ms(step, device)}
 
 
 def bench_inference(transfer: TransferFunction, batch: dict, device: torch.device, warmup: int,
@@ -257,13 +272,17 @@ def _product_table(events: list, calls: int, on_device: bool) -> str:
     return "\n".join(lines)
 
 
+def _device_kernels(events: list) -> list:
+    """The profiler events that are device kernels: "## Call CompiledFxGraph ..." rows are annotations spanning a
+    compiled graph's kernels, not kernels."""
+    return [event for event in events
+            if event.device_type != torch.autograd.DeviceType.CPU and not event.key.startswith("## ")]
+
+
 def _kernel_table(events: list, calls: int, rows: int = 80) -> str:
     """Device kernels by self time per call, with their share and launches per call: the breakdown of the
     compiled graphs' fused kernels, which the operator tables lump together."""
-    # "## Call CompiledFxGraph ..." rows are annotations spanning a compiled graph's kernels, not kernels.
-    kernels = sorted((event for event in events
-                      if event.device_type != torch.autograd.DeviceType.CPU and not event.key.startswith("## ")),
-                     key=lambda event: event.self_device_time_total, reverse=True)
+    kernels = sorted(_device_kernels(events), key=lambda event: event.self_device_time_total, reverse=True)
     total = sum(event.self_device_time_total for event in kernels) or 1
     lines = [f"{event.self_device_time_total / 1e3 / calls:9.3f} ms {100 * event.self_device_time_total / total:5.1f}%"
              f" {event.count // calls:4d}x  {event.key[:150]}" for event in kernels[:rows]]
@@ -526,11 +545,11 @@ def main() -> None:
         results["loaders"] = bench_loaders(device, args.vertices, args.batch, args.loader_pairs, args.workers)
     reference = results["train"].get("reference")
     print(f"\n{'training step':30} {'ms':>8} {'pairs/s':>8} {'peak GiB':>9} {'ratio':>6} {'MFU':>6} "
-          f"{'back to back ms':>16}")
+          f"{'back to back ms':>16} {'kernels ms':>11}")
     for name, row in results["train"].items():
         ratio = row["pairs_per_s"] / reference["pairs_per_s"] if reference else float("nan")
         print(f"{name:30} {row['ms']:8.2f} {row['pairs_per_s']:8.1f} {row['peak_gib']:9.2f} {ratio:6.2f} "
-              f"{row['mfu']:6.1%} {row['back_to_back_ms']:16.2f}")
+              f"{row['mfu']:6.1%} {row['back_to_back_ms']:16.2f} {row['kernel_ms']:11.2f}")
     big_column = f"batch {args.big_batch} pairs/s" if big is not None else ""
     print(f"\n{'inference':30} {'1 pair ms':>10} {f'batch {args.batch} pairs/s':>16} {'peak GiB':>9} {big_column:>18}")
     for name in results["infer_one"]:

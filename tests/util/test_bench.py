@@ -3,6 +3,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -22,10 +23,21 @@ def test_bench_writes_timings_for_each_variant(tmp_path, monkeypatch, capsys):
     train = results["train"]["reference"]
     assert train["ms"] > 0 and math.isclose(train["pairs_per_s"], 2 / train["ms"] * 1e3)
     assert results["infer_one"]["reference"]["ms"] > 0
+    assert math.isnan(train["kernel_ms"])  # a GPU's kernel time; none on a CPU
     assert sorted(results["host_launch_us"]) == ["end", "start"]
     assert all(0 < us < 1e4 for us in results["host_launch_us"].values())
     printed = capsys.readouterr().out
     assert "training step" in printed and "reference" in printed and "us to issue an operator" in printed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel time is a GPU's")
+def test_kernel_time_counts_the_kernels_of_a_step_and_not_the_host():
+    device = torch.device("cuda")
+    a = torch.randn(2048, 2048, device=device)
+    one_product = bench.kernel_ms(lambda: a @ a, device)
+    host_bound = bench.kernel_ms(lambda: [a @ a for _ in range(4)] + [time.sleep(0.05)], device)
+    assert 0 < one_product < 50
+    assert 3 * one_product < host_bound < 6 * one_product  # four products; the sleep is not a kernel
 
 
 def test_profile_names_operators_and_their_shapes():
