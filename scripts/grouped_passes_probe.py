@@ -62,6 +62,18 @@ CHECK_TOLERANCE = 1e-5
 
 
 @fused._triton_jit
+def _program_span(similarity_ptr, partial_ptr, num_identity, num_pose, batch_stride, rows_per_program):
+    """Program (p, b)'s batch element b, its partial sums' index, pointers to b's C and to its partial sums, and its
+    rows [first, last)."""
+    program = tl.program_id(0)
+    batch = tl.program_id(1)
+    partial = batch * tl.num_programs(0) + program
+    first = program * rows_per_program
+    return (batch, partial, similarity_ptr + batch.to(tl.int64) * batch_stride,
+            partial_ptr + partial.to(tl.int64) * num_pose, first, tl.minimum(first + rows_per_program, num_identity))
+
+
+@fused._triton_jit
 def _group_rows(batch_ptr, group, last, row_stride, ROWS: tl.constexpr):
     """The group's row indices, which of them are below `last`, and pointers to their first lanes."""
     rows = group + tl.arange(0, ROWS)
@@ -84,14 +96,9 @@ def _grouped_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_pt
                             ROWS: tl.constexpr, CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b), R at a time; see `grouped_forward`.
     The partial column sums (zeros at launch) are shifted by the largest log a so far, as in fused.py."""
-    program = tl.program_id(0)
-    batch = tl.program_id(1)
+    batch, partial, batch_ptr, column_sum_ptr, first, last = _program_span(
+        similarity_ptr, partial_ptr, num_identity, num_pose, batch_stride, rows_per_program)
     row_shift = tl.load(row_shift_ptr + batch)
-    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
-    partial = batch * tl.num_programs(0) + program
-    column_sum_ptr = partial_ptr + partial.to(tl.int64) * num_pose
-    first = program * rows_per_program
-    last = tl.minimum(first + rows_per_program, num_identity)
     lanes = tl.arange(0, CHUNK)
     program_shift = tl.full([], float("-inf"), tl.float32)
     for group in range(first, last, ROWS):
@@ -133,15 +140,10 @@ def _grouped_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr, c
                              ROWS: tl.constexpr, CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b), R at a time; see
     `grouped_backward`. The partial sums of dlog b are zeros at launch."""
-    program = tl.program_id(0)
-    batch = tl.program_id(1)
+    batch, _, batch_ptr, grad_log_b_ptr, first, last = _program_span(
+        similarity_ptr, partial_ptr, num_identity, num_pose, batch_stride, rows_per_program)
     column_shift = tl.load(column_shift_ptr + batch)
     row_shift = tl.load(row_shift_ptr + batch)
-    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
-    partial = batch * tl.num_programs(0) + program
-    grad_log_b_ptr = partial_ptr + partial.to(tl.int64) * num_pose
-    first = program * rows_per_program
-    last = tl.minimum(first + rows_per_program, num_identity)
     lanes = tl.arange(0, CHUNK)
     for group in range(first, last, ROWS):
         rows, in_rows, row_ptrs = _group_rows(batch_ptr, group, last, row_stride, ROWS)
