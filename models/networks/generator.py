@@ -89,7 +89,7 @@ def _elain_map_terms(x: torch.Tensor, gamma_id: torch.Tensor, beta_id: torch.Ten
 
 
 def _with_bias(products: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """products (B, C, N') plus bias (C, 1), in the products' dtype (where a product with a bias adds it)."""
+    """products (B, C, N') plus bias (C, 1), in the products' dtype, as `product` adds a bias under torch.compile."""
     return products + bias.to(products.dtype)
 
 
@@ -115,7 +115,7 @@ class _ActivatedElaINMap(torch.autograd.Function):
 
     Args (forward):
         x, gamma_products, beta_products: (B, C, N'), x's dtype (half under autocast).
-        gamma_bias, beta_bias: (C, 1), float32 (or the parameters' dtype).
+        gamma_bias, beta_bias: (C, 1), the composed biases: float32, or half where autocast runs their composition.
         mean, std, weight: (B, C, 1) in `statistics_dtype`.
     Returns:
         (B, C, N') in x's dtype.
