@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="", help="write the timings as JSON here")
     parser.add_argument("--registers", action="store_true", help="only print each layout's registers (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.vertices < 1:
+        raise ValueError(f"--vertices must be at least 1, got {args.vertices}")
     if args.registers:
         for layout in LAYOUTS:
             print(layout, json.dumps(register_counts(layout)), flush=True)

@@ -36,6 +36,11 @@ def test_check_mode_prints_each_error(capsys):
     assert len(lines) == 4 and all("largest relative error" in line for line in lines)
 
 
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(ValueError, match="--vertices must be at least 1"):
+        probe.main(["--vertices", "0"])
+
+
 def test_register_counts_come_from_ptxas_without_a_gpu():
     """In a process of its own: the interpreter, which this one runs the kernels in without a GPU, cannot compile."""
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
