@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import subprocess
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +30,9 @@ import torch
 
 from models.networks.ot import fused
 from models.networks.ot.common import LOG_DIVISION_EPS, bounded_shift, fixed_point_similarity
+from util.bench import time_median
 from util.cli import OneLineErrorParser, run_main
+from util.triton_offline import hopper_ptx, ptxas_usage
 
 triton, tl = fused.triton, fused.tl
 EPSILON = 0.03
@@ -256,18 +256,8 @@ def pass_errors(inputs: dict[str, torch.Tensor], layout: GroupLayout) -> dict[st
             zip(names, [*forward, *backward], [*forward_reference, *backward_reference])}
 
 
-def _median_ms(step, repeats: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _median_ms(step: Callable[[], object]) -> float:
+    return time_median(step, torch.device("cuda"), warmup=3, repeats=20)
 
 
 def time_layouts(batch: int, vertices: int, fixed_point: bool) -> dict:
@@ -297,60 +287,14 @@ def time_layouts(batch: int, vertices: int, fixed_point: bool) -> dict:
     return result
 
 
-def _signature(kernel, similarity_type: str) -> dict[str, str]:
-    """Triton's signature of a grouped kernel: C's pointer type, float32 pointers, int32 sizes, float32 scalars."""
-    names = kernel.arg_names
-    types = {}
-    for name in names:
-        if name in ("ROWS", "CHUNK", "NUM_STAGES"):
-            types[name] = "constexpr"
-        elif name == "similarity_ptr":
-            types[name] = similarity_type
-        elif name.endswith("_ptr"):
-            types[name] = "*fp32"
-        elif name in ("similarity_step", "inverse_epsilon", "log_num_identity", "log_division_eps"):
-            types[name] = "fp32"
-        else:
-            types[name] = "i32"
-    return types
-
-
-# Arguments a launch at N = M = 6890 sees divisible by 16, which Triton specialises on: the pointers, and the padded
-# row (6896 lanes) as readable width and strides.
-DIVISIBLE_ARGUMENTS = ("readable_pose", "batch_stride", "row_stride")
-
-
-def register_counts(layout: GroupLayout) -> dict[str, str]:
-    """What Triton's bundled ptxas reports (registers a thread, spill stores) for each grouped kernel at `layout`,
-    compiled for sm_90a without a GPU as a launch at N = M = 6890 specialises it (`DIVISIBLE_ARGUMENTS`), on a
-    float32 and on a fixed-point C."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if fused._INTERPRETED:
-        raise RuntimeError("--registers compiles the kernels for a GPU: run it without TRITON_INTERPRET=1")
-
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
-    if not ptxas.exists():
-        ptxas = ptxas.with_name("ptxas")
-    counts = {}
-    for kernel_name, kernel in (("forward", _grouped_forward_kernel), ("backward", _grouped_backward_kernel)):
-        for c_name, c_type in (("float32", "*fp32"), ("fixed_point", "*i16")):
-            divisible = [index for index, name in enumerate(kernel.arg_names)
-                         if name.endswith("_ptr") or name in DIVISIBLE_ARGUMENTS]
-            source = ASTSource(fn=kernel, signature=_signature(kernel, c_type),
-                               constexprs={"ROWS": layout.rows, "CHUNK": layout.chunk, "NUM_STAGES": layout.stages},
-                               attrs={(index,): [["tt.divisibility", 16]] for index in divisible})
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": layout.num_warps, "num_stages": layout.stages})
-            with tempfile.TemporaryDirectory() as folder:
-                ptx = Path(folder) / "kernel.ptx"
-                ptx.write_text(compiled.asm["ptx"])
-                report = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(ptx), "-o", str(ptx.with_suffix(".o"))],
-                                        capture_output=True, text=True, check=True).stderr
-            counts[f"{kernel_name}_{c_name}"] = ", ".join(re.findall(r"Used \d+ registers|\d+ bytes spill stores",
-                                                                     report))
-    return counts
+def register_counts(layout: GroupLayout) -> dict[str, dict[str, int]]:
+    """Registers a thread and bytes of spill stores of each grouped kernel at `layout`, on a float32 and on a
+    fixed-point C, compiled for sm_90a without a GPU as a launch at N = M = 6890 specialises it
+    (util/triton_offline.py)."""
+    constexprs = {"ROWS": layout.rows, "CHUNK": layout.chunk, "NUM_STAGES": layout.stages}
+    return {f"{kernel_name}_{c_name}": ptxas_usage(hopper_ptx(kernel, c_type, constexprs, layout.num_warps))
+            for kernel_name, kernel in (("forward", _grouped_forward_kernel), ("backward", _grouped_backward_kernel))
+            for c_name, c_type in (("float32", "*fp32"), ("fixed_point", "*i16"))}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,9 +51,8 @@ def test_register_counts_come_from_ptxas_without_a_gpu():
     assert done.returncode == 0, done.stderr[-2000:]
     counts = json.loads(done.stdout.splitlines()[-1])
     assert sorted(counts) == ["backward_fixed_point", "backward_float32", "forward_fixed_point", "forward_float32"]
-    for report in counts.values():
-        registers = int(report.split("Used ")[1].split()[0])
-        assert 16 <= registers <= 255, report
+    for usage in counts.values():
+        assert 16 <= usage["registers"] <= 255 and usage["spill_store_bytes"] >= 0, usage
 
 
 def test_register_counts_refuse_the_interpreter():

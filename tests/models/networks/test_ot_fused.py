@@ -516,33 +516,15 @@ def test_shared_memory_shortfall_counts_the_pipelined_rows():
                        "vertices, and the small GPU has 99 KiB")
 
 
-# Compiles every kernel for Hopper (sm_90) with Triton's own ptxas, no GPU needed, and prints, per kernel and dtype of
-# C, the count of each global-memory instruction in its PTX. Integer arguments that the launches get as multiples of 16
-# at N = M = 6890 in padded rows (strides, widths) are declared so, as Triton specialises them at a launch.
+# Compiles every kernel for Hopper (sm_90a) with Triton's own ptxas, no GPU needed (util/triton_offline.py), and
+# prints, per kernel and dtype of C, the count of each global-memory instruction in its PTX.
 _HOPPER_PTX_SCRIPT = """
 import collections, json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from models.networks.ot import fused
-
-FLOATS = {"similarity_step", "inverse_epsilon", "log_num_identity", "log_division_eps", "levels"}
-MULTIPLES_OF_16 = {"readable_pose", "padded_pose", "fixed_row_stride", "batch_stride", "row_stride",
-                   "fixed_batch_stride", "column_factor_stride"}
-POINTER_TYPES = {"fixed_point_ptr": "*i16", "gradient_ptr": "*fp16"}
+from util.triton_offline import hopper_ptx
 
 def global_memory_instructions(kernel, similarity_type, constexprs, num_warps):
-    signature = {}
-    for name in kernel.arg_names:
-        if name.endswith("_ptr"):
-            signature[name] = similarity_type if name == "similarity_ptr" else POINTER_TYPES.get(name, "*fp32")
-        else:
-            signature[name] = "constexpr" if name.isupper() else "fp32" if name in FLOATS else "i32"
-    attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
-             if name.endswith("_ptr") or name in MULTIPLES_OF_16}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    ptx = compiled.asm["ptx"]
+    ptx = hopper_ptx(kernel, similarity_type, constexprs, num_warps)
     counts = collections.Counter(re.findall(r"\\b((?:ld|st)\\.global[.a-z0-9]*)\\s", ptx))
     counts.update(f"cp.async.{size}" for size in re.findall(
         r"cp\\.async\\.c[ag]\\.shared\\.global\\S*\\s+\\[[^\\]]+\\],\\s*\\[[^\\]]+\\],\\s*(\\w+)", ptx))
