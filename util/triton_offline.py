@@ -1,6 +1,6 @@
 """Triton kernels compiled for Hopper (sm_90a) without a GPU: their PTX, and what Triton's bundled ptxas reports of
 them (registers a thread, spills). For kernels that name their arguments as models/networks/ot/fused.py's do
-(tests/models/networks/test_ot_fused.py, scripts/grouped_passes_probe.py).
+(tests/models/networks/test_ot_fused.py).
 
 Integer arguments that launches at N = M = 6890 get as multiples of 16 in padded rows (strides, widths) are declared
 so, and so are the pointers, as Triton specialises them at a launch. Needs triton without its interpreter
