@@ -62,8 +62,8 @@ class PassLayout(NamedTuple):
 # One block-wide reduction for 8 rows, where holding a row at a time made each row wait for its own: the passes were
 # bound by those reductions, not by reading C (at N = M = 6890, batch 8, on an H100, a row-at-a-time forward pass took
 # 0.62 ms on a float32 C and on its fixed-point copy, half the bytes; docs/benchmarks.md, seventeenth session). At one
-# stage and 8 warps the kernels take 97 to 126 registers a thread for sm_90a (Triton 3.9's ptxas), so two programs
-# share an SM.
+# stage and 8 warps the row and column passes take 116 to 128 registers a thread for sm_90a (Triton 3.9's ptxas), so
+# two programs share an SM.
 PASS_LAYOUT = PassLayout(group_rows=8, chunk_lanes=1024, num_warps=8, stages=1, programs_per_sm=2)
 # Programs per batch element without a GPU (the interpreter): enough that tests cover several per batch.
 INTERPRETER_PROGRAMS = 4
