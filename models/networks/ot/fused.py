@@ -106,6 +106,19 @@ def _similarity_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, simila
 
 
 @_triton_jit
+def _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step, inverse_epsilon):
+    """s = (C - 1) / epsilon of the rows at `columns` (`_similarity_tile`), (GROUP_ROWS, CHUNK_LANES)."""
+    similarity = _similarity_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step)
+    return (similarity - 1.0) * inverse_epsilon
+
+
+@_triton_jit
+def _pose_chunk(vector_ptr, batch, num_pose, columns, other):
+    """A (B, M) vector's entries of batch element b at `columns`, `other` past M."""
+    return tl.load(vector_ptr + batch * num_pose + columns, mask=columns < num_pose, other=other)
+
+
+@_triton_jit
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
                                program_shift_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
                                rows_per_program, similarity_step, inverse_epsilon, log_num_identity, log_division_eps,
@@ -125,11 +138,10 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
         terms = tl.zeros([GROUP_ROWS, CHUNK_LANES], dtype=tl.float32)
         for start in tl.range(0, num_pose, CHUNK_LANES, num_stages=NUM_STAGES):
             columns = start + lanes
-            log_kernel = (_similarity_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step)
-                          - 1.0) * inverse_epsilon
+            log_kernel = _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step,
+                                          inverse_epsilon)
             # Lanes past M have log b = -inf, so their terms are 0.
-            offset = tl.load(log_b_ptr + batch * num_pose + columns, mask=columns < num_pose,
-                             other=float("-inf")) - row_shift
+            offset = _pose_chunk(log_b_ptr, batch, num_pose, columns, float("-inf")) - row_shift
             terms += tl.exp(log_kernel + offset[None, :])
         row_sum = tl.sum(terms, axis=1)  # (GROUP_ROWS,)
         row_lse = row_shift + tl.log(row_sum)
@@ -146,8 +158,8 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
         for start in tl.range(0, num_pose, CHUNK_LANES, num_stages=NUM_STAGES):
             columns = start + lanes
             in_row = columns < num_pose
-            log_kernel = (_similarity_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step)
-                          - 1.0) * inverse_epsilon
+            log_kernel = _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step,
+                                          inverse_epsilon)
             contribution = tl.sum(tl.exp(log_kernel + (log_a - shift)[:, None]), axis=0)  # (CHUNK_LANES,)
             column_sum = tl.load(column_sum_ptr + columns, mask=in_row, other=0.0)
             tl.store(column_sum_ptr + columns, column_sum * rescale + contribution, mask=in_row)
@@ -175,11 +187,10 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
         terms = tl.zeros([GROUP_ROWS, CHUNK_LANES], dtype=tl.float32)
         for start in tl.range(0, num_pose, CHUNK_LANES, num_stages=NUM_STAGES):
             columns = start + lanes
-            log_kernel = (_similarity_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step)
-                          - 1.0) * inverse_epsilon
+            log_kernel = _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step,
+                                          inverse_epsilon)
             # Lanes past M have coefficient 0.
-            coefficient = tl.load(column_coefficient_ptr + batch * num_pose + columns, mask=columns < num_pose,
-                                  other=0.0)
+            coefficient = _pose_chunk(column_coefficient_ptr, batch, num_pose, columns, 0.0)
             terms += tl.exp(log_kernel + row_offset[:, None]) * coefficient[None, :]
         grad_log_a = tl.sum(terms, axis=1)  # (GROUP_ROWS,)
         row_sum = tl.load(row_sum_ptr + index, mask=in_rows, other=1.0)
@@ -190,11 +201,10 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
         for start in tl.range(0, num_pose, CHUNK_LANES, num_stages=NUM_STAGES):
             columns = start + lanes
             in_row = columns < num_pose
-            log_kernel = (_similarity_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step)
-                          - 1.0) * inverse_epsilon
+            log_kernel = _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step,
+                                          inverse_epsilon)
             # Lanes past M have log b = -inf.
-            column_offset = tl.load(log_b_prev_ptr + batch * num_pose + columns, mask=in_row,
-                                    other=float("-inf")) - row_shift
+            column_offset = _pose_chunk(log_b_prev_ptr, batch, num_pose, columns, float("-inf")) - row_shift
             contribution = tl.sum(tl.exp(log_kernel + column_offset[None, :]) * row_coefficient[:, None], axis=0)
             grad_log_b = tl.load(grad_log_b_ptr + columns, mask=in_row, other=0.0)
             tl.store(grad_log_b_ptr + columns, grad_log_b + contribution, mask=in_row)
