@@ -446,16 +446,17 @@ def _fused_and_separate_passes(monkeypatch, warp_function, inputs: list[torch.Te
 
 
 @requires_kernels
-@pytest.mark.parametrize("iterations", [1, 2, 5])
-def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, monkeypatch):
+@pytest.mark.parametrize("iterations, num_identity, num_pose", [(1, 30, 26), (2, 30, 26), (5, 30, 26), (2, 6, 17_000)])
+def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, num_identity, num_pose, monkeypatch):
     """sinkhorn_warp_stored with its row and column passes fused gives the warp and gradients of the separate
-    passes."""
+    passes, on rows wider than the 16,384 lanes that the kernels before the grouped ones could hold."""
     from models.networks.ot import stored
 
     generator = torch.Generator().manual_seed(40)
-    similarity = _cosine_similarity(2, 30, 26, generator).float().to(KERNEL_DEVICE)
-    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
-    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
+    similarity = _cosine_similarity(2, num_identity, num_pose, generator).float().to(KERNEL_DEVICE)
+    points = torch.randn(2, num_pose, 3, generator=generator).to(KERNEL_DEVICE)
+    upstream = torch.randn(2, num_identity, 3, generator=generator).to(KERNEL_DEVICE)
+    assert fused.fused_pass_supported(similarity)  # else both runs would take the separate passes
     results = _fused_and_separate_passes(
         monkeypatch, lambda *inputs: stored.sinkhorn_warp_stored(*inputs, iterations=iterations, similarity_bound=1.0),
         [similarity, points], upstream)
