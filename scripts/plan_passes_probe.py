@@ -82,12 +82,8 @@ def _plan_column_kernel(similarity_ptr, log_b_ptr, shift_ptr, row_weights_ptr, p
                         GROUP_ROWS: tl.constexpr, CHUNK_LANES: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `plan_column_sums`. Column chunk
     by column chunk, each summed over the program's rows in registers; partial sums (B, P, 4, M)."""
-    program = tl.program_id(0)
-    batch = tl.program_id(1)
-    first = program * rows_per_program
-    last = tl.minimum(first + rows_per_program, num_identity)
-    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
-    column_sums_ptr = partial_ptr + (batch * tl.num_programs(0) + program).to(tl.int64) * 4 * num_pose
+    batch, _, batch_ptr, column_sums_ptr, first, last = fused._program_rows(
+        similarity_ptr, partial_ptr, num_identity, 4 * num_pose, batch_stride, rows_per_program)
     shift = tl.load(shift_ptr + batch)
     lanes = tl.arange(0, CHUNK_LANES)
     for start in range(0, num_pose, CHUNK_LANES):
@@ -126,12 +122,14 @@ def plan_warp(similarity: torch.Tensor, log_b: torch.Tensor, pose_points: torch.
     """
     fused._validate_fused_inputs(similarity, epsilon, None, layout, log_b=(log_b, "BM"), shift=(shift, "B"))
     batch, num_identity, num_pose = similarity.shape
+    if pose_points.shape != (batch, num_pose, 3):
+        raise ValueError(f"pose_points must have shape {(batch, num_pose, 3)}, got {tuple(pose_points.shape)}")
     programs, rows_per_program = fused._programs(similarity, None, layout)
     warp = similarity.new_empty(batch, num_identity, 3, dtype=torch.float32)
     total = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     with fused._on_device(similarity):
         _plan_warp_kernel[(programs, batch)](
-            similarity, log_b.contiguous(), shift.contiguous(), pose_points.transpose(1, 2).contiguous(), warp,
+            similarity, log_b.contiguous(), shift.contiguous(), pose_points.float().transpose(1, 2).contiguous(), warp,
             total, num_identity, num_pose, fused._readable_width(similarity), similarity.stride(0),
             similarity.stride(1), rows_per_program, fused._similarity_step(similarity), 1.0 / epsilon,
             **fused._compile_constants(layout))

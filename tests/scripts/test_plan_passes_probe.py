@@ -41,7 +41,14 @@ def test_check_mode_prints_each_error(capsys):
 def test_bad_arguments_are_one_line_errors():
     with pytest.raises(ValueError, match="--vertices must be at least 1"):
         probe.main(["--vertices", "0"])
+
+
+@requires_kernels
+def test_inputs_of_the_wrong_shape_are_refused():
     inputs = probe.probe_inputs(1, 4, 6, DEVICE, fixed_point=False)
+    with pytest.raises(ValueError, match=r"pose_points must have shape \(1, 6, 3\)"):
+        probe.plan_warp(inputs["similarity"], inputs["log_b"], inputs["pose_points"][:, :5], inputs["shift"],
+                        probe.EPSILON)
     with pytest.raises(ValueError, match=r"row_weights must have shape \(1, 4, 4\)"):
         probe.plan_column_sums(inputs["similarity"], inputs["log_b"], inputs["shift"], inputs["row_weights"][..., :3],
                                probe.EPSILON)
