@@ -205,13 +205,6 @@ class ElaIN(nn.Module):
         weight = self.mlp_weight.on_statistics(stacked) if self.fold_linear else self.mlp_weight(stacked)
         return mean, std, weight.to(statistics.dtype)
 
-    def map_inputs(self, x: torch.Tensor, identity_features: torch.Tensor,
-                   vertices: int | None = None) -> tuple[torch.Tensor, ...]:
-        """x, gamma_id, beta_id (B, C, N') and x's mean, std and the blend weight w (B, C, 1) (`statistics`): what
-        the affine map `_elain_map_terms` takes."""
-        gamma_id, beta_id, condition_mean = self.identity_terms(identity_features, vertices)
-        return x, gamma_id, beta_id, *self.statistics(x, condition_mean, vertices)
-
     def forward(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """
         Args:
@@ -223,7 +216,9 @@ class ElaIN(nn.Module):
             float (B, C, N'). The (B, C, N') map runs in x's dtype: float32 on the reference path, half precision
             under autocast, which halves the memory it moves.
         """
-        x_hat, one_plus_gamma, beta = _elain_map_terms(*self.map_inputs(x, identity_features, vertices))
+        gamma_id, beta_id, condition_mean = self.identity_terms(identity_features, vertices)
+        x_hat, one_plus_gamma, beta = _elain_map_terms(x, gamma_id, beta_id,
+                                                       *self.statistics(x, condition_mean, vertices))
         return x_hat * one_plus_gamma + beta
 
     def activated(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
