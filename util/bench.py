@@ -40,11 +40,6 @@ from models.train_step import training_step
 from util.cli import OneLineErrorParser, run_main
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
-# Launch layouts (group rows, chunk lanes, warps, stages, programs per SM) of the fused Sinkhorn passes that
-# --fused_passes times besides the default (fused.PASS_LAYOUT).
-PASS_LAYOUTS = [(8, 1024, 8, 1, 4), (8, 1024, 8, 2, 2), (8, 1024, 8, 3, 1), (8, 512, 4, 1, 4), (8, 512, 4, 2, 4),
-                (4, 512, 4, 2, 8), (16, 512, 8, 1, 2), (16, 1024, 8, 1, 2), (4, 1024, 4, 1, 4), (8, 256, 2, 2, 8),
-                (8, 2048, 16, 1, 1)]
 # Tiles (rows, columns, warps) of the dL/dC kernel that --fused_passes times besides the default.
 GRADIENT_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 8), (128, 128, 8), (4, 2048, 4), (8, 2048, 8), (16, 1024, 8),
                   (4, 1024, 2)]
@@ -315,11 +310,11 @@ def profile_inference(variant: str, batch: dict, device: torch.device, calls: in
 def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: int, repeats: int) -> dict:
     """A fused row + column Sinkhorn pass (models/networks/ot/fused.py) against the compiled row pass, vector
     step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
-    features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each pass for
-    the default launch layout (fused.PASS_LAYOUT) and PASS_LAYOUTS, and ms of the dL/dC kernel (rank 13, as five
-    Sinkhorn iterations give, written in fp16) with its default tile and GRADIENT_TILES. The fused kernels are
-    timed on the float32 C (results' "float32") and on its 16-bit fixed-point copy, as half precision stores it
-    ("fixed_point"); a layout that does not launch on this GPU (registers, shared memory) says why instead."""
+    features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
+    the default number of programs per batch element and a few others, for 2 to 4 pipeline stages (6 too on
+    the fixed-point C) and for 8 to 32 warps; and ms of the dL/dC kernel (rank 13, as five Sinkhorn iterations
+    give, written in fp16) with its default tile and GRADIENT_TILES. The fused kernels are timed on the float32 C
+    (results' "float32") and on its 16-bit fixed-point copy, as half precision stores it ("fixed_point")."""
     from models.networks.layers import padded
     from models.networks.ot import fused, stored
     from models.networks.ot.common import bounded_shift, fixed_point_similarity
@@ -340,27 +335,32 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
         run(stored._column_normaliser, similarity, log_a, stored.SINKHORN_EPSILON, column_shift)
 
     results = {"separate_ms": time_median(separate, device, warmup, repeats)}
-    layouts = dict.fromkeys([fused.PASS_LAYOUT, *(fused.PassLayout(*layout) for layout in PASS_LAYOUTS)])
+    program_counts = [None]  # the default rule, then 1, 2 and 4 programs per SM over the batch
+    if device.type == "cuda":
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        program_counts += [max(1, per_sm * sm_count // batch) for per_sm in (1, 2, 4)]
     rank = 4 + 2 * stored.SINKHORN_ITERATIONS - 1
     row_factors = torch.rand(batch, vertices, rank, device=device, generator=generator)
     column_factors = stored._pose_major(torch.rand(batch, vertices, rank, device=device, generator=generator))
-    for form, stored_similarity in (("float32", similarity), ("fixed_point", fixed_point_similarity(similarity))):
+    # Pipeline stages to time: a float32 row of 8192 lanes takes 32 KiB of shared memory a stage, a fixed-point one 16.
+    forms = {"float32": (similarity, (2, 3, 4)), "fixed_point": (fixed_point_similarity(similarity), (2, 3, 4, 6))}
+    for form, (stored_similarity, stage_counts) in forms.items():
         row_sum, log_a, column_shift, _ = fused.fused_row_column_forward(stored_similarity, log_b, shift,
                                                                          stored.SINKHORN_EPSILON, 1.0)
         backward_inputs = (stored_similarity, log_a, column_shift, torch.randn_like(log_b), shift, row_sum, log_b,
                            stored.SINKHORN_EPSILON)
 
-        def pass_times(layout: fused.PassLayout) -> dict[str, float | str]:
-            try:
-                return {"forward_ms": time_median(lambda: fused.fused_row_column_forward(
-                            stored_similarity, log_b, shift, stored.SINKHORN_EPSILON, 1.0, layout=layout), device,
-                            warmup, repeats),
-                        "backward_ms": time_median(lambda: fused.fused_row_column_backward(
-                            *backward_inputs, layout=layout), device, warmup, repeats)}
-            except Exception as error:  # triton's OutOfResources and the like: this layout does not fit this GPU
-                return {"failed": f"{type(error).__name__}: {str(error)[:200]}"}
+        def pass_times(**layout) -> dict[str, float]:
+            return {"forward_ms": time_median(lambda: fused.fused_row_column_forward(
+                        stored_similarity, log_b, shift, stored.SINKHORN_EPSILON, 1.0, **layout), device, warmup,
+                        repeats),
+                    "backward_ms": time_median(lambda: fused.fused_row_column_backward(*backward_inputs, **layout),
+                                               device, warmup, repeats)}
         results[form] = {
-            "layouts": {"x".join(map(str, layout)): pass_times(layout) for layout in layouts},
+            "fused": {str(programs or "default"): pass_times(programs_per_batch=programs)
+                      for programs in program_counts},
+            "stages": {str(stages): pass_times(pipeline_stages=stages) for stages in stage_counts},
+            "warps": {str(warps): pass_times(num_warps=warps) for warps in (8, 16, 32)},
             "similarity_gradient": {
                 "x".join(map(str, tile)): time_median(
                     lambda: fused.fused_similarity_gradient(stored_similarity, row_factors, column_factors,
@@ -477,11 +477,11 @@ def main() -> None:
         for size, row in results.items():
             print(f"batch {size}: separate row + column passes (float32 C) {row['separate_ms']:.3f} ms")
             for form in ("float32", "fixed_point"):
-                print(f"batch {size}, {form} C: fused passes, by layout (group rows x chunk lanes x warps x stages x "
-                      "programs per SM): " + ", ".join(
-                          f"{layout} {times['failed']}" if "failed" in times else
-                          f"{layout} {times['forward_ms']:.3f} ms forward {times['backward_ms']:.3f} ms backward"
-                          for layout, times in row[form]["layouts"].items()))
+                for key, label in (("fused", "programs per batch element"), ("stages", "pipeline stages"),
+                                   ("warps", "warps")):
+                    print(f"batch {size}, {form} C: fused, by {label}: "
+                          + ", ".join(f"{value} {times['forward_ms']:.3f} ms forward {times['backward_ms']:.3f} ms "
+                                      "backward" for value, times in row[form][key].items()))
                 print(f"batch {size}, {form} C: dL/dC kernel, by tile (rows x columns x warps): "
                       + ", ".join(f"{tile} {ms:.3f} ms" for tile, ms in row[form]["similarity_gradient"].items()))
         if args.out:

@@ -78,19 +78,18 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
     assert set(results) == {"2", "1"}
     for row in results.values():
         assert row["separate_ms"] > 0
-        for form in ("float32", "fixed_point"):
+        for form, stage_counts in (("float32", {"2", "3", "4"}), ("fixed_point", {"2", "3", "4", "6"})):
             timed = row[form]
             assert all(ms > 0 for ms in timed["similarity_gradient"].values())
             assert list(timed["similarity_gradient"])[0] == "x".join(map(str, fused.GRADIENT_TILE))  # default first
-            assert list(timed["layouts"]) == ["x".join(map(str, layout)) for layout in
-                                              dict.fromkeys([fused.PASS_LAYOUT, *map(tuple, bench.PASS_LAYOUTS)])]
-            assert all(times["forward_ms"] > 0 and times["backward_ms"] > 0 for times in timed["layouts"].values())
+            assert set(timed["stages"]) == stage_counts and set(timed["warps"]) == {"8", "16", "32"}
+            assert all(times["forward_ms"] > 0 and times["backward_ms"] > 0
+                       for times in [*timed["fused"].values(), *timed["stages"].values(), *timed["warps"].values()])
     printed = capsys.readouterr().out
     default_tile = "x".join(map(str, fused.GRADIENT_TILE))
-    default_layout = "x".join(map(str, fused.PASS_LAYOUT))
     for form in ("float32", "fixed_point"):
-        assert (f"{form} C: fused passes, by layout (group rows x chunk lanes x warps x stages x programs per SM): "
-                f"{default_layout} ") in printed
+        assert f"{form} C: fused, by programs per batch element: default" in printed
+        assert f"{form} C: fused, by pipeline stages: 2" in printed
         assert f"{form} C: dL/dC kernel, by tile (rows x columns x warps): {default_tile}" in printed
 
 

@@ -74,7 +74,7 @@ def fixed_point_similarity(similarity: torch.Tensor) -> torch.Tensor:
     away from zero (as fused.py's kernel that forms it rounds, in the same float32 steps).
 
     Half the bytes of float32 for every pass that reads C. Returned as a view of rows zero-padded to a multiple
-    of ALIGNMENT (8) lanes, 16 bytes, so that a kernel reading rows can issue aligned 16-byte loads (fused.py).
+    of ALIGNMENT (8) lanes, 16 bytes, so that a kernel reading whole rows can issue aligned loads (fused.py).
     """
     scaled = similarity.float().clamp(-1.0, 1.0) * SIMILARITY_LEVELS
     rounded = torch.where(scaled >= 0, torch.floor(scaled + 0.5), torch.ceil(scaled - 0.5)).to(torch.int16)

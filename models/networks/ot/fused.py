@@ -2,20 +2,17 @@
 
 The stored warp (stored.py) reads C (B, N, M) once per pass, and on a GPU every pass is memory-bound, so a
 half-step costs one read of C however little arithmetic it does. A column pass needs the per-row result of
-the row pass before it; here both happen in one read from memory: each program owns a contiguous range of
-identity rows and takes them GROUP_ROWS at a time. It sweeps the group's rows in chunks of CHUNK_LANES columns
-twice: first for the group's row sums (accumulated lane by lane, then one block-wide reduction for the whole
-group), then, with each row's scalar known, for the group's contributions to the M column sums, which the
-program keeps in its slice of a (B, P, M) scratch tensor. The second sweep finds the group's rows in L2
-(GROUP_ROWS x 13.8 KB of a fixed-point C at M = 6890). A torch epilogue adds the P partials in a fixed order,
-so results are deterministic (no atomics), and rows of any width fit.
+the row pass before it; here both happen in the same read: each program owns a contiguous range of identity
+rows, loads one whole row of C at a time (BLOCK_M = next_power_of_2(M) lanes, at most MAX_FUSED_POSE_VERTICES),
+finishes that row's reduction, forms the row's scalar and adds the row's contribution to all M column sums,
+which it holds in registers. Each program writes its column partial sums to a (B, P, M) scratch tensor and a
+torch epilogue adds the P partials in a fixed order, so results are deterministic (no atomics).
 
 - `fused_row_column_forward`: the row log-sum-exp of s + log b, the update log a, then the column log-sum-exp
   of s + log a (one forward Sinkhorn step pair of `_StoredSinkhornWarp`, s = log K = (C - 1) / epsilon).
 - `fused_row_column_backward`: the reverse-mode passes of the same pair, dlog a and then dlog b.
 Both take the bounded shifts of common.py's `bounded_shift` (one number per batch element), which need no
 pass over C.
-- `fused_fixed_point_column_pass`: a float32 C turned into 16-bit fixed point, with the first column pass.
 - `fused_similarity_gradient`: dL/dC = exp(s) (U V^T) / epsilon of the bounded backward, written in half
   precision and padded, in one read of C (Inductor's version of this pass wrote U V^T out first).
 `fused_row_column_forward_naive` and `fused_row_column_backward_naive` are their float64 references.
@@ -35,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from models.networks.layers import aligned
+from models.networks.layers import ALIGNMENT, aligned
 from models.networks.ot.common import (LOG_DIVISION_EPS, SIMILARITY_LEVELS, SIMILARITY_STEP, bounded_shift,
                                        log_kernel_of, log_marginal_update)
 
@@ -49,24 +46,32 @@ except ImportError:  # CPU-only installs: `fused_pass_supported` then answers Fa
 _INTERPRETED = triton is not None and bool(
     triton.knobs.runtime.interpret if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-
-class PassLayout(NamedTuple):
-    """How the row and column passes are launched."""
-    group_rows: int  # identity rows a program sweeps at once, a power of two
-    chunk_lanes: int  # lanes of a row a sweep step loads, a power of two
-    num_warps: int  # a power of two
-    stages: int  # chunks in flight in a sweep
-    programs_per_sm: int  # programs over the whole batch per streaming multiprocessor (rounded down)
-
-
-# One block-wide reduction for 8 rows, where holding a row at a time made each row wait for its own: the passes were
-# bound by those reductions, not by reading C (at N = M = 6890, batch 8, on an H100, a row-at-a-time forward pass took
-# 0.62 ms on a float32 C and on its fixed-point copy, half the bytes; docs/benchmarks.md, seventeenth session). At one
-# stage and 8 warps the row and column passes take 116 to 128 registers a thread for sm_90a (Triton 3.9's ptxas), so
-# two programs share an SM.
-PASS_LAYOUT = PassLayout(group_rows=8, chunk_lanes=1024, num_warps=8, stages=1, programs_per_sm=2)
+# The widest row a program holds in registers: with at most 32 warps each thread keeps 16 lanes (32 in the forward
+# pass, `FORWARD_LANES_PER_THREAD`) of every row-wide value (the row, a per-column vector or two, the column sums).
+MAX_FUSED_POSE_VERTICES = 16384
+# Programs per streaming multiprocessor over the whole batch, rounded down so that the last wave is never a few
+# programs alone (a program of 8192 lanes, 16 warps of about 110 registers a thread, fills an H100 SM's registers,
+# so each wave is one program per SM). Measured on the H100 at N = M = 6890 (docs/benchmarks.md, 2026-12-06), one
+# fused forward pass: batch 8, 0.905 ms at 2 per SM, 0.953 at 4, 1.52 at 136 programs (a second wave of 4);
+# one pair, 0.196 ms at 2 per SM, 0.215 at 4.
+PROGRAMS_PER_SM = 2
 # Programs per batch element without a GPU (the interpreter): enough that tests cover several per batch.
 INTERPRETER_PROGRAMS = 4
+# Rows in flight in a program's loop (the next rows' loads overlap the current row's arithmetic): 3 for rows of up to
+# WIDE_ROW_LANES lanes (96 KiB of shared memory at 8192), 2 above (128 KiB at 16,384; 3 would take 192). From 2 to 3
+# stages at N = M = 6890, batch 8, on two H100s (docs/benchmarks.md, tenth and eleventh sessions): forward 0.855 ->
+# 0.723 and 0.847 -> 0.823 ms, backward 0.887 -> 0.777 and 0.838 -> 0.721 ms.
+PIPELINE_STAGES = 3
+WIDE_ROW_PIPELINE_STAGES = 2
+WIDE_ROW_LANES = 8192
+# Lanes of a row each thread holds (num_warps = BLOCK_M / (32 x this), between 4 and 32 warps): every row-wide value
+# is this many registers a thread. The passes are bound by each row's block-wide reduction rather than by reading C
+# (at N = M = 6890, batch 8, on an H100, a forward pass took 0.71 ms on a float32 C and 0.72 on its fixed-point copy,
+# half the bytes): with 32 lanes a thread, half the warps join each reduction, and the forward pass took 0.62 ms
+# (both forms; 0.164 against 0.175 ms for one pair), while the backward pass, which holds more row-wide values, took
+# 0.85 against 0.71 ms (docs/benchmarks.md, seventeenth session).
+FORWARD_LANES_PER_THREAD = 32
+LANES_PER_THREAD = 16
 
 
 def _triton_jit(function: Callable) -> Callable:
@@ -76,94 +81,64 @@ def _triton_jit(function: Callable) -> Callable:
 
 
 @_triton_jit
-def _program_rows(similarity_ptr, partial_ptr, num_identity, num_pose, batch_stride, rows_per_program):
-    """Program (p, b)'s batch element b, its index among all programs, pointers to b's C and to the program's
-    partial column sums (M lanes), and its rows [first, last)."""
-    program = tl.program_id(0)
-    batch = tl.program_id(1)
-    partial = batch * tl.num_programs(0) + program
-    first = program * rows_per_program
-    return (batch, partial, similarity_ptr + batch.to(tl.int64) * batch_stride,
-            partial_ptr + partial.to(tl.int64) * num_pose, first, tl.minimum(first + rows_per_program, num_identity))
+def _row_lanes(num_pose, readable_pose, BLOCK_M: tl.constexpr):
+    """A program's lanes 0..BLOCK_M - 1 of a row, the mask of those inside the row (below M) and the mask of those
+    a load may read (below `_readable_width`)."""
+    columns = tl.arange(0, BLOCK_M)
+    return columns, columns < num_pose, columns < readable_pose
 
 
 @_triton_jit
-def _group_rows(batch_ptr, group, last, row_stride, GROUP_ROWS: tl.constexpr):
-    """The rows group..group + GROUP_ROWS - 1, which of them are below `last`, and pointers to their first lanes."""
-    rows = group + tl.arange(0, GROUP_ROWS)
-    return rows, rows < last, batch_ptr + rows.to(tl.int64)[:, None] * row_stride
+def _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step, inverse_epsilon):
+    """s = (C - 1) / epsilon of one row of C (batch_ptr: its batch element's first row) at the lanes `columns`
+    (-1 / epsilon past M, where in_row is False). C is the value loaded times similarity_step: 1 for a float32 C,
+    SIMILARITY_STEP for a fixed-point one (int16).
 
-
-@_triton_jit
-def _similarity_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step):
-    """C of the rows at `columns`, float32 (GROUP_ROWS, CHUNK_LANES), 0 outside the rows and past M. C is the value
-    loaded times similarity_step: 1 for a float32 C, SIMILARITY_STEP for a fixed-point one (int16).
-
-    The load reads every lane below readable_pose (`_readable_width`), padding past M included, and discards the
+    The load reads every lane of in_readable (`_readable_width`), padding past M included, and discards the
     padding after the load: a mask whose bound is a multiple of 16 lets Triton issue 16-byte loads."""
-    loaded = tl.load(row_ptrs + columns[None, :], mask=in_rows[:, None] & (columns < readable_pose)[None, :], other=0)
-    return tl.where((columns < num_pose)[None, :], loaded.to(tl.float32) * similarity_step, 0.0)
-
-
-@_triton_jit
-def _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step, inverse_epsilon):
-    """s = (C - 1) / epsilon of the rows at `columns` (`_similarity_tile`), (GROUP_ROWS, CHUNK_LANES)."""
-    similarity = _similarity_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step)
-    return (similarity - 1.0) * inverse_epsilon
-
-
-@_triton_jit
-def _pose_chunk(vector_ptr, batch, num_pose, columns, other):
-    """A (B, M) vector's entries of batch element b at `columns`, `other` past M."""
-    return tl.load(vector_ptr + batch * num_pose + columns, mask=columns < num_pose, other=other)
+    similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable,
+                             other=0).to(tl.float32) * similarity_step
+    return (tl.where(in_row, similarity_row, 0.0) - 1.0) * inverse_epsilon
 
 
 @_triton_jit
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
                                program_shift_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
-                               rows_per_program, similarity_step, inverse_epsilon, log_num_identity, log_division_eps,
-                               GROUP_ROWS: tl.constexpr, CHUNK_LANES: tl.constexpr, NUM_STAGES: tl.constexpr):
+                               rows_per_program, similarity_step, inverse_epsilon,
+                               log_num_identity, log_division_eps, BLOCK_M: tl.constexpr,
+                               NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_forward`.
 
-    The partial column sums (zeros at launch) are shifted by the largest log a of the program's rows so far: when a
-    group raises it, they are rescaled by exp(old - new) (0 for the first group, whose old shift is -inf).
+    The column sums are shifted by the largest log a of the program's rows so far: when a row raises it, the
+    sums are rescaled by exp(old - new) (0 for the first row, whose old shift is -inf).
     """
-    batch, partial, batch_ptr, column_sum_ptr, first, last = _program_rows(
-        similarity_ptr, partial_ptr, num_identity, num_pose, batch_stride, rows_per_program)
+    program = tl.program_id(0)
+    batch = tl.program_id(1)
+    columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     row_shift = tl.load(row_shift_ptr + batch)
-    lanes = tl.arange(0, CHUNK_LANES)
+    # Lanes past M have log b = -inf, so their row terms are 0 (their column sums are never stored).
+    row_offset = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
+    column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     program_shift = tl.full([], float("-inf"), tl.float32)
-    for group in range(first, last, GROUP_ROWS):
-        rows, in_rows, row_ptrs = _group_rows(batch_ptr, group, last, row_stride, GROUP_ROWS)
-        terms = tl.zeros([GROUP_ROWS, CHUNK_LANES], dtype=tl.float32)
-        for start in tl.range(0, num_pose, CHUNK_LANES, num_stages=NUM_STAGES):
-            columns = start + lanes
-            log_kernel = _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step,
-                                          inverse_epsilon)
-            # Lanes past M have log b = -inf, so their terms are 0.
-            offset = _pose_chunk(log_b_ptr, batch, num_pose, columns, float("-inf")) - row_shift
-            terms += tl.exp(log_kernel + offset[None, :])
-        row_sum = tl.sum(terms, axis=1)  # (GROUP_ROWS,)
+    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
+    first = program * rows_per_program
+    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+        index = batch * num_identity + row
+        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step,
+                                     inverse_epsilon)
+        row_sum = tl.sum(tl.exp(log_kernel + row_offset), axis=0)
         row_lse = row_shift + tl.log(row_sum)
         # logaddexp(row_lse, log 1e-8). tl has no log1p (libdevice's does not run in the interpreter); log(1 + x)
         # is off by less than 6e-8 absolute.
         high = tl.maximum(row_lse, log_division_eps)
         log_a = -log_num_identity - (high + tl.log(1.0 + tl.exp(tl.minimum(row_lse, log_division_eps) - high)))
-        index = batch * num_identity + rows
-        tl.store(row_sum_ptr + index, row_sum, mask=in_rows)
-        tl.store(log_a_ptr + index, log_a, mask=in_rows)
-        log_a = tl.where(in_rows, log_a, float("-inf"))
-        shift = tl.maximum(program_shift, tl.max(log_a, axis=0))
-        rescale = tl.exp(program_shift - shift)
-        for start in tl.range(0, num_pose, CHUNK_LANES, num_stages=NUM_STAGES):
-            columns = start + lanes
-            in_row = columns < num_pose
-            log_kernel = _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step,
-                                          inverse_epsilon)
-            contribution = tl.sum(tl.exp(log_kernel + (log_a - shift)[:, None]), axis=0)  # (CHUNK_LANES,)
-            column_sum = tl.load(column_sum_ptr + columns, mask=in_row, other=0.0)
-            tl.store(column_sum_ptr + columns, column_sum * rescale + contribution, mask=in_row)
+        shift = tl.maximum(program_shift, log_a)
+        column_sum = column_sum * tl.exp(program_shift - shift) + tl.exp(log_kernel + (log_a - shift))
         program_shift = shift
+        tl.store(row_sum_ptr + index, row_sum)
+        tl.store(log_a_ptr + index, log_a)
+    partial = batch * tl.num_programs(0) + program
+    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, column_sum, mask=in_row)
     tl.store(program_shift_ptr + partial, program_shift)
 
 
@@ -172,70 +147,59 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
                                 row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
                                 partial_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
                                 rows_per_program, similarity_step, inverse_epsilon, log_division_eps,
-                                GROUP_ROWS: tl.constexpr, CHUNK_LANES: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`.
-    The partial sums of dlog b are zeros at launch."""
-    batch, _, batch_ptr, grad_log_b_ptr, first, last = _program_rows(
-        similarity_ptr, partial_ptr, num_identity, num_pose, batch_stride, rows_per_program)
+                                BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
+    program = tl.program_id(0)
+    batch = tl.program_id(1)
+    columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     column_shift = tl.load(column_shift_ptr + batch)
     row_shift = tl.load(row_shift_ptr + batch)
-    lanes = tl.arange(0, CHUNK_LANES)
-    for group in range(first, last, GROUP_ROWS):
-        rows, in_rows, row_ptrs = _group_rows(batch_ptr, group, last, row_stride, GROUP_ROWS)
-        index = batch * num_identity + rows
-        row_offset = tl.load(log_a_prev_ptr + index, mask=in_rows, other=float("-inf")) - column_shift
-        terms = tl.zeros([GROUP_ROWS, CHUNK_LANES], dtype=tl.float32)
-        for start in tl.range(0, num_pose, CHUNK_LANES, num_stages=NUM_STAGES):
-            columns = start + lanes
-            log_kernel = _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step,
-                                          inverse_epsilon)
-            # Lanes past M have coefficient 0.
-            coefficient = _pose_chunk(column_coefficient_ptr, batch, num_pose, columns, 0.0)
-            terms += tl.exp(log_kernel + row_offset[:, None]) * coefficient[None, :]
-        grad_log_a = tl.sum(terms, axis=1)  # (GROUP_ROWS,)
-        row_sum = tl.load(row_sum_ptr + index, mask=in_rows, other=1.0)
+    # Lanes past M have coefficient 0 and log b = -inf, so that all their terms are 0.
+    column_coefficient = tl.load(column_coefficient_ptr + batch * num_pose + columns, mask=in_row, other=0.0)
+    column_offset = tl.load(log_b_prev_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
+    grad_log_b = tl.zeros([BLOCK_M], dtype=tl.float32)
+    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
+    first = program * rows_per_program
+    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+        index = batch * num_identity + row
+        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step,
+                                     inverse_epsilon)
+        row_offset = tl.load(log_a_prev_ptr + index) - column_shift
+        grad_log_a = tl.sum(tl.exp(log_kernel + row_offset) * column_coefficient, axis=0)
+        row_sum = tl.load(row_sum_ptr + index)
         row_coefficient = (-tl.sigmoid(row_shift + tl.log(row_sum) - log_division_eps) * grad_log_a) / row_sum
-        row_coefficient = tl.where(in_rows, row_coefficient, 0.0)
-        tl.store(grad_log_a_ptr + index, grad_log_a, mask=in_rows)
-        tl.store(row_coefficient_ptr + index, row_coefficient, mask=in_rows)
-        for start in tl.range(0, num_pose, CHUNK_LANES, num_stages=NUM_STAGES):
-            columns = start + lanes
-            in_row = columns < num_pose
-            log_kernel = _log_kernel_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, similarity_step,
-                                          inverse_epsilon)
-            # Lanes past M have log b = -inf.
-            column_offset = _pose_chunk(log_b_prev_ptr, batch, num_pose, columns, float("-inf")) - row_shift
-            contribution = tl.sum(tl.exp(log_kernel + column_offset[None, :]) * row_coefficient[:, None], axis=0)
-            grad_log_b = tl.load(grad_log_b_ptr + columns, mask=in_row, other=0.0)
-            tl.store(grad_log_b_ptr + columns, grad_log_b + contribution, mask=in_row)
+        grad_log_b += tl.exp(log_kernel + column_offset) * row_coefficient
+        tl.store(grad_log_a_ptr + index, grad_log_a)
+        tl.store(row_coefficient_ptr + index, row_coefficient)
+    partial = batch * tl.num_programs(0) + program
+    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, grad_log_b, mask=in_row)
 
 
 @_triton_jit
 def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num_identity, num_pose, readable_pose,
                                fixed_row_stride, batch_stride, row_stride, fixed_batch_stride, rows_per_program,
-                               levels, similarity_step, inverse_epsilon, GROUP_ROWS: tl.constexpr,
-                               CHUNK_LANES: tl.constexpr, NUM_STAGES: tl.constexpr):
+                               levels, similarity_step, inverse_epsilon, BLOCK_M: tl.constexpr,
+                               NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see
-    `fused_fixed_point_column_pass`. Column chunk by column chunk, each summed over the program's rows in
-    registers. Lanes from M to fixed_row_stride store zeros."""
-    batch, _, batch_ptr, column_sum_ptr, first, last = _program_rows(
-        similarity_ptr, partial_ptr, num_identity, num_pose, batch_stride, rows_per_program)
+    `fused_fixed_point_column_pass`. Lanes from M to fixed_row_stride store zeros."""
+    program = tl.program_id(0)
+    batch = tl.program_id(1)
+    columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
+    column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
     fixed_batch_ptr = fixed_point_ptr + batch.to(tl.int64) * fixed_batch_stride
-    lanes = tl.arange(0, CHUNK_LANES)
-    for start in range(0, fixed_row_stride, CHUNK_LANES):
-        columns = start + lanes
-        in_row = columns < num_pose
-        column_sum = tl.zeros([CHUNK_LANES], dtype=tl.float32)
-        for group in tl.range(first, last, GROUP_ROWS, num_stages=NUM_STAGES):
-            rows, in_rows, row_ptrs = _group_rows(batch_ptr, group, last, row_stride, GROUP_ROWS)
-            similarity = _similarity_tile(row_ptrs, in_rows, columns, num_pose, readable_pose, 1.0)
-            scaled = tl.minimum(tl.maximum(similarity, -1.0), 1.0) * levels
-            fixed_point = tl.where(scaled >= 0, tl.floor(scaled + 0.5), tl.ceil(scaled - 0.5))
-            tl.store(fixed_batch_ptr + rows.to(tl.int64)[:, None] * fixed_row_stride + columns[None, :],
-                     fixed_point.to(tl.int16), mask=in_rows[:, None] & (columns < fixed_row_stride)[None, :])
-            log_kernel = (fixed_point * similarity_step - 1.0) * inverse_epsilon
-            column_sum += tl.sum(tl.where(in_rows[:, None] & in_row[None, :], tl.exp(log_kernel), 0.0), axis=0)
-        tl.store(column_sum_ptr + columns, column_sum, mask=in_row)
+    first = program * rows_per_program
+    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+        similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable,
+                                 other=0.0)
+        scaled = tl.minimum(tl.maximum(tl.where(in_row, similarity_row, 0.0), -1.0), 1.0) * levels
+        fixed_point = tl.where(scaled >= 0, tl.floor(scaled + 0.5), tl.ceil(scaled - 0.5))
+        tl.store(fixed_batch_ptr + tl.cast(row, tl.int64) * fixed_row_stride + columns, fixed_point.to(tl.int16),
+                 mask=columns < fixed_row_stride)
+        log_kernel = (fixed_point * similarity_step - 1.0) * inverse_epsilon
+        column_sum += tl.where(in_row, tl.exp(log_kernel), 0.0)
+    partial = batch * tl.num_programs(0) + program
+    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, column_sum, mask=in_row)
 
 
 @_triton_jit
@@ -251,7 +215,7 @@ def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_
     in_rows = rows < num_identity
     in_columns = columns < num_pose
     inside = in_rows[:, None] & in_columns[None, :]
-    # Padding past M is read too (see `_similarity_tile`) and discarded by the last `tl.where`.
+    # Padding past M is read too (see `_log_kernel_row`) and discarded by the last `tl.where`.
     similarity = tl.load(similarity_ptr + batch.to(tl.int64) * batch_stride + rows[:, None].to(tl.int64) * row_stride
                          + columns[None, :], mask=in_rows[:, None] & (columns[None, :] < readable_pose),
                          other=0).to(tl.float32) * similarity_step
@@ -279,38 +243,67 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
     if not (similarity.is_cuda or (similarity.device.type == "cpu" and _INTERPRETED)):
         return (f"the fused Sinkhorn passes run on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set "
                 f"before triton was imported), got one on {similarity.device}")
+    if similarity.shape[2] > MAX_FUSED_POSE_VERTICES:
+        return (f"the fused Sinkhorn passes hold a whole row of C in registers, at most {MAX_FUSED_POSE_VERTICES} "
+                f"pose vertices, got M = {similarity.shape[2]}")
+    if similarity.is_cuda:
+        properties = torch.cuda.get_device_properties(similarity.device)
+        return shared_memory_shortfall(similarity.shape[2], getattr(properties, "shared_memory_per_block_optin", None),
+                                       properties.name)
     return None
+
+
+def _block_width(num_pose: int) -> int:
+    """BLOCK_M, the lanes a program holds a row of C in: the power of two at or above num_pose, and at least the 8
+    lanes of a fixed-point row padded to 16 bytes (which `fused_fixed_point_column_pass` writes whole)."""
+    return max(ALIGNMENT, 1 << max(num_pose - 1, 0).bit_length())
+
+
+def _pipeline_stages(block: int) -> int:
+    """Rows in flight in a program of BLOCK_M = block lanes."""
+    return PIPELINE_STAGES if block <= WIDE_ROW_LANES else WIDE_ROW_PIPELINE_STAGES
+
+
+def shared_memory_shortfall(num_pose: int, available: int | None, device_name: str) -> str | None:
+    """Why a GPU with `available` bytes of shared memory per block (None: unknown, assumed enough) cannot run
+    the kernels for rows of num_pose, or None. The bound is the pipelined rows (`_pipeline_stages`) of BLOCK_M
+    float32 lanes (96 KiB at M = 6890, 128 KiB at 16,384): a GPU below it takes the separate passes rather than
+    risk failing to launch."""
+    block = _block_width(num_pose)
+    needed = _pipeline_stages(block) * 4 * block
+    if available is None or needed <= available:
+        return None
+    return (f"the fused Sinkhorn passes need {needed // 1024} KiB of shared memory per block for rows of {num_pose} "
+            f"pose vertices, and the {device_name} has {available // 1024} KiB")
 
 
 def fused_pass_supported(similarity: torch.Tensor) -> bool:
     """Whether `fused_row_column_forward` and `fused_row_column_backward` can read `similarity`.
 
     True when triton is installed and similarity is a float32 or fixed-point (int16) (B, N, M) CUDA tensor with
-    contiguous rows (or a CPU one while TRITON_INTERPRET=1 selects Triton's interpreter).
+    contiguous rows (or a CPU one while TRITON_INTERPRET=1 selects Triton's interpreter) with
+    M <= MAX_FUSED_POSE_VERTICES.
     """
     return unsupported_reason(similarity) is None
 
 
 def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_per_batch: int | None = None,
-                           layout: PassLayout = PASS_LAYOUT, **vectors: tuple[torch.Tensor, str]) -> None:
-    """ValueError unless similarity is (B, N, M) with N, M >= 1, epsilon > 0, programs_per_batch None or a
-    positive int, layout a PassLayout of positive ints (its rows, lanes and warps powers of two), and each named
-    (vector, dims) float32 of shape dims ("BN": (B, N), "BM": (B, M), "B": (B,)) on similarity's device; then
-    RuntimeError when the kernels cannot read similarity (`fused_pass_supported`)."""
+                           pipeline_stages: int | None = None, num_warps: int | None = None,
+                           **vectors: tuple[torch.Tensor, str]) -> None:
+    """ValueError unless similarity is (B, N, M) with N, M >= 1, epsilon > 0, programs_per_batch,
+    pipeline_stages and num_warps None or a positive int (num_warps a power of two), and each named (vector,
+    dims) float32 of shape dims ("BN": (B, N), "BM": (B, M), "B": (B,)) on similarity's device; then RuntimeError
+    when the kernels cannot read similarity (`fused_pass_supported`)."""
     if similarity.dim() != 3 or similarity.shape[1] == 0 or similarity.shape[2] == 0:
         raise ValueError(f"similarity must have shape (B, N, M) with N, M >= 1, got {tuple(similarity.shape)}")
     if not epsilon > 0:
         raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
-
-    def positive_int(value) -> bool:
-        return not isinstance(value, bool) and isinstance(value, int) and value >= 1
-
-    if programs_per_batch is not None and not positive_int(programs_per_batch):
-        raise ValueError(f"programs_per_batch must be a positive int or None, got {programs_per_batch!r}")
-    if not (isinstance(layout, PassLayout) and all(map(positive_int, layout))
-            and all(size & (size - 1) == 0 for size in layout[:3])):
-        raise ValueError(f"layout must be a PassLayout of positive ints, its group_rows, chunk_lanes and num_warps "
-                         f"powers of two, got {layout!r}")
+    for name, value in (("programs_per_batch", programs_per_batch), ("pipeline_stages", pipeline_stages),
+                        ("num_warps", num_warps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if num_warps is not None and num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
     sizes = dict(zip("BNM", similarity.shape))
     for name, (vector, dims) in vectors.items():
         shape = tuple(sizes[dim] for dim in dims)
@@ -323,27 +316,36 @@ def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_pe
         raise RuntimeError(reason)
 
 
-def _programs(similarity: torch.Tensor, programs_per_batch: int | None, layout: PassLayout) -> tuple[int, int]:
-    """Programs P per batch element of a pass over similarity (B, N, M), and rows per program.
+class _LaunchLayout(NamedTuple):
+    """The grid and compile-time shape of a fused pass (`_launch_layout`)."""
+    programs: int  # P, per batch element
+    rows_per_program: int
+    block: int  # BLOCK_M
+    num_warps: int
+    stages: int  # rows in flight
 
-    P defaults to layout.programs_per_sm programs per SM over the whole batch (rounded down, so that the last
-    wave is never a few programs alone), at most N.
+
+def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
+                   pipeline_stages: int | None, num_warps: int | None,
+                   lanes_per_thread: int = LANES_PER_THREAD) -> _LaunchLayout:
+    """How a fused pass over `similarity` is launched.
+
+    P defaults to PROGRAMS_PER_SM programs per SM over the whole batch (rounded down), at most N. num_warps
+    keeps `lanes_per_thread` lanes of a row per thread, between 4 and 32 warps. The stages default to
+    `_pipeline_stages`. A given num_warps or pipeline_stages replaces the rule's.
     """
-    batch, num_identity, _ = similarity.shape
+    batch, num_identity, num_pose = similarity.shape
     if programs_per_batch is None:
         if similarity.is_cuda:
             sm_count = torch.cuda.get_device_properties(similarity.device).multi_processor_count
-            programs_per_batch = max(1, layout.programs_per_sm * sm_count // batch)
+            programs_per_batch = max(1, PROGRAMS_PER_SM * sm_count // batch)
         else:
             programs_per_batch = INTERPRETER_PROGRAMS
     programs = min(programs_per_batch, num_identity)
-    return programs, triton.cdiv(num_identity, programs)
-
-
-def _compile_constants(layout: PassLayout) -> dict[str, int]:
-    """The kernels' compile-time arguments for `layout`."""
-    return {"GROUP_ROWS": layout.group_rows, "CHUNK_LANES": layout.chunk_lanes, "NUM_STAGES": layout.stages,
-            "num_warps": layout.num_warps}
+    block = _block_width(num_pose)
+    stages = pipeline_stages or _pipeline_stages(block)
+    num_warps = num_warps or min(32, max(4, block // (32 * lanes_per_thread)))
+    return _LaunchLayout(programs, triton.cdiv(num_identity, programs), block, num_warps, stages)
 
 
 def _readable_width(similarity: torch.Tensor) -> int:
@@ -388,7 +390,7 @@ def _merge_column_partials(partial: torch.Tensor, program_shift: torch.Tensor,
 
 def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_shift: torch.Tensor, epsilon: float,
                              similarity_bound: float, *, programs_per_batch: int | None = None,
-                             layout: PassLayout = PASS_LAYOUT
+                             pipeline_stages: int | None = None, num_warps: int | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A row pass with log b, the log a update, then the column pass with that log a, in one read of C.
 
@@ -407,28 +409,30 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         epsilon: entropic temperature.
         similarity_bound: the bound on |C| that places column_shift above every column logit.
         programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
-        layout: how the kernel is launched (for benchmarks; more stages than the default may exceed a GPU's shared
-            memory and fail to launch).
+        pipeline_stages: rows in flight in a program's loop, or None for `_pipeline_stages` (for benchmarks; more
+            than the default may exceed a GPU's shared memory and fail to launch).
+        num_warps: warps of a program, a power of two, or None for FORWARD_LANES_PER_THREAD lanes of a row a
+            thread (for benchmarks).
     Returns:
         row_sum: float32 (B, N).
         log_a: float32 (B, N).
         column_shift: float32 (B,).
         column_sum: float32 (B, M).
     """
-    _validate_fused_inputs(similarity, epsilon, programs_per_batch, layout, log_b=(log_b, "BM"),
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps, log_b=(log_b, "BM"),
                            row_shift=(row_shift, "B"))
     batch, num_identity, num_pose = similarity.shape
-    programs, rows_per_program = _programs(similarity, programs_per_batch, layout)
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps, FORWARD_LANES_PER_THREAD)
     row_sum = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     log_a = similarity.new_empty(batch, num_identity, dtype=torch.float32)
-    partial = similarity.new_zeros(batch, programs, num_pose, dtype=torch.float32)
-    program_shift = similarity.new_empty(batch, programs, dtype=torch.float32)
+    partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
+    program_shift = similarity.new_empty(batch, layout.programs, dtype=torch.float32)
     with _on_device(similarity):
-        _row_column_forward_kernel[(programs, batch)](
+        _row_column_forward_kernel[(layout.programs, batch)](
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            rows_per_program, _similarity_step(similarity), 1.0 / epsilon, math.log(num_identity), LOG_DIVISION_EPS,
-            **_compile_constants(layout))
+            layout.rows_per_program, _similarity_step(similarity), 1.0 / epsilon, math.log(num_identity),
+            LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
@@ -436,7 +440,8 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
 def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor, column_shift: torch.Tensor,
                               column_coefficient: torch.Tensor, row_shift: torch.Tensor, row_sum: torch.Tensor,
                               log_b_prev: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None,
-                              layout: PassLayout = PASS_LAYOUT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              pipeline_stages: int | None = None, num_warps: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dlog a_{t-1}, then the row coefficients and dlog b_{t-1} from it, in one read of C.
 
     The reverse-mode passes of one Sinkhorn step pair (`_StoredSinkhornWarp`). With s = (C - 1) / epsilon
@@ -455,32 +460,34 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
         row_sum: float32 (B, N), positive.
         log_b_prev: float32 (B, M), the log b that row pass read.
         epsilon: entropic temperature.
-        programs_per_batch, layout: as in `fused_row_column_forward`.
+        programs_per_batch, pipeline_stages, num_warps: as in `fused_row_column_forward`.
     Returns:
         grad_log_a: float32 (B, N).
         row_coefficient: float32 (B, N).
         grad_log_b: float32 (B, M).
     """
-    _validate_fused_inputs(similarity, epsilon, programs_per_batch, layout, log_a_prev=(log_a_prev, "BN"),
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps,
+                           log_a_prev=(log_a_prev, "BN"),
                            column_shift=(column_shift, "B"), column_coefficient=(column_coefficient, "BM"),
                            row_shift=(row_shift, "B"), row_sum=(row_sum, "BN"), log_b_prev=(log_b_prev, "BM"))
     batch, num_identity, num_pose = similarity.shape
-    programs, rows_per_program = _programs(similarity, programs_per_batch, layout)
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
     grad_log_a = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     row_coefficient = similarity.new_empty(batch, num_identity, dtype=torch.float32)
-    partial = similarity.new_zeros(batch, programs, num_pose, dtype=torch.float32)
+    partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
     with _on_device(similarity):
-        _row_column_backward_kernel[(programs, batch)](
+        _row_column_backward_kernel[(layout.programs, batch)](
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
             partial, num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            rows_per_program, _similarity_step(similarity), 1.0 / epsilon, LOG_DIVISION_EPS,
-            **_compile_constants(layout))
+            layout.rows_per_program, _similarity_step(similarity), 1.0 / epsilon, LOG_DIVISION_EPS,
+            BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
 
 
 def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None,
-                                  layout: PassLayout = PASS_LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
+                                  pipeline_stages: int | None = None, num_warps: int | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """A float32 C turned into 16-bit fixed point, and the first Sinkhorn column pass over the fixed-point values,
     in one read of the float32 C.
 
@@ -491,25 +498,26 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
     Args:
         similarity: C, float32 (B, N, M), rows contiguous; see `fused_pass_supported`.
         epsilon: entropic temperature.
-        programs_per_batch, layout: as in `fused_row_column_forward`.
+        programs_per_batch, pipeline_stages, num_warps: as in `fused_row_column_forward`.
     Returns:
         fixed_point: int16 (B, N, M), common.py's `fixed_point_similarity(similarity)`: a view of rows zero-padded
             to a multiple of 8 lanes.
         column_sum: float32 (B, M).
     """
-    _validate_fused_inputs(similarity, epsilon, programs_per_batch, layout)
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps)
     if similarity.dtype != torch.float32:
         raise ValueError(f"fused_fixed_point_column_pass reads a float32 similarity, got {similarity.dtype}")
     batch, num_identity, num_pose = similarity.shape
-    programs, rows_per_program = _programs(similarity, programs_per_batch, layout)
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
     fixed_row_stride = aligned(num_pose)  # as common.py's `fixed_point_similarity` pads
     fixed_point = similarity.new_empty(batch, num_identity, fixed_row_stride, dtype=torch.int16)
-    partial = similarity.new_empty(batch, programs, num_pose, dtype=torch.float32)
+    partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
     with _on_device(similarity):
-        _fixed_point_column_kernel[(programs, batch)](
+        _fixed_point_column_kernel[(layout.programs, batch)](
             similarity, fixed_point, partial, num_identity, num_pose, _readable_width(similarity), fixed_row_stride,
-            similarity.stride(0), similarity.stride(1), fixed_point.stride(0), rows_per_program,
-            float(SIMILARITY_LEVELS), SIMILARITY_STEP, 1.0 / epsilon, **_compile_constants(layout))
+            similarity.stride(0), similarity.stride(1), fixed_point.stride(0), layout.rows_per_program,
+            float(SIMILARITY_LEVELS), SIMILARITY_STEP, 1.0 / epsilon, BLOCK_M=layout.block, NUM_STAGES=layout.stages,
+            num_warps=layout.num_warps)
     return fixed_point[..., :num_pose], partial.sum(1)
 
 

@@ -141,9 +141,8 @@ def test_naive_backward_is_the_vector_jacobian_product(shape):
 
 def _program_partials(log_kernel: torch.Tensor, log_a: torch.Tensor,
                       programs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column partial sums (B, P, M) and program shifts (B, P) as the forward kernel forms them with groups of one
-    row, in float64: each program streams its rows and shifts its sums by the largest log a so far, rescaling them
-    when that rises."""
+    """The forward kernel's column partial sums (B, P, M) and program shifts (B, P), in float64: each program
+    streams its rows and shifts its sums by the largest log a so far, rescaling them when that rises."""
     batch, num_identity, num_pose = log_kernel.shape
     rows_per_program = math.ceil(num_identity / programs)
     partial = log_kernel.new_zeros(batch, programs, num_pose)
@@ -174,10 +173,8 @@ def test_fused_pass_supported_rejects_what_the_kernels_cannot_read():
     assert not fused.fused_pass_supported(similarity.double())
     assert not fused.fused_pass_supported(similarity.transpose(1, 2))
     assert not fused.fused_pass_supported(similarity[0])
+    assert not fused.fused_pass_supported(torch.zeros(1, 1, fused.MAX_FUSED_POSE_VERTICES + 1, device=KERNEL_DEVICE))
     assert fused.fused_pass_supported(similarity) == (_KERNELS_UNAVAILABLE is None)
-    # Rows of any width: the kernels read them in chunks.
-    wide = torch.zeros(1, 1, 100_000, device=KERNEL_DEVICE)
-    assert fused.fused_pass_supported(wide) == (_KERNELS_UNAVAILABLE is None)
 
 
 def test_readable_width_reads_padding_only_inside_the_storage():
@@ -203,11 +200,10 @@ def test_invalid_inputs_raise():
         fused.fused_row_column_forward(similarity, log_b, row_shift, 0.0, SIMILARITY_BOUND)
     with pytest.raises(ValueError, match="programs_per_batch"):
         fused.fused_row_column_forward(similarity, log_b, row_shift, EPSILON, SIMILARITY_BOUND, programs_per_batch=0)
-    for layout in (fused.PASS_LAYOUT._replace(stages=2.0), fused.PASS_LAYOUT._replace(num_warps=12),
-                   fused.PASS_LAYOUT._replace(group_rows=0), fused.PASS_LAYOUT._replace(chunk_lanes=96),
-                   (8, 1024, 8, 1, 2)):
-        with pytest.raises(ValueError, match="layout must be a PassLayout of positive ints"):
-            fused.fused_row_column_forward(similarity, log_b, row_shift, EPSILON, SIMILARITY_BOUND, layout=layout)
+    with pytest.raises(ValueError, match="pipeline_stages must be a positive int"):
+        fused.fused_row_column_forward(similarity, log_b, row_shift, EPSILON, SIMILARITY_BOUND, pipeline_stages=2.0)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        fused.fused_row_column_forward(similarity, log_b, row_shift, EPSILON, SIMILARITY_BOUND, num_warps=12)
     backward_inputs = list(_backward_inputs(2, 5, 6, seed=22))
     backward_inputs[5] = backward_inputs[5][:, :4]
     with pytest.raises(ValueError, match=r"row_sum must be a float32 tensor of shape \(2, 5\)"):
@@ -326,13 +322,12 @@ def test_fused_fixed_point_column_pass_reads_only_float32():
 
 
 @requires_kernels
-@pytest.mark.parametrize("layout", [fused.PassLayout(4, 512, 4, 2, 4), fused.PassLayout(16, 256, 8, 3, 1),
-                                    fused.PassLayout(1, 2048, 16, 1, 2), fused.PassLayout(2, 8192, 32, 1, 2)])
+@pytest.mark.parametrize("layout", [{"pipeline_stages": 1}, {"pipeline_stages": 3}, {"pipeline_stages": 4},
+                                    {"num_warps": 8}, {"num_warps": 32}])
 def test_fused_passes_with_other_launch_layouts(layout):
-    # Rows of 6890 lanes in padded rows, as on the GPU; 40 rows in groups that leave a partial one in each program.
-    # Group size and width, stages and warps change only the order of the sums and how the work is scheduled.
-    _assert_forward_matches_naive((2, 40, 6890), 3, seed=35, row_padding=6, layout=layout)
-    _assert_backward_matches_naive((2, 40, 6890), 3, seed=36, row_padding=6, layout=layout)
+    # Rows of 6890 lanes in padded rows, as on the GPU; stages and warps change only how the work is scheduled.
+    _assert_forward_matches_naive((2, 40, 6890), None, seed=35, row_padding=6, **layout)
+    _assert_backward_matches_naive((2, 40, 6890), None, seed=36, row_padding=6, **layout)
 
 
 @requires_kernels
@@ -341,10 +336,9 @@ def test_fused_forward_applies_the_similarity_bound():
 
 
 @requires_kernels
-@pytest.mark.parametrize("num_pose", [6890, 27_560])
+@pytest.mark.parametrize("num_pose", [6890, fused.MAX_FUSED_POSE_VERTICES])
 def test_fused_passes_on_wide_rows(num_pose):
-    # The SMPL vertex count, and four times it: wider than a program could hold in registers (16,384 lanes at 32
-    # warps of 16 lanes a thread).
+    # The SMPL vertex count (BLOCK_M = 8192, 16 warps) and the widest supported row (16384, 32 warps).
     _assert_forward_matches_naive((1, 12, num_pose), None, seed=num_pose)
     _assert_backward_matches_naive((1, 12, num_pose), None, seed=num_pose + 1)
 
@@ -446,17 +440,16 @@ def _fused_and_separate_passes(monkeypatch, warp_function, inputs: list[torch.Te
 
 
 @requires_kernels
-@pytest.mark.parametrize("iterations, num_identity, num_pose", [(1, 30, 26), (2, 30, 26), (5, 30, 26), (2, 6, 17_000)])
-def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, num_identity, num_pose, monkeypatch):
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, monkeypatch):
     """sinkhorn_warp_stored with its row and column passes fused gives the warp and gradients of the separate
-    passes, on rows wider than the 16,384 lanes that the kernels before the grouped ones could hold."""
+    passes."""
     from models.networks.ot import stored
 
     generator = torch.Generator().manual_seed(40)
-    similarity = _cosine_similarity(2, num_identity, num_pose, generator).float().to(KERNEL_DEVICE)
-    points = torch.randn(2, num_pose, 3, generator=generator).to(KERNEL_DEVICE)
-    upstream = torch.randn(2, num_identity, 3, generator=generator).to(KERNEL_DEVICE)
-    assert fused.fused_pass_supported(similarity)  # else both runs would take the separate passes
+    similarity = _cosine_similarity(2, 30, 26, generator).float().to(KERNEL_DEVICE)
+    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
+    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
     results = _fused_and_separate_passes(
         monkeypatch, lambda *inputs: stored.sinkhorn_warp_stored(*inputs, iterations=iterations, similarity_bound=1.0),
         [similarity, points], upstream)
@@ -510,57 +503,65 @@ def test_fused_passes_keep_rows_and_columns_far_below_the_shift():
         _assert_gradient_close(name, value, reference)
 
 
+def test_shared_memory_shortfall_counts_the_pipelined_rows():
+    # The pipelined rows of next_power_of_2(M) float32 lanes: 3 x 8192 x 4 bytes = 96 KiB at M = 6890, and
+    # 2 x 16384 x 4 = 128 KiB above 8192 lanes.
+    assert fused.shared_memory_shortfall(6890, 96 * 1024, "H100") is None
+    assert fused.shared_memory_shortfall(8192, None, "unknown GPU") is None
+    assert fused.shared_memory_shortfall(6890, 64 * 1024, "small GPU") == (
+        "the fused Sinkhorn passes need 96 KiB of shared memory per block for rows of 6890 pose vertices, and the "
+        "small GPU has 64 KiB")
+    message = fused.shared_memory_shortfall(8193, 99 * 1024, "small GPU")
+    assert message == ("the fused Sinkhorn passes need 128 KiB of shared memory per block for rows of 8193 pose "
+                       "vertices, and the small GPU has 99 KiB")
+
+
 # Compiles every kernel for Hopper (sm_90a) with Triton's own ptxas, no GPU needed (util/triton_offline.py), and
-# prints, per kernel and dtype of C, the count of each global-memory instruction in its PTX and ptxas's registers a
-# thread and spill stores.
+# prints, per kernel and dtype of C, the count of each global-memory instruction in its PTX.
 _HOPPER_PTX_SCRIPT = """
 import collections, json, re
 from models.networks.ot import fused
-from util.triton_offline import hopper_ptx, ptxas_usage
+from util.triton_offline import hopper_ptx
 
-def compiled(kernel, similarity_type, constexprs, num_warps):
+def global_memory_instructions(kernel, similarity_type, constexprs, num_warps):
     ptx = hopper_ptx(kernel, similarity_type, constexprs, num_warps)
     counts = collections.Counter(re.findall(r"\\b((?:ld|st)\\.global[.a-z0-9]*)\\s", ptx))
-    return {"instructions": counts, **ptxas_usage(ptx)}
+    counts.update(f"cp.async.{size}" for size in re.findall(
+        r"cp\\.async\\.c[ag]\\.shared\\.global\\S*\\s+\\[[^\\]]+\\],\\s*\\[[^\\]]+\\],\\s*(\\w+)", ptx))
+    return counts
 
-layout = fused.PASS_LAYOUT
-group = {"GROUP_ROWS": layout.group_rows, "CHUNK_LANES": layout.chunk_lanes, "NUM_STAGES": layout.stages}
+rows = {"BLOCK_M": 8192, "NUM_STAGES": 3}
 results = {}
 for similarity_type in ("*fp32", "*i16"):
-    for name, kernel in (("forward", fused._row_column_forward_kernel),
-                         ("backward", fused._row_column_backward_kernel)):
-        results[f"{name} {similarity_type}"] = compiled(kernel, similarity_type, group, layout.num_warps)
-    results["gradient " + similarity_type] = compiled(
+    results["forward " + similarity_type] = global_memory_instructions(
+        fused._row_column_forward_kernel, similarity_type, rows, 8192 // (32 * fused.FORWARD_LANES_PER_THREAD))
+    results["backward " + similarity_type] = global_memory_instructions(
+        fused._row_column_backward_kernel, similarity_type, rows, 8192 // (32 * fused.LANES_PER_THREAD))
+    results["gradient " + similarity_type] = global_memory_instructions(
         fused._similarity_gradient_kernel, similarity_type, {"RANK": 13, "BLOCK_N": 8, "BLOCK_M": 1024}, 4)
-results["fixed point column *fp32"] = compiled(fused._fixed_point_column_kernel, "*fp32", group, layout.num_warps)
+results["fixed point column"] = global_memory_instructions(fused._fixed_point_column_kernel, "*fp32", rows, 16)
 print(json.dumps(results))
 """
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs triton")
-def test_kernels_compile_for_hopper_in_16_byte_loads_and_registers_for_two_programs_an_sm():
-    """Each kernel compiles for an H100 (sm_90a) with a float32 and with an int16 C, and C's rows arrive in 16-byte
-    vector loads, half as many for int16 as for float32, and no 2-byte loads; the fixed-point column pass stores its
-    int16 rows 16 bytes at a time. At PASS_LAYOUT the pass kernels take at most 65,536 / (programs_per_sm x
-    threads) registers a thread, so that programs_per_sm programs share an SM, and the row + column passes spill
-    nothing. Runs in a subprocess: here Triton's interpreter replaces its compiler."""
+def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte_loads():
+    """Each kernel compiles for an H100 (sm_90) with a float32 and with an int16 C, and C's rows arrive in 16-byte
+    copies: pipelined through shared memory (cp.async) in the row passes, vector loads in the dL/dC tiles, half as
+    many for int16 as for float32, and no 2-byte loads; the fixed-point column pass stores its int16 rows 16 bytes
+    at a time. Runs in a subprocess: here Triton's interpreter replaces its compiler."""
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _HOPPER_PTX_SCRIPT], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[3], env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    kernels = json.loads(result.stdout.strip().splitlines()[-1])
-    counts = {name: kernel["instructions"] for name, kernel in kernels.items()}
-    for kernel in ("forward", "backward", "gradient"):
-        float_loads, fixed_loads = (counts[f"{kernel} {dtype}"].get("ld.global.v4.b32", 0)
-                                    for dtype in ("*fp32", "*i16"))
-        assert fixed_loads * 2 == float_loads > 0, (kernel, counts)
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    for kernel, lanes in (("forward", fused.FORWARD_LANES_PER_THREAD), ("backward", fused.LANES_PER_THREAD)):
+        float_copies, fixed_copies = (counts[f"{kernel} {dtype}"].get("cp.async.0x10", 0)
+                                      for dtype in ("*fp32", "*i16"))
+        # A thread's lanes of a row in 16-byte copies (4 float32 or 8 int16 lanes each), 3 rows in flight.
+        assert float_copies == lanes // 4 * 3 and fixed_copies == lanes // 8 * 3, (kernel, counts)
+    float_loads, fixed_loads = (counts[f"gradient {dtype}"].get("ld.global.v4.b32", 0) for dtype in ("*fp32", "*i16"))
+    assert fixed_loads * 2 == float_loads > 0, counts
     assert not any(op.startswith(("ld.global.b16", "ld.global.u16", "ld.global.s16")) for kernel_counts in
                    counts.values() for op in kernel_counts), counts
-    assert counts["fixed point column *fp32"].get("st.global.v4.b32", 0) > 0, counts
-    layout = fused.PASS_LAYOUT
-    register_budget = 65536 // (layout.programs_per_sm * 32 * layout.num_warps)
-    for name, kernel in kernels.items():
-        if name.startswith(("forward", "backward")):
-            assert kernel["spill_store_bytes"] == 0, (name, kernel)
-        if not name.startswith("gradient"):
-            assert kernel["registers"] <= register_budget, (name, kernel)
+    assert counts["fixed point column"].get("st.global.v4.b32", 0) > 0, counts
