@@ -46,8 +46,8 @@ except ImportError:  # CPU-only installs: `fused_pass_supported` then answers Fa
 _INTERPRETED = triton is not None and bool(
     triton.knobs.runtime.interpret if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-# The widest row a program holds in registers: with at most 32 warps each thread keeps 16 lanes (32 in the forward
-# pass, `FORWARD_LANES_PER_THREAD`) of every row-wide value (the row, a per-column vector or two, the column sums).
+# The widest row a program holds in registers: with at most 32 warps each thread keeps LANES_PER_THREAD lanes of every
+# row-wide value (the row, a per-column vector or two, the column sums).
 MAX_FUSED_POSE_VERTICES = 16384
 # Programs per streaming multiprocessor over the whole batch, rounded down so that the last wave is never a few
 # programs alone (a program of 8192 lanes, 16 warps of about 110 registers a thread, fills an H100 SM's registers,
@@ -65,12 +65,10 @@ PIPELINE_STAGES = 3
 WIDE_ROW_PIPELINE_STAGES = 2
 WIDE_ROW_LANES = 8192
 # Lanes of a row each thread holds (num_warps = BLOCK_M / (32 x this), between 4 and 32 warps): every row-wide value
-# is this many registers a thread. The passes are bound by each row's block-wide reduction rather than by reading C
-# (at N = M = 6890, batch 8, on an H100, a forward pass took 0.71 ms on a float32 C and 0.72 on its fixed-point copy,
-# half the bytes): with 32 lanes a thread, half the warps join each reduction, and the forward pass took 0.62 ms
-# (both forms; 0.164 against 0.175 ms for one pair), while the backward pass, which holds more row-wide values, took
-# 0.85 against 0.71 ms (docs/benchmarks.md, seventeenth session).
-FORWARD_LANES_PER_THREAD = 32
+# is this many registers a thread. Both passes use 16. At 32 (8 warps, half as many in each row's block-wide
+# reduction) the forward pass alone took 0.62 against 0.71 ms at batch 8 and N = M = 6890 on one H100 (seventeenth
+# session) but 0.90 against 0.72 on another (twentieth), and in the same call as the latter a training step's kernels
+# took 30.39 ms with it against 29.77 and 29.66 at 16 (docs/benchmarks.md, twentieth session).
 LANES_PER_THREAD = 16
 
 
@@ -326,12 +324,11 @@ class _LaunchLayout(NamedTuple):
 
 
 def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
-                   pipeline_stages: int | None, num_warps: int | None,
-                   lanes_per_thread: int = LANES_PER_THREAD) -> _LaunchLayout:
+                   pipeline_stages: int | None, num_warps: int | None) -> _LaunchLayout:
     """How a fused pass over `similarity` is launched.
 
     P defaults to PROGRAMS_PER_SM programs per SM over the whole batch (rounded down), at most N. num_warps
-    keeps `lanes_per_thread` lanes of a row per thread, between 4 and 32 warps. The stages default to
+    keeps LANES_PER_THREAD lanes of a row per thread, between 4 and 32 warps. The stages default to
     `_pipeline_stages`. A given num_warps or pipeline_stages replaces the rule's.
     """
     batch, num_identity, num_pose = similarity.shape
@@ -344,7 +341,7 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
     programs = min(programs_per_batch, num_identity)
     block = _block_width(num_pose)
     stages = pipeline_stages or _pipeline_stages(block)
-    num_warps = num_warps or min(32, max(4, block // (32 * lanes_per_thread)))
+    num_warps = num_warps or min(32, max(4, block // (32 * LANES_PER_THREAD)))
     return _LaunchLayout(programs, triton.cdiv(num_identity, programs), block, num_warps, stages)
 
 
@@ -411,8 +408,8 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
         pipeline_stages: rows in flight in a program's loop, or None for `_pipeline_stages` (for benchmarks; more
             than the default may exceed a GPU's shared memory and fail to launch).
-        num_warps: warps of a program, a power of two, or None for FORWARD_LANES_PER_THREAD lanes of a row a
-            thread (for benchmarks).
+        num_warps: warps of a program, a power of two, or None for LANES_PER_THREAD lanes of a row a thread (for
+            benchmarks).
     Returns:
         row_sum: float32 (B, N).
         log_a: float32 (B, N).
@@ -422,7 +419,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps, log_b=(log_b, "BM"),
                            row_shift=(row_shift, "B"))
     batch, num_identity, num_pose = similarity.shape
-    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps, FORWARD_LANES_PER_THREAD)
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
     row_sum = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     log_a = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)

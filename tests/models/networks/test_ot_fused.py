@@ -534,7 +534,7 @@ rows = {"BLOCK_M": 8192, "NUM_STAGES": 3}
 results = {}
 for similarity_type in ("*fp32", "*i16"):
     results["forward " + similarity_type] = global_memory_instructions(
-        fused._row_column_forward_kernel, similarity_type, rows, 8192 // (32 * fused.FORWARD_LANES_PER_THREAD))
+        fused._row_column_forward_kernel, similarity_type, rows, 8192 // (32 * fused.LANES_PER_THREAD))
     results["backward " + similarity_type] = global_memory_instructions(
         fused._row_column_backward_kernel, similarity_type, rows, 8192 // (32 * fused.LANES_PER_THREAD))
     results["gradient " + similarity_type] = global_memory_instructions(
@@ -555,10 +555,11 @@ def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte
                             cwd=Path(__file__).resolve().parents[3], env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
-    for kernel, lanes in (("forward", fused.FORWARD_LANES_PER_THREAD), ("backward", fused.LANES_PER_THREAD)):
+    for kernel in ("forward", "backward"):
         float_copies, fixed_copies = (counts[f"{kernel} {dtype}"].get("cp.async.0x10", 0)
                                       for dtype in ("*fp32", "*i16"))
         # A thread's lanes of a row in 16-byte copies (4 float32 or 8 int16 lanes each), 3 rows in flight.
+        lanes = fused.LANES_PER_THREAD
         assert float_copies == lanes // 4 * 3 and fixed_copies == lanes // 8 * 3, (kernel, counts)
     float_loads, fixed_loads = (counts[f"gradient {dtype}"].get("ld.global.v4.b32", 0) for dtype in ("*fp32", "*i16"))
     assert fixed_loads * 2 == float_loads > 0, counts
