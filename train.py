@@ -25,7 +25,7 @@ from data import DATASETS, FileBatches, TrainPairDataset
 from data.packed import PackedPairSampler, has_packed
 from data.split import parse_index_list, read_split_file
 from models import create_model
-from models.train_step import training_step
+from models.train_step import GraphedTrainingStep, training_step
 from options.base_options import options_dict, parse, save_options
 from options.train_options import MAX_EPOCH_SIZE, MAX_INDICES, TrainOptions
 from util import checkpoint
@@ -179,9 +179,11 @@ def main(opt: TrainOptions) -> None:
     device = torch.device(opt.device)
     batches = build_training_batches(opt, device)
     model = create_model(opt).to(device)
-    # fused: one kernel for the whole update on a GPU (same arithmetic as the default implementation).
+    # fused: one kernel for the whole update on a GPU (same arithmetic as the default implementation);
+    # capturable: its step count on the GPU, as a CUDA graph of the training step needs.
+    graphed = opt.cuda_graphs == "on"
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                                 eps=model.OPTIMIZER["eps"], fused=device.type == "cuda")
+                                 eps=model.OPTIMIZER["eps"], fused=device.type == "cuda", capturable=graphed)
     # Loss scaling only for fp16; bf16 and fp32 need none (nanoGPT's rule).
     scaler = torch.amp.GradScaler(device.type, enabled=opt.precision == "fp16")
     options_json = options_dict(opt)
@@ -206,7 +208,8 @@ def main(opt: TrainOptions) -> None:
         atomic_write_text(json.dumps(stats, indent=1) + "\n", opt.checkpoint_dir / "data_stats.json")
     network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if opt.distributed else model
-    step = functools.partial(training_step, network, optimizer, scaler)
+    step = GraphedTrainingStep(network, optimizer, scaler) if graphed else \
+        functools.partial(training_step, network, optimizer, scaler)
     logger = TrainingLogger(opt.checkpoint_dir)
     mesh_dir = Path(opt.output_dir) / opt.dataset_mode
     global_batch = opt.batchSize * opt.world_size

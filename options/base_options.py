@@ -75,9 +75,10 @@ class BaseOptions:
     compile: str = option("auto", "torch.compile the generator and the correspondence network: on, off, or "
                           "auto (on for GPU training)",
                           choices=("auto", "on", "off"))
-    cuda_graphs: str = option("auto", "inference on a GPU (test.py, transfer.py): replay input shapes met before "
-                              "from CUDA graphs, which removes most kernel-launch cost; auto = on for 3D-CoreNet "
-                              "inference on a GPU, off otherwise", choices=("auto", "on", "off"))
+    cuda_graphs: str = option("auto", "replay from CUDA graphs, which removes most kernel-launch cost: inference "
+                              "(test.py, transfer.py) per input shape met before, and train.py's whole training "
+                              "step in one process; auto = on for 3D-CoreNet inference on a GPU, off otherwise",
+                              choices=("auto", "on", "off"))
     load_from_opt_file: bool = option(False, "take option defaults from <checkpoints_dir>/<dataset_mode>/opt.json; "
                                       "flags given on the command line still win")
     isTrain: ClassVar[bool] = False
@@ -99,8 +100,9 @@ class BaseOptions:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.nThreads < 0:
             raise ValueError(f"--nThreads must be 0 or more, got {self.nThreads}")
-        if self.cuda_graphs == "on" and self.isTrain:
-            raise ValueError("--cuda_graphs is for inference (test.py, transfer.py); training runs without it")
+        if self.cuda_graphs == "on" and self.isTrain and self.world_size > 1:
+            raise ValueError("--cuda_graphs on replays one process's training step; with several processes "
+                             "(torchrun) drop the flag")
         if self.cuda_graphs == "on" and not self.device.startswith("cuda"):
             raise ValueError(f"--cuda_graphs on needs a GPU, but this run is on {self.device}; "
                              f"drop the flag or choose a GPU with --gpu_ids")

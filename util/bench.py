@@ -9,7 +9,8 @@
 Tables printed (and written as JSON with --out):
 - training step (forward, losses, backward, Adam) at --batch and --vertices: ms, pairs/s, peak GiB, the
   ratio to the reference and model FLOP utilisation, for the reference (fp32, dense OT) and fast variants,
-  and the mean ms of steps issued back to back (synchronised once, as a training loop runs);
+  the mean ms of steps issued back to back (synchronised once, as a training loop runs) and the GPU's kernel time
+  a step, eager and (on a GPU, "+graphs") replayed from one CUDA graph;
 - inference: one pair, a batch and a --big_batch, per variant, eager and (on a GPU) replayed from CUDA graphs;
 - an inference sweep over vertex counts for the memory-linear path (and the reference until it runs out);
 - the data path: pairs/s of the packed sampler on the device and of the OBJ loader with --workers.
@@ -36,7 +37,7 @@ import torch
 
 from models.cuda_graphs import GraphedTransfer, TransferFunction
 from models.pose_transfer_model import PoseTransferModel
-from models.train_step import training_step
+from models.train_step import WARMUP_STEPS, GraphedTrainingStep, training_step
 from util.cli import OneLineErrorParser, run_main
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
@@ -139,13 +140,23 @@ def build(variant: str, device: torch.device) -> PoseTransferModel:
     return model
 
 
-def make_training_step(model: PoseTransferModel, batch: dict, device: torch.device) -> Callable[[], object]:
+def make_training_step(model: PoseTransferModel, batch: dict, device: torch.device,
+                       graphs: bool = False) -> Callable[[], object]:
     """A function taking one full step on the batch as train.py does (models/train_step.py): forward, losses,
-    backward and the published Adam update (fused on a GPU), with fp16 loss scaling."""
+    backward and the published Adam update (fused on a GPU), with fp16 loss scaling; with graphs, replayed from one
+    CUDA graph (`GraphedTrainingStep`), after the eager steps its capture needs."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER, fused=device.type == "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER, fused=device.type == "cuda",
+                                 capturable=graphs)
     scaler = torch.amp.GradScaler(device.type, enabled=model.generator_dtype == torch.float16)
-    return functools.partial(training_step, model, optimizer, scaler, batch)
+    if not graphs:
+        return functools.partial(training_step, model, optimizer, scaler, batch)
+    step = GraphedTrainingStep(model, optimizer, scaler)
+    for _ in range(WARMUP_STEPS + 1):  # the last one captures
+        step(batch)
+    if step.graph is None:
+        raise RuntimeError("the training step could not be captured as a CUDA graph (see the warning above)")
+    return functools.partial(step, batch)
 
 
 def time_back_to_back(step: Callable[[], object], device: torch.device, steps: int) -> float:
@@ -174,11 +185,11 @@ def kernel_ms(step: Callable[[], object], device: torch.device, calls: int = 3) 
 
 
 def bench_training(model: PoseTransferModel, batch: dict, device: torch.device, warmup: int,
-                   repeats: int) -> dict[str, float]:
+                   repeats: int, graphs: bool = False) -> dict[str, float]:
     """Median ms of one synchronised step, mean ms of --repeats steps back to back, peak memory and the GPU's kernel
     time per step (`kernel_ms`) of `make_training_step`."""
-    step = make_training_step(model, batch, device)
-    reset_peak(device)
+    reset_peak(device)  # before the step is made: a graphed step's capture allocates its memory
+    step = make_training_step(model, batch, device, graphs)
     ms = time_median(step, device, warmup, repeats)
     return {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats), "peak_gib": peak_gib(device),
             "kernel_ms": kernel_ms(step, device)}
@@ -502,14 +513,18 @@ def main() -> None:
     batch = synthetic_batch(args.batch, args.vertices, device)
     one = {key: value[:1] for key, value in batch.items()}
     big = synthetic_batch(args.big_batch, args.vertices, device) if args.big_batch else None
+
+    def training_row(label: str, model: PoseTransferModel, graphs: bool) -> None:
+        train = bench_training(model, batch, device, args.warmup, args.repeats, graphs)
+        train.update(pairs_per_s=args.batch / train["ms"] * 1e3, mfu=step_gflop / train["ms"] / args.peak_tflops)
+        results["train"][label] = train
+        print(f"{label:30} train {train['ms']:8.2f} ms ({train['back_to_back_ms']:8.2f} back to back) "
+              f"{train['pairs_per_s']:8.1f} pairs/s {train['peak_gib']:6.2f} GiB", flush=True)
+
     for name in filter(None, args.variants.split(",")):  # --variants "": the data path alone
         model = build(name, device)
         if not args.skip_train:
-            train = bench_training(model, batch, device, args.warmup, args.repeats)
-            train.update(pairs_per_s=args.batch / train["ms"] * 1e3, mfu=step_gflop / train["ms"] / args.peak_tflops)
-            results["train"][name] = train
-            print(f"{name:30} train {train['ms']:8.2f} ms ({train['back_to_back_ms']:8.2f} back to back) "
-                  f"{train['pairs_per_s']:8.1f} pairs/s {train['peak_gib']:6.2f} GiB", flush=True)
+            training_row(name, model, graphs=False)
         model.eval()
         transfers = {name: model.transfer}
         if device.type == "cuda":
@@ -524,6 +539,8 @@ def main() -> None:
             print(f"{label:24} infer 1 pair {results['infer_one'][label]['ms']:7.2f} ms | batch "
                   f"{results['infer_batch'][label]['pairs_per_s']:8.1f} pairs/s", flush=True)
         del model, transfers
+        if device.type == "cuda" and not args.skip_train:  # the step replayed from a CUDA graph, on a fresh model
+            training_row(f"{name}+graphs", build(name, device), graphs=True)
     for name in ("reference", args.sweep_variant):
         for vertices in [int(v) for v in args.sweep.split(",") if v]:
             try:

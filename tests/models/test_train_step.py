@@ -1,9 +1,12 @@
-"""models/train_step.py: one optimizer step a call, with results that keep no autograd graph alive."""
+"""models/train_step.py: one optimizer step a call, with results that keep no autograd graph alive; replayed from a
+CUDA graph, the same numbers as the eager step, and eager steps where a graph cannot be used."""
+import pytest
 import torch
 
+from models import train_step
 from models.networks import init_weights
 from models.pose_transfer_model import PoseTransferModel
-from models.train_step import training_step
+from models.train_step import WARMUP_STEPS, GraphedTrainingStep, training_step
 from util.bench import synthetic_batch
 
 
@@ -19,3 +22,89 @@ def test_a_step_updates_every_parameter_and_returns_detached_results():
     assert all(value.grad_fn is None for value in (*outputs.values(), *losses.values()))
     changed = [not torch.equal(old, new) for old, new in zip(before, model.parameters())]
     assert sum(changed) > len(changed) // 2  # an update (some biases feed instance norms: no gradient)
+
+
+def _twin_runs(device: str, compiled: bool = False, **model_options) -> tuple[tuple, tuple]:
+    """Two identical models (compiled as train.py compiles them, or not), each with its (on a GPU fused) capturable
+    Adam and loss scaler."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = PoseTransferModel(ngf=8, **model_options)
+        init_weights(model)
+        model = model.to(device).train()
+        if compiled:
+            model.compile_networks()
+        optimizer = torch.optim.Adam(model.parameters(), **model.OPTIMIZER, fused=device == "cuda",
+                                     capturable=device == "cuda")
+        scaler = torch.amp.GradScaler(device, enabled=model.generator_dtype == torch.float16)
+        runs.append((model, optimizer, scaler))
+    return runs[0], runs[1]
+
+
+def _assert_same_parameters(model: torch.nn.Module, other: torch.nn.Module, step: int) -> None:
+    for (name, value), expected in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=f"step {step}: {name}")
+
+
+def test_graphed_step_refuses_an_optimizer_it_cannot_capture_and_a_cpu_model():
+    model = PoseTransferModel(ngf=8)
+    with pytest.raises(ValueError, match="needs an optimizer made with capturable=True"):
+        GraphedTrainingStep(model, torch.optim.Adam(model.parameters()), torch.amp.GradScaler("cpu", enabled=False))
+    step = GraphedTrainingStep(model, torch.optim.Adam(model.parameters(), capturable=True),
+                               torch.amp.GradScaler("cpu", enabled=False))
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device, got cpu"):
+        step(synthetic_batch(1, 30, torch.device("cpu")))
+
+
+def test_a_failed_capture_leaves_training_eager_one_step_a_call(monkeypatch, capsys):
+    """Every call is one optimizer step on its batch, whether it warms up, tries a capture that fails (out of memory
+    here) or runs eagerly after it. On the CPU, with the device check, the side stream and the capture replaced."""
+    captures = []
+
+    def failing_capture(self, batch):
+        captures.append(batch["identity_points"].shape)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore detail")
+
+    monkeypatch.setattr(train_step, "_require_cuda_model", lambda network: None)
+    monkeypatch.setattr(GraphedTrainingStep, "_side_stream_step", lambda self, batch, device: training_step(
+        self.network, self.optimizer, self.scaler, batch))
+    monkeypatch.setattr(GraphedTrainingStep, "_capture", failing_capture)
+    (model, optimizer, scaler), (eager_model, eager_optimizer, eager_scaler) = _twin_runs("cpu")
+    optimizer.param_groups[0]["capturable"] = True  # what the constructor asks; the CPU's Adam steps without it
+    graphed = GraphedTrainingStep(model, optimizer, scaler)
+    optimizer.param_groups[0]["capturable"] = False
+    for step in range(WARMUP_STEPS + 3):
+        batch = synthetic_batch(2, 40, torch.device("cpu"), seed=step)
+        _, losses = graphed(batch)
+        _, eager_losses = training_step(eager_model, eager_optimizer, eager_scaler, batch)
+        torch.testing.assert_close(losses, eager_losses, rtol=0, atol=0)
+        _assert_same_parameters(model, eager_model, step)
+    assert captures == [(2, 40, 3)]  # tried once, after the warm-up steps
+    assert capsys.readouterr().err.strip() == ("warning: the training step could not be captured as a CUDA graph "
+                                               "(CUDA out of memory. Tried to allocate 1.00 GiB); training goes on "
+                                               "without one")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_replayed_steps_equal_the_eager_steps():
+    """The fast path (fp16, stored warp, compiled): warm-up, capture, replays, a new capture after the lr changed,
+    and an eager step for a batch of another shape; parameters, losses and outputs equal the eager run's after every
+    step, and so does the loss scale."""
+    (model, optimizer, scaler), (eager_model, eager_optimizer, eager_scaler) = _twin_runs(
+        "cuda", compiled=True, ot="stored", precision="fp16", fold_linear=True)
+    graphed = GraphedTrainingStep(model, optimizer, scaler)
+    vertices = [300] * (WARMUP_STEPS + 4) + [200, 300]
+    for step, count in enumerate(vertices):
+        if step == WARMUP_STEPS + 2:
+            for run_optimizer in (optimizer, eager_optimizer):
+                run_optimizer.param_groups[0]["lr"] = 3e-5
+        batch = synthetic_batch(2, count, torch.device("cuda"), seed=step)
+        outputs, losses = graphed(batch)
+        eager_outputs, eager_losses = training_step(eager_model, eager_optimizer, eager_scaler, batch)
+        assert all(torch.isfinite(value) for value in eager_losses.values())
+        torch.testing.assert_close(losses, eager_losses, rtol=0, atol=0, msg=f"step {step}")
+        torch.testing.assert_close(outputs["fake_points"], eager_outputs["fake_points"], rtol=0, atol=0)
+        _assert_same_parameters(model, eager_model, step)
+    assert graphed.graph is not None and graphed.captured_key[1] == (3e-5,)
+    assert scaler.get_scale() == eager_scaler.get_scale()

@@ -82,13 +82,17 @@ def test_several_gpus_without_torchrun_names_the_command():
         parse(TrainOptions, ["--gpu_ids", "0,1"])
 
 
-def test_cuda_graphs_are_for_inference_on_a_gpu():
+def test_cuda_graphs_need_a_gpu_and_one_training_process(monkeypatch):
     assert parse(TestOptions, ["--gpu_ids", "-1"]).cuda_graphs == "off"
     assert parse(TrainOptions, ["--gpu_ids", "-1"]).cuda_graphs == "off"
-    with pytest.raises(ValueError, match="--cuda_graphs on needs a GPU, but this run is on cpu"):
-        parse(TestOptions, ["--gpu_ids", "-1", "--cuda_graphs", "on"])
-    with pytest.raises(ValueError, match="--cuda_graphs is for inference"):
-        parse(TrainOptions, ["--gpu_ids", "-1", "--cuda_graphs", "on"])
+    for options_class in (TestOptions, TrainOptions):
+        with pytest.raises(ValueError, match="--cuda_graphs on needs a GPU, but this run is on cpu"):
+            parse(options_class, ["--gpu_ids", "-1", "--cuda_graphs", "on"])
+    _pretend_one_gpu(monkeypatch)
+    assert parse(TrainOptions, ["--gpu_ids", "0", "--cuda_graphs", "on"]).cuda_graphs == "on"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--cuda_graphs on replays one process's training step"):
+        parse(TrainOptions, ["--gpu_ids", "0", "--cuda_graphs", "on"])
 
 
 @pytest.fixture
