@@ -121,7 +121,11 @@ class GraphedTrainingStep:
         # Free the previous graph's memory first: its gradients, outputs and inputs live in its pool.
         self.graph = self.inputs = self.outputs = self.losses = None
         self.optimizer.zero_grad(set_to_none=True)
-        self.inputs = {name: value.clone() for name, value in batch.items() if isinstance(value, torch.Tensor)}
+        # On the model's device, whichever the loader's: the step then moves nothing, and each call's copy into them
+        # (a host-to-device one for the file loaders) runs before the replay, outside the graph.
+        device = next(self.network.parameters()).device
+        self.inputs = {name: value.to(device, copy=True) for name, value in batch.items()
+                       if isinstance(value, torch.Tensor)}
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.outputs, self.losses = training_step(self.network, self.optimizer, self.scaler,
