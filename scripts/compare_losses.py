@@ -4,8 +4,11 @@
 
 Each log line "(epoch: e, iters: i, ...) edge: x rec: y lr: z" is one logged step; the loss is rec + edge
 (both logged with their weights). With both paths present it prints fast / reference - 1 and its standard
-error from the spread over seeds. Runs that stopped at different points (a run cut off by a time limit) are
-compared over the same pairs: every mean is then taken up to the last point every run reached, and a line says so.
+error from the spread over seeds, and the same paired by seed: a seed gives both paths the same initial weights
+and the same pairs in the same order (train.py --seed, the packed sampler), which is issue 4's comparison ("trained
+2000 steps from the same seed and data"), so the seeds' spread of pair draws cancels within each pair of runs.
+Runs that stopped at different points (a run cut off by a time limit) are compared over the same pairs: every mean
+is then taken up to the last point every run reached, and a line says so.
 """
 import argparse
 import math
@@ -46,6 +49,17 @@ def relative_difference(fast: list[float], reference: list[float]) -> tuple[floa
     return mean_fast / mean_reference - 1, error / mean_reference
 
 
+def paired_difference(fast: dict[int, float], reference: dict[int, float]) -> tuple[list[int], float, float]:
+    """The seeds both paths ran, the mean over them of fast / reference - 1 seed by seed, and its standard error
+    from the spread of those per-seed differences (nan with one seed)."""
+    seeds = sorted(fast.keys() & reference.keys())
+    differences = [fast[seed] / reference[seed] - 1 for seed in seeds]
+    if not differences:
+        return seeds, math.nan, math.nan
+    error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
+    return seeds, statistics.mean(differences), error
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
@@ -77,6 +91,11 @@ def main() -> None:
     if {"reference", "fast"} <= runs.keys():
         ratio, error = relative_difference(list(runs["fast"].values()), list(runs["reference"].values()))
         print(f"fast / reference - 1 = {ratio:+.2%}, standard error {error:.2%} (issue 4 asks for |.| <= 5%)")
+        seeds, paired, paired_error = paired_difference(runs["fast"], runs["reference"])
+        if seeds:
+            per_seed = ", ".join(f"{runs['fast'][seed] / runs['reference'][seed] - 1:+.1%}" for seed in seeds)
+            print(f"paired by seed {seeds}: mean of fast / reference - 1 = {paired:+.2%}, standard error "
+                  f"{paired_error:.2%} (per seed {per_seed})")
 
 
 if __name__ == "__main__":

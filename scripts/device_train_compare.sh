@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4's training check: the reference path (--precision fp32 --ot dense --compile off) against the fast
 # path (the defaults), trained STEPS steps from the same seeds on the same packed quadruped set, every run
-# at once on the GPU. Two device calls back to back on one warm machine (the trainings run detached in
+# at once on the GPU. PATHS may also name storedfp32 (--precision fp32 --ot stored --compile off: the faithful
+# float32 computation summed in another order), which measures how far rounding alone moves a run's loss. Two device calls back to back on one warm machine (the trainings run detached in
 # between); carry .whl.
 #   PHASE=1: make the set (VERTICES per mesh, default 2000), pack it, start the runs, follow them (FOLLOW
 #            seconds from the start, default 560)
@@ -50,7 +51,12 @@ case "${PHASE:?set PHASE=1 or 2}" in
       --vertices "${VERTICES:-2000}" --device cuda 2>&1 | tail -1
     python3 -m data.packed --dataroot "$data" --dataset_mode animal --workers 8 2>&1 | tail -1
     for path in $paths; do
-      flags=""; [ "$path" = reference ] && flags="--ot dense --precision fp32 --compile off"
+      case "$path" in
+        reference) flags="--ot dense --precision fp32 --compile off" ;;
+        storedfp32) flags="--ot stored --precision fp32 --compile off" ;;  # faithful float32, summed otherwise
+        fast) flags="" ;;
+        *) echo "error: unknown path $path in PATHS (reference, storedfp32, fast)" >&2; exit 2 ;;
+      esac
       for seed in $seeds; do
         setsid nohup python3 train.py --dataset_mode animal --dataroot "$data" --gpu_ids 0 --loader packed \
           --niter 1 --niter_decay 0 --epoch_size $((steps * 8)) --print_freq 8 --display_freq 100000000 \

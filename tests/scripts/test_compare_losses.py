@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from scripts.compare_losses import last_mean, relative_difference
+from scripts.compare_losses import last_mean, paired_difference, relative_difference
 from tests.cli import assert_one_line_error, run_script
 
 
@@ -30,6 +30,19 @@ def test_relative_difference_and_its_standard_error():
     assert math.isnan(relative_difference([9.0], [10.0])[1])
 
 
+def test_paired_difference_compares_each_seed_with_itself():
+    """Seeds whose runs differ a lot from each other but little between the paths: the paired error is small where
+    the unpaired one is not; a seed one path lacks is left out."""
+    fast, reference = {1: 5.5, 2: 11.0, 3: 16.5, 4: 99.0}, {1: 5.0, 2: 10.0, 3: 15.0}
+    seeds, difference, error = paired_difference(fast, reference)
+    assert seeds == [1, 2, 3] and difference == pytest.approx(0.1) and error == pytest.approx(0.0, abs=1e-12)
+    assert relative_difference([5.5, 11.0, 16.5], [5.0, 10.0, 15.0])[1] > 0.3
+    seeds, difference, error = paired_difference({1: 9.0, 2: 12.0}, {1: 10.0, 2: 10.0})
+    assert difference == pytest.approx(0.05) and error == pytest.approx(statistics.stdev([-0.1, 0.2]) / math.sqrt(2))
+    assert math.isnan(paired_difference({1: 9.0}, {1: 10.0})[2])
+    assert paired_difference({1: 9.0}, {2: 10.0})[0] == []
+
+
 def test_the_script_prints_each_path_and_the_comparison(tmp_path):
     for path, seed, totals in [("fast", 1, [9.0]), ("fast", 2, [11.0]), ("reference", 1, [10.0]),
                                ("reference", 2, [10.0])]:
@@ -38,6 +51,8 @@ def test_the_script_prints_each_path_and_the_comparison(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "fast       seeds [1, 2]: last-200 mean loss 10.0000" in result.stdout
     assert "fast / reference - 1 = +0.00%, standard error 10.00%" in result.stdout
+    assert ("paired by seed [1, 2]: mean of fast / reference - 1 = +0.00%, standard error 10.00% (per seed -10.0%, "
+            "+10.0%)") in result.stdout
 
 
 def test_no_logs_and_empty_logs_are_one_line_errors(tmp_path):
