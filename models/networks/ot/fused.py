@@ -518,10 +518,12 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
     return fixed_point[..., :num_pose], partial.sum(1)
 
 
-# dL/dC tiles (identity rows, pose columns, warps): 8192 lanes, 64 a thread at 4 warps. Rows of 1024 columns:
-# 1.22 ms at batch 8 and 6890 vertices on the H100 against 1.97 ms for 32 x 256 (`python -m util.bench
-# --fused_passes`, 2026-12-06).
-GRADIENT_TILE = (8, 1024, 4)
+# dL/dC tiles (identity rows, pose columns, warps): 4096 lanes, 64 a thread at 2 warps. Rows of 1024 columns: 1.22 ms
+# at batch 8 and 6890 vertices on the H100 against 1.97 ms for 32 x 256 (2026-12-06); on the fixed-point C, 4 rows at
+# 2 warps took 1.156, 1.130 and 1.133 ms against 1.186, 1.201 and 1.188 for 8 rows at 4 warps, in three runs on the
+# twentieth session's H100s, and 0.197, 0.183 and 0.175 against 0.196, 0.195 and 0.180 at one pair (`python -m
+# util.bench --fused_passes`).
+GRADIENT_TILE = (4, 1024, 2)
 
 
 def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tensor, column_factors: torch.Tensor,

@@ -538,7 +538,8 @@ for similarity_type in ("*fp32", "*i16"):
     results["backward " + similarity_type] = global_memory_instructions(
         fused._row_column_backward_kernel, similarity_type, rows, 8192 // (32 * fused.LANES_PER_THREAD))
     results["gradient " + similarity_type] = global_memory_instructions(
-        fused._similarity_gradient_kernel, similarity_type, {"RANK": 13, "BLOCK_N": 8, "BLOCK_M": 1024}, 4)
+        fused._similarity_gradient_kernel, similarity_type,
+        {"RANK": 13, "BLOCK_N": fused.GRADIENT_TILE[0], "BLOCK_M": fused.GRADIENT_TILE[1]}, fused.GRADIENT_TILE[2])
 results["fixed point column"] = global_memory_instructions(fused._fixed_point_column_kernel, "*fp32", rows, 16)
 print(json.dumps(results))
 """
