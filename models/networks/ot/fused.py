@@ -87,6 +87,16 @@ def _row_lanes(num_pose, readable_pose, BLOCK_M: tl.constexpr):
 
 
 @_triton_jit
+def _program_rows(similarity_ptr, batch_stride, num_identity, rows_per_program):
+    """Program (p, b)'s p, its batch element b, a pointer to b's first row of C, and its rows [first, last)."""
+    program = tl.program_id(0)
+    batch = tl.program_id(1)
+    first = program * rows_per_program
+    return (program, batch, similarity_ptr + batch.to(tl.int64) * batch_stride, first,
+            tl.minimum(first + rows_per_program, num_identity))
+
+
+@_triton_jit
 def _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step, inverse_epsilon):
     """s = (C - 1) / epsilon of one row of C (batch_ptr: its batch element's first row) at the lanes `columns`
     (-1 / epsilon past M, where in_row is False). C is the value loaded times similarity_step: 1 for a float32 C,
@@ -110,17 +120,15 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     The column sums are shifted by the largest log a of the program's rows so far: when a row raises it, the
     sums are rescaled by exp(old - new) (0 for the first row, whose old shift is -inf).
     """
-    program = tl.program_id(0)
-    batch = tl.program_id(1)
+    program, batch, batch_ptr, first, last = _program_rows(similarity_ptr, batch_stride, num_identity,
+                                                           rows_per_program)
     columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     row_shift = tl.load(row_shift_ptr + batch)
     # Lanes past M have log b = -inf, so their row terms are 0 (their column sums are never stored).
     row_offset = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
     column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     program_shift = tl.full([], float("-inf"), tl.float32)
-    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
-    first = program * rows_per_program
-    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+    for row in tl.range(first, last, num_stages=NUM_STAGES):
         index = batch * num_identity + row
         log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step,
                                      inverse_epsilon)
@@ -147,8 +155,8 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
                                 rows_per_program, similarity_step, inverse_epsilon, log_division_eps,
                                 BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
-    program = tl.program_id(0)
-    batch = tl.program_id(1)
+    program, batch, batch_ptr, first, last = _program_rows(similarity_ptr, batch_stride, num_identity,
+                                                           rows_per_program)
     columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     column_shift = tl.load(column_shift_ptr + batch)
     row_shift = tl.load(row_shift_ptr + batch)
@@ -156,9 +164,7 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     column_coefficient = tl.load(column_coefficient_ptr + batch * num_pose + columns, mask=in_row, other=0.0)
     column_offset = tl.load(log_b_prev_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
     grad_log_b = tl.zeros([BLOCK_M], dtype=tl.float32)
-    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
-    first = program * rows_per_program
-    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+    for row in tl.range(first, last, num_stages=NUM_STAGES):
         index = batch * num_identity + row
         log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step,
                                      inverse_epsilon)
@@ -180,14 +186,12 @@ def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num
                                NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see
     `fused_fixed_point_column_pass`. Lanes from M to fixed_row_stride store zeros."""
-    program = tl.program_id(0)
-    batch = tl.program_id(1)
+    program, batch, batch_ptr, first, last = _program_rows(similarity_ptr, batch_stride, num_identity,
+                                                           rows_per_program)
     columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    batch_ptr = similarity_ptr + batch.to(tl.int64) * batch_stride
     fixed_batch_ptr = fixed_point_ptr + batch.to(tl.int64) * fixed_batch_stride
-    first = program * rows_per_program
-    for row in tl.range(first, tl.minimum(first + rows_per_program, num_identity), num_stages=NUM_STAGES):
+    for row in tl.range(first, last, num_stages=NUM_STAGES):
         similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable,
                                  other=0.0)
         scaled = tl.minimum(tl.maximum(tl.where(in_row, similarity_row, 0.0), -1.0), 1.0) * levels
