@@ -86,6 +86,47 @@ def test_a_failed_capture_leaves_training_eager_one_step_a_call(monkeypatch, cap
                                                "without one")
 
 
+def test_captures_once_per_shape_and_lr_and_copies_each_batch_into_the_graphs_inputs(monkeypatch):
+    """The control flow on the CPU, with a stand-in graph whose replay is an eager step on the captured input buffers:
+    warm-up steps, one capture, replays that see each new batch, a new capture when the lr changes, an eager step for
+    another shape; the parameters follow an eager twin's step for step."""
+    captures = []
+
+    class ReplayedStep:  # stands in for torch.cuda.CUDAGraph: its replay runs the step on the graph's inputs
+        def __init__(self, graphed):
+            self.graphed = graphed
+
+        def replay(self):
+            graphed = self.graphed
+            graphed.outputs, graphed.losses = training_step(graphed.network, graphed.optimizer, graphed.scaler,
+                                                            graphed.inputs)
+
+    def capture(self, batch):
+        captures.append((tuple(batch["identity_points"].shape), self.optimizer.param_groups[0]["lr"]))
+        self.inputs = {name: value.clone() for name, value in batch.items() if isinstance(value, torch.Tensor)}
+        self.graph = ReplayedStep(self)
+
+    monkeypatch.setattr(train_step, "_require_cuda_model", lambda network: None)
+    monkeypatch.setattr(GraphedTrainingStep, "_side_stream_step", lambda self, batch, device: training_step(
+        self.network, self.optimizer, self.scaler, batch))
+    monkeypatch.setattr(GraphedTrainingStep, "_capture", capture)
+    (model, optimizer, scaler), (eager_model, eager_optimizer, eager_scaler) = _twin_runs("cpu")
+    optimizer.param_groups[0]["capturable"] = True
+    graphed = GraphedTrainingStep(model, optimizer, scaler)
+    optimizer.param_groups[0]["capturable"] = False
+    vertices = [40] * (WARMUP_STEPS + 3) + [30, 40]
+    for step, count in enumerate(vertices):
+        if step == WARMUP_STEPS + 2:
+            for run_optimizer in (optimizer, eager_optimizer):
+                run_optimizer.param_groups[0]["lr"] = 3e-5
+        batch = synthetic_batch(2, count, torch.device("cpu"), seed=step)
+        _, losses = graphed(batch)
+        _, eager_losses = training_step(eager_model, eager_optimizer, eager_scaler, batch)
+        torch.testing.assert_close(losses, eager_losses, rtol=0, atol=0, msg=f"step {step}")
+        _assert_same_parameters(model, eager_model, step)
+    assert captures == [((2, 40, 3), model.OPTIMIZER["lr"]), ((2, 40, 3), 3e-5)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replayed_steps_equal_the_eager_steps():
     """The fast path (fp16, stored warp, compiled): warm-up, capture, replays, a new capture after the lr changed,
