@@ -140,6 +140,10 @@ def build(variant: str, device: torch.device) -> PoseTransferModel:
     return model
 
 
+class GraphCaptureError(RuntimeError):
+    """A training step that `GraphedTrainingStep` could not capture."""
+
+
 def make_training_step(model: PoseTransferModel, batch: dict, device: torch.device,
                        graphs: bool = False) -> Callable[[], object]:
     """A function taking one full step on the batch as train.py does (models/train_step.py): forward, losses,
@@ -155,7 +159,7 @@ def make_training_step(model: PoseTransferModel, batch: dict, device: torch.devi
     for _ in range(WARMUP_STEPS + 1):  # the last one captures
         step(batch)
     if step.graph is None:
-        raise RuntimeError("the training step could not be captured as a CUDA graph (see the warning above)")
+        raise GraphCaptureError("the training step could not be captured as a CUDA graph (see the warning above)")
     return functools.partial(step, batch)
 
 
@@ -540,7 +544,10 @@ def main() -> None:
                   f"{results['infer_batch'][label]['pairs_per_s']:8.1f} pairs/s", flush=True)
         del model, transfers
         if device.type == "cuda" and not args.skip_train:  # the step replayed from a CUDA graph, on a fresh model
-            training_row(f"{name}+graphs", build(name, device), graphs=True)
+            try:
+                training_row(f"{name}+graphs", build(name, device), graphs=True)
+            except GraphCaptureError as error:  # the table goes on without the row
+                print(f"{name}+graphs: no training row ({error})", flush=True)
     for name in ("reference", args.sweep_variant):
         for vertices in [int(v) for v in args.sweep.split(",") if v]:
             try:

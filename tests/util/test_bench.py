@@ -137,3 +137,23 @@ def test_profile_lists_the_products_by_shape():
     rows = {line.split("TFLOP/s")[1].strip(): float(line.split()[0]) for line in products}
     assert rows["aten::bmm [[2, 1024, 1024], [2, 1024, 40]]"] > 0
     assert rows["aten::baddbmm [[1024, 1], [2, 1024, 1024], [2, 1024, 40]]"] > 0
+
+
+def test_a_graphed_step_that_cannot_be_captured_is_a_capture_error(monkeypatch, capsys):
+    """make_training_step(graphs=True) runs the warm-up steps, then a capture; when the capture fails (out of memory
+    here; on the CPU with the device check, the side stream and the capture replaced) it raises GraphCaptureError,
+    which util.bench's table skips with one line, after the warning the step printed."""
+    from models import train_step
+
+    def failing_capture(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_step, "_require_cuda_model", lambda network: None)
+    monkeypatch.setattr(train_step.GraphedTrainingStep, "_side_stream_step", lambda self, batch, device: None)
+    monkeypatch.setattr(train_step.GraphedTrainingStep, "_capture", failing_capture)
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, closure=None: None)  # no capturable Adam on the CPU
+    model = bench.build("reference", torch.device("cpu"))
+    with pytest.raises(bench.GraphCaptureError, match="could not be captured as a CUDA graph"):
+        bench.make_training_step(model, bench.synthetic_batch(1, 30, torch.device("cpu")), torch.device("cpu"),
+                                 graphs=True)
+    assert "warning: the training step could not be captured" in capsys.readouterr().err
