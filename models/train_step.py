@@ -94,10 +94,9 @@ class GraphedTrainingStep:
         key = (shapes, tuple(group["lr"] for group in self.optimizer.param_groups))
         if key != self.captured_key:
             try:
-                self._capture(batch)
-            except RuntimeError as error:  # torch.OutOfMemoryError included
+                self._capture(batch, device)
+            except RuntimeError as error:  # torch.OutOfMemoryError included; _capture left no graph
                 self.capture_failed = True
-                self.graph = None
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 print(f"warning: the training step could not be captured as a CUDA graph ({reason}); training "
                       f"goes on without one", file=sys.stderr)
@@ -116,14 +115,14 @@ class GraphedTrainingStep:
         torch.cuda.current_stream(device).wait_stream(side_stream)
         return result
 
-    def _capture(self, batch: dict) -> None:
-        """Record one step on buffers holding this batch; the recorded step runs only when replayed."""
+    def _capture(self, batch: dict, device: torch.device) -> None:
+        """Record one step on buffers holding this batch, on the model's device; the recorded step runs only when
+        replayed."""
         # Free the previous graph's memory first: its gradients, outputs and inputs live in its pool.
         self.graph = self.inputs = self.outputs = self.losses = None
         self.optimizer.zero_grad(set_to_none=True)
         # On the model's device, whichever the loader's: the step then moves nothing, and each call's copy into them
         # (a host-to-device one for the file loaders) runs before the replay, outside the graph.
-        device = next(self.network.parameters()).device
         self.inputs = {name: value.to(device, copy=True) for name, value in batch.items()
                        if isinstance(value, torch.Tensor)}
         graph = torch.cuda.CUDAGraph()

@@ -57,29 +57,49 @@ def test_graphed_step_refuses_an_optimizer_it_cannot_capture_and_a_cpu_model():
         step(synthetic_batch(1, 30, torch.device("cpu")))
 
 
+def _graphed_cpu_twins(monkeypatch: pytest.MonkeyPatch, capture) -> tuple[GraphedTrainingStep, tuple]:
+    """A GraphedTrainingStep on the CPU (the device check and the side stream replaced, `capture` as its _capture)
+    and the eager twin run beside it."""
+    monkeypatch.setattr(train_step, "_require_cuda_model", lambda network: torch.device("cpu"))
+    monkeypatch.setattr(GraphedTrainingStep, "_side_stream_step", lambda self, batch, device: training_step(
+        self.network, self.optimizer, self.scaler, batch))
+    monkeypatch.setattr(GraphedTrainingStep, "_capture", capture)
+    (model, optimizer, scaler), eager_run = _twin_runs("cpu")
+    optimizer.param_groups[0]["capturable"] = True  # what the constructor asks; the CPU's Adam steps without it
+    graphed = GraphedTrainingStep(model, optimizer, scaler)
+    optimizer.param_groups[0]["capturable"] = False
+    return graphed, eager_run
+
+
+def _step_beside_eager_twin(graphed: GraphedTrainingStep, eager_run: tuple, vertices: list[int],
+                            device: torch.device) -> None:
+    """One call of `graphed` and one eager step of the twin per entry of vertices (the batch's vertex count), the lr of
+    both lowered to 3e-5 before step WARMUP_STEPS + 2; losses, outputs and parameters equal after every step."""
+    eager_model, eager_optimizer, eager_scaler = eager_run
+    for step, count in enumerate(vertices):
+        if step == WARMUP_STEPS + 2:
+            for optimizer in (graphed.optimizer, eager_optimizer):
+                optimizer.param_groups[0]["lr"] = 3e-5
+        batch = synthetic_batch(2, count, device, seed=step)
+        outputs, losses = graphed(batch)
+        eager_outputs, eager_losses = training_step(eager_model, eager_optimizer, eager_scaler, batch)
+        assert all(torch.isfinite(value) for value in eager_losses.values())
+        torch.testing.assert_close(losses, eager_losses, rtol=0, atol=0, msg=f"step {step}")
+        torch.testing.assert_close(outputs["fake_points"], eager_outputs["fake_points"], rtol=0, atol=0)
+        _assert_same_parameters(graphed.network, eager_model, step)
+
+
 def test_a_failed_capture_leaves_training_eager_one_step_a_call(monkeypatch, capsys):
     """Every call is one optimizer step on its batch, whether it warms up, tries a capture that fails (out of memory
     here) or runs eagerly after it. On the CPU, with the device check, the side stream and the capture replaced."""
     captures = []
 
-    def failing_capture(self, batch):
+    def failing_capture(self, batch, device):
         captures.append(batch["identity_points"].shape)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore detail")
 
-    monkeypatch.setattr(train_step, "_require_cuda_model", lambda network: None)
-    monkeypatch.setattr(GraphedTrainingStep, "_side_stream_step", lambda self, batch, device: training_step(
-        self.network, self.optimizer, self.scaler, batch))
-    monkeypatch.setattr(GraphedTrainingStep, "_capture", failing_capture)
-    (model, optimizer, scaler), (eager_model, eager_optimizer, eager_scaler) = _twin_runs("cpu")
-    optimizer.param_groups[0]["capturable"] = True  # what the constructor asks; the CPU's Adam steps without it
-    graphed = GraphedTrainingStep(model, optimizer, scaler)
-    optimizer.param_groups[0]["capturable"] = False
-    for step in range(WARMUP_STEPS + 3):
-        batch = synthetic_batch(2, 40, torch.device("cpu"), seed=step)
-        _, losses = graphed(batch)
-        _, eager_losses = training_step(eager_model, eager_optimizer, eager_scaler, batch)
-        torch.testing.assert_close(losses, eager_losses, rtol=0, atol=0)
-        _assert_same_parameters(model, eager_model, step)
+    graphed, eager_run = _graphed_cpu_twins(monkeypatch, failing_capture)
+    _step_beside_eager_twin(graphed, eager_run, [40] * (WARMUP_STEPS + 3), torch.device("cpu"))
     assert captures == [(2, 40, 3)]  # tried once, after the warm-up steps
     assert capsys.readouterr().err.strip() == ("warning: the training step could not be captured as a CUDA graph "
                                                "(CUDA out of memory. Tried to allocate 1.00 GiB); training goes on "
@@ -101,30 +121,15 @@ def test_captures_once_per_shape_and_lr_and_copies_each_batch_into_the_graphs_in
             graphed.outputs, graphed.losses = training_step(graphed.network, graphed.optimizer, graphed.scaler,
                                                             graphed.inputs)
 
-    def capture(self, batch):
+    def capture(self, batch, device):
         captures.append((tuple(batch["identity_points"].shape), self.optimizer.param_groups[0]["lr"]))
-        self.inputs = {name: value.clone() for name, value in batch.items() if isinstance(value, torch.Tensor)}
+        self.inputs = {name: value.to(device, copy=True) for name, value in batch.items()
+                       if isinstance(value, torch.Tensor)}
         self.graph = ReplayedStep(self)
 
-    monkeypatch.setattr(train_step, "_require_cuda_model", lambda network: None)
-    monkeypatch.setattr(GraphedTrainingStep, "_side_stream_step", lambda self, batch, device: training_step(
-        self.network, self.optimizer, self.scaler, batch))
-    monkeypatch.setattr(GraphedTrainingStep, "_capture", capture)
-    (model, optimizer, scaler), (eager_model, eager_optimizer, eager_scaler) = _twin_runs("cpu")
-    optimizer.param_groups[0]["capturable"] = True
-    graphed = GraphedTrainingStep(model, optimizer, scaler)
-    optimizer.param_groups[0]["capturable"] = False
-    vertices = [40] * (WARMUP_STEPS + 3) + [30, 40]
-    for step, count in enumerate(vertices):
-        if step == WARMUP_STEPS + 2:
-            for run_optimizer in (optimizer, eager_optimizer):
-                run_optimizer.param_groups[0]["lr"] = 3e-5
-        batch = synthetic_batch(2, count, torch.device("cpu"), seed=step)
-        _, losses = graphed(batch)
-        _, eager_losses = training_step(eager_model, eager_optimizer, eager_scaler, batch)
-        torch.testing.assert_close(losses, eager_losses, rtol=0, atol=0, msg=f"step {step}")
-        _assert_same_parameters(model, eager_model, step)
-    assert captures == [((2, 40, 3), model.OPTIMIZER["lr"]), ((2, 40, 3), 3e-5)]
+    graphed, eager_run = _graphed_cpu_twins(monkeypatch, capture)
+    _step_beside_eager_twin(graphed, eager_run, [40] * (WARMUP_STEPS + 3) + [30, 40], torch.device("cpu"))
+    assert captures == [((2, 40, 3), graphed.network.OPTIMIZER["lr"]), ((2, 40, 3), 3e-5)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -132,20 +137,9 @@ def test_replayed_steps_equal_the_eager_steps():
     """The fast path (fp16, stored warp, compiled): warm-up, capture, replays, a new capture after the lr changed,
     and an eager step for a batch of another shape; parameters, losses and outputs equal the eager run's after every
     step, and so does the loss scale."""
-    (model, optimizer, scaler), (eager_model, eager_optimizer, eager_scaler) = _twin_runs(
-        "cuda", compiled=True, ot="stored", precision="fp16", fold_linear=True)
+    (model, optimizer, scaler), eager_run = _twin_runs("cuda", compiled=True, ot="stored", precision="fp16",
+                                                       fold_linear=True)
     graphed = GraphedTrainingStep(model, optimizer, scaler)
-    vertices = [300] * (WARMUP_STEPS + 4) + [200, 300]
-    for step, count in enumerate(vertices):
-        if step == WARMUP_STEPS + 2:
-            for run_optimizer in (optimizer, eager_optimizer):
-                run_optimizer.param_groups[0]["lr"] = 3e-5
-        batch = synthetic_batch(2, count, torch.device("cuda"), seed=step)
-        outputs, losses = graphed(batch)
-        eager_outputs, eager_losses = training_step(eager_model, eager_optimizer, eager_scaler, batch)
-        assert all(torch.isfinite(value) for value in eager_losses.values())
-        torch.testing.assert_close(losses, eager_losses, rtol=0, atol=0, msg=f"step {step}")
-        torch.testing.assert_close(outputs["fake_points"], eager_outputs["fake_points"], rtol=0, atol=0)
-        _assert_same_parameters(model, eager_model, step)
+    _step_beside_eager_twin(graphed, eager_run, [300] * (WARMUP_STEPS + 4) + [200, 300], torch.device("cuda"))
     assert graphed.graph is not None and graphed.captured_key[1] == (3e-5,)
-    assert scaler.get_scale() == eager_scaler.get_scale()
+    assert scaler.get_scale() == eager_run[2].get_scale()
