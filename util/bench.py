@@ -3,6 +3,7 @@
     python -m util.bench --out bench.json                 # everything, on the GPU
     python -m util.bench --device cpu --vertices 500 --sweep "" --loader_pairs 0   # a quick CPU check
     python -m util.bench --fused_passes                   # the fused Sinkhorn kernels alone (a GPU)
+    ncu -k regex:_kernel python -m util.bench --fused_launches 3   # their hardware counters (Nsight Compute)
     python -m util.bench --profile fast-fp16-compiled     # where a training step's time goes: operators,
                                                           # kernels, matrix products by shape and their rates
 
@@ -30,7 +31,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -322,27 +323,48 @@ def profile_inference(variant: str, batch: dict, device: torch.device, calls: in
         return _profile(lambda: model.transfer(batch["identity_points"], batch["pose_points"]), device, calls)
 
 
-def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: int, repeats: int) -> dict:
-    """A fused row + column Sinkhorn pass (models/networks/ot/fused.py) against the compiled row pass, vector
-    step and column pass it replaces (stored.py's own, as they run without it), on C of random unit 256-channel
-    features stored as the split product leaves it on a GPU (rows padded to a multiple of 8): ms of each, for
-    the default number of programs per batch element and a few others, for 2 to 4 pipeline stages (6 too on
-    the fixed-point C) and for 8 to 32 warps; and ms of the dL/dC kernel (rank 13, as five Sinkhorn iterations
-    give, written in fp16) with its default tile and GRADIENT_TILES. The fused kernels are timed on the float32 C
-    (results' "float32") and on its 16-bit fixed-point copy, as half precision stores it ("fixed_point")."""
-    from models.networks.layers import padded
-    from models.networks.ot import fused, stored
-    from models.networks.ot.common import bounded_shift, fixed_point_similarity
+class FusedPassInputs(NamedTuple):
+    """What the fused Sinkhorn kernels read at batch B and N = M vertices (`fused_pass_inputs`)."""
+    similarity: torch.Tensor  # C, float32 (B, N, M), a view of rows padded to a multiple of 8
+    padding: int  # the pad lanes of each row of C
+    log_b: torch.Tensor  # (B, M)
+    shift: torch.Tensor  # (B,), bounded_shift of log b at |C| <= 1
+    row_factors: torch.Tensor  # U of dL/dC, (B, N, rank)
+    column_factors: torch.Tensor  # V of dL/dC, (B, M, rank) stored pose-major
 
-    run = functools.partial(stored._run_pass, True)
+
+def fused_pass_inputs(device: torch.device, batch: int, vertices: int) -> FusedPassInputs:
+    """C of random unit 256-channel features as the split product leaves it on a GPU, a log b near -log M, and
+    dL/dC factors of the rank five Sinkhorn iterations give (seeded: the same on every call)."""
+    from models.networks.layers import padded
+    from models.networks.ot import stored
+    from models.networks.ot.common import bounded_shift
+
     generator = torch.Generator(device=device).manual_seed(0)
     theta, phi = (torch.nn.functional.normalize(torch.randn(batch, 256, vertices, device=device, generator=generator),
                                                 dim=1) for _ in range(2))
     padded_phi = padded(phi)
-    padding = padded_phi.shape[2] - vertices
     similarity = torch.bmm(theta.transpose(1, 2), padded_phi)[..., :vertices]
     log_b = -math.log(vertices) + 0.1 * torch.randn(batch, vertices, device=device, generator=generator)
     shift = bounded_shift(log_b, 1.0, stored.SINKHORN_EPSILON)  # cosine similarities: |C| <= 1
+    rank = 4 + 2 * stored.SINKHORN_ITERATIONS - 1
+    row_factors = torch.rand(batch, vertices, rank, device=device, generator=generator)
+    column_factors = stored._pose_major(torch.rand(batch, vertices, rank, device=device, generator=generator))
+    return FusedPassInputs(similarity, padded_phi.shape[2] - vertices, log_b, shift, row_factors, column_factors)
+
+
+def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: int, repeats: int) -> dict:
+    """A fused row + column Sinkhorn pass (models/networks/ot/fused.py) against the compiled row pass, vector
+    step and column pass it replaces (stored.py's own, as they run without it), on `fused_pass_inputs`: ms of
+    each, for the default number of programs per batch element and a few others, for 2 to 4 pipeline stages (6
+    too on the fixed-point C) and for 8 to 32 warps; and ms of the dL/dC kernel (written in fp16) with its
+    default tile and GRADIENT_TILES. The fused kernels are timed on the float32 C (results' "float32") and on its
+    16-bit fixed-point copy, as half precision stores it ("fixed_point")."""
+    from models.networks.ot import fused, stored
+    from models.networks.ot.common import fixed_point_similarity
+
+    run = functools.partial(stored._run_pass, True)
+    similarity, padding, log_b, shift, row_factors, column_factors = fused_pass_inputs(device, batch, vertices)
 
     def separate() -> None:
         maximum, total = run(stored._row_normaliser, similarity, log_b, stored.SINKHORN_EPSILON, shift)
@@ -354,9 +376,6 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     if device.type == "cuda":
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         program_counts += [max(1, per_sm * sm_count // batch) for per_sm in (1, 2, 4)]
-    rank = 4 + 2 * stored.SINKHORN_ITERATIONS - 1
-    row_factors = torch.rand(batch, vertices, rank, device=device, generator=generator)
-    column_factors = stored._pose_major(torch.rand(batch, vertices, rank, device=device, generator=generator))
     # Pipeline stages to time: a float32 row of 8192 lanes takes 32 KiB of shared memory a stage, a fixed-point one 16.
     forms = {"float32": (similarity, (2, 3, 4)), "fixed_point": (fixed_point_similarity(similarity), (2, 3, 4, 6))}
     for form, (stored_similarity, stage_counts) in forms.items():
@@ -383,6 +402,25 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
                     device, warmup, repeats)
                 for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES])}}
     return results
+
+
+def launch_fused_passes(device: torch.device, batch: int, vertices: int, launches: int) -> None:
+    """Each kernel of fused.py at its default layout, `launches` times, untimed, on `fused_pass_inputs`: the
+    fixed-point conversion with the first column pass, then the forward pass, the backward pass and dL/dC on the
+    fixed-point C, as a half-precision training step runs them (for a profiler such as Nsight Compute)."""
+    from models.networks.ot import fused, stored
+
+    inputs = fused_pass_inputs(device, batch, vertices)
+    epsilon = stored.SINKHORN_EPSILON
+    for _ in range(launches):
+        fixed_point, _ = fused.fused_fixed_point_column_pass(inputs.similarity, epsilon)
+        row_sum, log_a, column_shift, column_sum = fused.fused_row_column_forward(fixed_point, inputs.log_b,
+                                                                                  inputs.shift, epsilon, 1.0)
+        fused.fused_row_column_backward(fixed_point, log_a, column_shift, column_sum, inputs.shift, row_sum,
+                                        inputs.log_b, epsilon)
+        fused.fused_similarity_gradient(fixed_point, inputs.row_factors, inputs.column_factors, epsilon,
+                                        torch.float16, inputs.padding)
+    synchronize(device)
 
 
 def golden_check(device: torch.device, variants: list[str]) -> dict:
@@ -440,7 +478,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; choose among {', '.join(VARIANTS)}")
     for flag, least in (("batch", 1), ("vertices", 3), ("repeats", 1), ("warmup", 0), ("big_batch", 0),
-                        ("loader_pairs", 0), ("workers", 0)):
+                        ("loader_pairs", 0), ("workers", 0), ("fused_launches", 0)):
         if getattr(args, flag) < least:
             raise ValueError(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
     if args.out and not Path(args.out).parent.is_dir():
@@ -470,6 +508,8 @@ def main() -> None:
     parser.add_argument("--fused_passes", action="store_true", help="only time the fused Sinkhorn row + column "
                         "pass against the separate passes (by programs, stages and warps) and the dL/dC kernel (by "
                         "tile), at --batch and at one pair (a GPU with triton)")
+    parser.add_argument("--fused_launches", type=int, default=0, help="only launch each fused Sinkhorn kernel this "
+                        "many times at its default layout, untimed, at --batch (for a profiler such as ncu)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     check_arguments(args)
@@ -482,11 +522,15 @@ def main() -> None:
     if args.profile_inference:
         print(profile_inference(args.profile_inference, synthetic_batch(args.batch, args.vertices, device), device))
         return
-    if args.fused_passes:
+    if args.fused_passes or args.fused_launches:
         from models.networks.ot import fused
         reason = fused.unsupported_reason(torch.empty(1, 1, 1, device=device))
         if reason is not None:
             raise RuntimeError(reason)
+    if args.fused_launches:
+        launch_fused_passes(device, args.batch, args.vertices, args.fused_launches)
+        return
+    if args.fused_passes:
         results = {size: bench_fused_passes(device, size, args.vertices, args.warmup, args.repeats)
                    for size in sorted({args.batch, 1}, reverse=True)}
         for size, row in results.items():

@@ -93,6 +93,29 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
         assert f"{form} C: dL/dC kernel, by tile (rows x columns x warps): {default_tile}" in printed
 
 
+@pytest.mark.skipif(not fused.fused_pass_supported(torch.empty(1, 1, 1, device="cuda" if torch.cuda.is_available()
+                                                              else "cpu")),
+                    reason="the fused Sinkhorn passes need triton (a GPU, or its interpreter on the CPU)")
+def test_fused_launches_mode_runs_each_kernel_the_asked_number_of_times_on_the_fixed_point_similarity(monkeypatch):
+    calls = []
+
+    def counted(name):
+        kernel = getattr(fused, name)
+
+        def run(similarity, *args, **kwargs):
+            calls.append((name, similarity.dtype))
+            return kernel(similarity, *args, **kwargs)
+        return run
+    for name in ("fused_fixed_point_column_pass", "fused_row_column_forward", "fused_row_column_backward",
+                 "fused_similarity_gradient"):
+        monkeypatch.setattr(fused, name, counted(name))
+    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cuda" if torch.cuda.is_available() else "cpu",
+                                      "--fused_launches", "2", "--vertices", "40", "--batch", "2"])
+    bench.main()
+    assert calls == 2 * [("fused_fixed_point_column_pass", torch.float32), ("fused_row_column_forward", torch.int16),
+                         ("fused_row_column_backward", torch.int16), ("fused_similarity_gradient", torch.int16)]
+
+
 def test_bench_says_in_one_line_what_the_machine_lacks():
     """A GPU asked for where torch sees none, and the fused passes where they cannot run: one line each, status 2."""
     import subprocess

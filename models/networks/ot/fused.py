@@ -41,6 +41,11 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: `fused_pass_supported` then answers False
     triton = tl = None
+# The kernels take exp(x) as exp2(x log2 e) with the product folded into the multiply-add that forms x: tl.exp2 is the
+# hardware's ex2 (results below 2^-126 flushed to 0), where tl.exp adds a multiply and the instructions that keep
+# subnormal results. The passes issue about 2.5 times fewer instructions (docs/benchmarks.md, twenty-first session).
+LOG2_E = 1.0 / math.log(2.0)
+_LOG2_E = None if tl is None else tl.constexpr(LOG2_E)
 # Triton's interpreter is chosen when triton is imported (its library functions are compiled then), so whether it
 # runs CPU tensors is known from then on. Older triton releases have no `knobs` and read the variable themselves.
 _INTERPRETED = triton is not None and bool(
@@ -97,24 +102,40 @@ def _program_rows(similarity_ptr, batch_stride, num_identity, rows_per_program):
 
 
 @_triton_jit
-def _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step, inverse_epsilon):
-    """s = (C - 1) / epsilon of one row of C (batch_ptr: its batch element's first row) at the lanes `columns`
-    (-1 / epsilon past M, where in_row is False). C is the value loaded times similarity_step: 1 for a float32 C,
-    SIMILARITY_STEP for a fixed-point one (int16).
+def _similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable):
+    """One row of C (batch_ptr: its batch element's first row) at the lanes `columns`, as loaded (q for a
+    fixed-point C), in float32.
 
-    The load reads every lane of in_readable (`_readable_width`), padding past M included, and discards the
-    padding after the load: a mask whose bound is a multiple of 16 lets Triton issue 16-byte loads."""
-    similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable,
-                             other=0).to(tl.float32) * similarity_step
-    return (tl.where(in_row, similarity_row, 0.0) - 1.0) * inverse_epsilon
+    The load reads every lane of in_readable (`_readable_width`), padding past M included: a mask whose bound is a
+    multiple of 16 lets Triton issue 16-byte loads. A float32 C's padding is set to 0 past M (it may hold anything);
+    a fixed-point C's padding is left, being a finite integer whose terms the callers' -inf offsets or 0
+    coefficients past M cancel."""
+    similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable, other=0)
+    if batch_ptr.dtype.element_ty == tl.int16:
+        return _int16_to_float(similarity_row)
+    return tl.where(in_row, similarity_row, 0.0)
+
+
+@_triton_jit
+def _int16_to_float(value):
+    """An int16 tensor in float32, exactly, with integer and float additions instead of the conversion instruction,
+    which runs on the unit that also takes every exp2 (the passes' bottleneck): 1.5 * 2^23 + q, for |q| < 2^22, is
+    the float whose bits are those of 1.5 * 2^23 plus q."""
+    return (value.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@_triton_jit
+def _log2_kernel_row(similarity_row, log2_scale, log2_offset):
+    """log2 of exp(s + offset) = exp2(C log2_scale + log2_offset) for s = (C - 1) / epsilon: log2_scale is
+    similarity_step log2(e) / epsilon and log2_offset is (offset - 1 / epsilon) log2(e) (`_log2_constants`)."""
+    return tl.fma(similarity_row, log2_scale, log2_offset)
 
 
 @_triton_jit
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
                                program_shift_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
-                               rows_per_program, similarity_step, inverse_epsilon,
-                               log_num_identity, log_division_eps, BLOCK_M: tl.constexpr,
-                               NUM_STAGES: tl.constexpr):
+                               rows_per_program, log2_scale, log2_bias, log_num_identity, log_division_eps,
+                               BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_forward`.
 
     The column sums are shifted by the largest log a of the program's rows so far: when a row raises it, the
@@ -125,21 +146,22 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     row_shift = tl.load(row_shift_ptr + batch)
     # Lanes past M have log b = -inf, so their row terms are 0 (their column sums are never stored).
-    row_offset = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
+    log_b = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf"))
+    row_log2_offset = (log_b - row_shift) * _LOG2_E + log2_bias
     column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     program_shift = tl.full([], float("-inf"), tl.float32)
     for row in tl.range(first, last, num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step,
-                                     inverse_epsilon)
-        row_sum = tl.sum(tl.exp(log_kernel + row_offset), axis=0)
+        similarity_row = _similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable)
+        row_sum = tl.sum(tl.exp2(_log2_kernel_row(similarity_row, log2_scale, row_log2_offset)), axis=0)
         row_lse = row_shift + tl.log(row_sum)
         # logaddexp(row_lse, log 1e-8). tl has no log1p (libdevice's does not run in the interpreter); log(1 + x)
         # is off by less than 6e-8 absolute.
         high = tl.maximum(row_lse, log_division_eps)
         log_a = -log_num_identity - (high + tl.log(1.0 + tl.exp(tl.minimum(row_lse, log_division_eps) - high)))
         shift = tl.maximum(program_shift, log_a)
-        column_sum = column_sum * tl.exp(program_shift - shift) + tl.exp(log_kernel + (log_a - shift))
+        column_terms = tl.exp2(_log2_kernel_row(similarity_row, log2_scale, (log_a - shift) * _LOG2_E + log2_bias))
+        column_sum = column_sum * tl.exp2((program_shift - shift) * _LOG2_E) + column_terms
         program_shift = shift
         tl.store(row_sum_ptr + index, row_sum)
         tl.store(log_a_ptr + index, log_a)
@@ -152,8 +174,8 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
 def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr, column_coefficient_ptr,
                                 row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
                                 partial_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
-                                rows_per_program, similarity_step, inverse_epsilon, log_division_eps,
-                                BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+                                rows_per_program, log2_scale, log2_bias, log_division_eps, BLOCK_M: tl.constexpr,
+                                NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
     program, batch, batch_ptr, first, last = _program_rows(similarity_ptr, batch_stride, num_identity,
                                                            rows_per_program)
@@ -162,17 +184,18 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     row_shift = tl.load(row_shift_ptr + batch)
     # Lanes past M have coefficient 0 and log b = -inf, so that all their terms are 0.
     column_coefficient = tl.load(column_coefficient_ptr + batch * num_pose + columns, mask=in_row, other=0.0)
-    column_offset = tl.load(log_b_prev_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf")) - row_shift
+    log_b_prev = tl.load(log_b_prev_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf"))
+    column_log2_offset = (log_b_prev - row_shift) * _LOG2_E + log2_bias
     grad_log_b = tl.zeros([BLOCK_M], dtype=tl.float32)
     for row in tl.range(first, last, num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        log_kernel = _log_kernel_row(batch_ptr, row, row_stride, columns, in_row, in_readable, similarity_step,
-                                     inverse_epsilon)
-        row_offset = tl.load(log_a_prev_ptr + index) - column_shift
-        grad_log_a = tl.sum(tl.exp(log_kernel + row_offset) * column_coefficient, axis=0)
+        similarity_row = _similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable)
+        row_log2_offset = (tl.load(log_a_prev_ptr + index) - column_shift) * _LOG2_E + log2_bias
+        grad_log_a = tl.sum(tl.exp2(_log2_kernel_row(similarity_row, log2_scale, row_log2_offset))
+                            * column_coefficient, axis=0)
         row_sum = tl.load(row_sum_ptr + index)
         row_coefficient = (-tl.sigmoid(row_shift + tl.log(row_sum) - log_division_eps) * grad_log_a) / row_sum
-        grad_log_b += tl.exp(log_kernel + column_offset) * row_coefficient
+        grad_log_b += tl.exp2(_log2_kernel_row(similarity_row, log2_scale, column_log2_offset)) * row_coefficient
         tl.store(grad_log_a_ptr + index, grad_log_a)
         tl.store(row_coefficient_ptr + index, row_coefficient)
     partial = batch * tl.num_programs(0) + program
@@ -182,8 +205,7 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
 @_triton_jit
 def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num_identity, num_pose, readable_pose,
                                fixed_row_stride, batch_stride, row_stride, fixed_batch_stride, rows_per_program,
-                               levels, similarity_step, inverse_epsilon, BLOCK_M: tl.constexpr,
-                               NUM_STAGES: tl.constexpr):
+                               levels, log2_scale, log2_bias, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see
     `fused_fixed_point_column_pass`. Lanes from M to fixed_row_stride store zeros."""
     program, batch, batch_ptr, first, last = _program_rows(similarity_ptr, batch_stride, num_identity,
@@ -198,8 +220,7 @@ def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num
         fixed_point = tl.where(scaled >= 0, tl.floor(scaled + 0.5), tl.ceil(scaled - 0.5))
         tl.store(fixed_batch_ptr + tl.cast(row, tl.int64) * fixed_row_stride + columns, fixed_point.to(tl.int16),
                  mask=columns < fixed_row_stride)
-        log_kernel = (fixed_point * similarity_step - 1.0) * inverse_epsilon
-        column_sum += tl.where(in_row, tl.exp(log_kernel), 0.0)
+        column_sum += tl.exp2(_log2_kernel_row(fixed_point, log2_scale, log2_bias))  # never stored past M
     partial = batch * tl.num_programs(0) + program
     tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, column_sum, mask=in_row)
 
@@ -207,7 +228,7 @@ def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num
 @_triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
                                  num_pose, readable_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
-                                 similarity_step, inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 log2_scale, log2_bias, inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_M: tl.constexpr):
     """One (BLOCK_N, BLOCK_M) tile of dL/dC for program (row block, column block, b); see
     `fused_similarity_gradient`. Lanes from num_pose to padded_pose store zeros."""
@@ -217,17 +238,17 @@ def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_
     in_rows = rows < num_identity
     in_columns = columns < num_pose
     inside = in_rows[:, None] & in_columns[None, :]
-    # Padding past M is read too (see `_log_kernel_row`) and discarded by the last `tl.where`.
+    # Padding past M is read too (see `_similarity_row`) and discarded by the last `tl.where`.
     similarity = tl.load(similarity_ptr + batch.to(tl.int64) * batch_stride + rows[:, None].to(tl.int64) * row_stride
                          + columns[None, :], mask=in_rows[:, None] & (columns[None, :] < readable_pose),
-                         other=0).to(tl.float32) * similarity_step
+                         other=0).to(tl.float32)
     outer = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for rank in tl.static_range(RANK):
         row_factor = tl.load(row_factors_ptr + (batch * num_identity + rows) * RANK + rank, mask=in_rows, other=0.0)
         column_factor = tl.load(column_factors_ptr + batch * RANK * column_factor_stride + rank * column_factor_stride
                                 + columns, mask=in_columns, other=0.0)
         outer += row_factor[:, None] * column_factor[None, :]
-    gradient = tl.exp((similarity - 1.0) * inverse_epsilon) * outer * inverse_epsilon
+    gradient = tl.exp2(_log2_kernel_row(similarity, log2_scale, log2_bias)) * outer * inverse_epsilon
     gradient = tl.where(inside, gradient, 0.0)
     tl.store(gradient_ptr + (batch * num_identity + rows[:, None]).to(tl.int64) * padded_pose + columns[None, :],
              gradient.to(gradient_ptr.dtype.element_ty), mask=in_rows[:, None] & (columns[None, :] < padded_pose))
@@ -364,9 +385,12 @@ def _readable_width(similarity: torch.Tensor) -> int:
     return row_stride if end * similarity.element_size() <= similarity.untyped_storage().nbytes() else num_pose
 
 
-def _similarity_step(similarity: torch.Tensor) -> float:
-    """What the kernels multiply a loaded element of C by: SIMILARITY_STEP for fixed point (int16), else 1."""
-    return SIMILARITY_STEP if similarity.dtype == torch.int16 else 1.0
+def _log2_constants(similarity: torch.Tensor, epsilon: float) -> tuple[float, float]:
+    """(log2_scale, log2_bias) of `_log2_kernel_row` for a C of similarity's dtype: s log2(e) = (C - 1) log2(e) /
+    epsilon = C_loaded log2_scale + log2_bias, where a loaded element of C is read as C_loaded SIMILARITY_STEP for
+    fixed point (int16) and as itself for float32."""
+    step = SIMILARITY_STEP if similarity.dtype == torch.int16 else 1.0
+    return step * LOG2_E / epsilon, -LOG2_E / epsilon
 
 
 def _on_device(similarity: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -432,7 +456,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         _row_column_forward_kernel[(layout.programs, batch)](
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            layout.rows_per_program, _similarity_step(similarity), 1.0 / epsilon, math.log(num_identity),
+            layout.rows_per_program, *_log2_constants(similarity, epsilon), math.log(num_identity),
             LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
@@ -481,7 +505,7 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
             partial, num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            layout.rows_per_program, _similarity_step(similarity), 1.0 / epsilon, LOG_DIVISION_EPS,
+            layout.rows_per_program, *_log2_constants(similarity, epsilon), LOG_DIVISION_EPS,
             BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
 
@@ -517,8 +541,8 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
         _fixed_point_column_kernel[(layout.programs, batch)](
             similarity, fixed_point, partial, num_identity, num_pose, _readable_width(similarity), fixed_row_stride,
             similarity.stride(0), similarity.stride(1), fixed_point.stride(0), layout.rows_per_program,
-            float(SIMILARITY_LEVELS), SIMILARITY_STEP, 1.0 / epsilon, BLOCK_M=layout.block, NUM_STAGES=layout.stages,
-            num_warps=layout.num_warps)
+            float(SIMILARITY_LEVELS), *_log2_constants(fixed_point, epsilon), BLOCK_M=layout.block,
+            NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     return fixed_point[..., :num_pose], partial.sum(1)
 
 
@@ -568,7 +592,7 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
         _similarity_gradient_kernel[grid](
             similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose,
             _readable_width(similarity), padded_pose, similarity.stride(0), similarity.stride(1),
-            column_factors.stride(2), _similarity_step(similarity), 1.0 / epsilon, RANK=rank, BLOCK_N=block_n,
+            column_factors.stride(2), *_log2_constants(similarity, epsilon), 1.0 / epsilon, RANK=rank, BLOCK_N=block_n,
             BLOCK_M=block_m, num_warps=num_warps)
     return gradient
 
