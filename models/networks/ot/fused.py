@@ -55,10 +55,10 @@ _INTERPRETED = triton is not None and bool(
 # row-wide value (the row, a per-column vector or two, the column sums).
 MAX_FUSED_POSE_VERTICES = 16384
 # Programs per streaming multiprocessor over the whole batch, rounded down so that the last wave is never a few
-# programs alone (a program of 8192 lanes, 16 warps of about 110 registers a thread, fills an H100 SM's registers,
-# so each wave is one program per SM). Measured on the H100 at N = M = 6890 (docs/benchmarks.md, 2026-12-06), one
-# fused forward pass: batch 8, 0.905 ms at 2 per SM, 0.953 at 4, 1.52 at 136 programs (a second wave of 4);
-# one pair, 0.196 ms at 2 per SM, 0.215 at 4.
+# programs alone (with 16 lanes a thread a program of 8192 lanes, 16 warps of about 110 registers a thread, filled an
+# H100 SM's registers, so each wave was one program per SM; the 8-warp forward pass now fits two). Measured on the
+# H100 at N = M = 6890 (docs/benchmarks.md, 2026-12-06), one fused forward pass: batch 8, 0.905 ms at 2 per SM,
+# 0.953 at 4, 1.52 at 136 programs (a second wave of 4); one pair, 0.196 ms at 2 per SM, 0.215 at 4.
 PROGRAMS_PER_SM = 2
 # Programs per batch element without a GPU (the interpreter): enough that tests cover several per batch.
 INTERPRETER_PROGRAMS = 4
@@ -70,11 +70,10 @@ PIPELINE_STAGES = 3
 WIDE_ROW_PIPELINE_STAGES = 2
 WIDE_ROW_LANES = 8192
 # Lanes of a row each thread holds (num_warps = BLOCK_M / (32 x this), between 4 and 32 warps): every row-wide value
-# is this many registers a thread. Both passes use 16. At 32 (8 warps, half as many in each row's block-wide
-# reduction) the forward pass alone took 0.62 against 0.71 ms at batch 8 and N = M = 6890 on one H100 (seventeenth
-# session) but 0.90 against 0.72 on another (twentieth), and in the same call as the latter a training step's kernels
-# took 30.39 ms with it against 29.77 and 29.66 at 16 (docs/benchmarks.md, twentieth session).
-LANES_PER_THREAD = 16
+# is this many registers a thread. With the exp2 passes (twenty-first session) 32 lanes (8 warps; forward 128
+# registers a thread, so two programs share an SM) beat 16 in the same call on one H100: a training step's kernels
+# 27.74 against 28.38 ms, batched inference 726 against 700 pairs/s (docs/benchmarks.md). Before them 16 won.
+LANES_PER_THREAD = 32
 
 
 def _triton_jit(function: Callable) -> Callable:
