@@ -77,7 +77,8 @@ class BaseOptions:
                           choices=("auto", "on", "off"))
     cuda_graphs: str = option("auto", "replay from CUDA graphs, which removes most kernel-launch cost: inference "
                               "(test.py, transfer.py) per input shape met before, and train.py's whole training "
-                              "step in one process; auto = on for 3D-CoreNet inference on a GPU, off otherwise",
+                              "step in one process; auto = on for 3D-CoreNet on a GPU (training in one process), "
+                              "off otherwise",
                               choices=("auto", "on", "off"))
     load_from_opt_file: bool = option(False, "take option defaults from <checkpoints_dir>/<dataset_mode>/opt.json; "
                                       "flags given on the command line still win")
@@ -220,8 +221,10 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     if values["compile"] == "auto":
         values["compile"] = "on" if on_gpu and options_class.isTrain else "off"
     if values["cuda_graphs"] == "auto":
-        # NPT's transfer has not been replayed from a graph on a GPU yet, so it stays eager unless asked.
-        values["cuda_graphs"] = "on" if on_gpu and not options_class.isTrain and values["model"] == "ver2ver" else "off"
+        # NPT has not been replayed from a graph on a GPU yet, so it stays eager unless asked; a graphed training step
+        # is one process's (DistributedDataParallel's communication is not captured).
+        one_process = not options_class.isTrain or world_size == 1
+        values["cuda_graphs"] = "on" if on_gpu and one_process and values["model"] == "ver2ver" else "off"
     options = options_class(**values)
     unset = {name: value for name, value in options.published_defaults().items() if getattr(options, name) is None}
     if unset:

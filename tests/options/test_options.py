@@ -90,9 +90,13 @@ def test_cuda_graphs_need_a_gpu_and_one_training_process(monkeypatch):
             parse(options_class, ["--gpu_ids", "-1", "--cuda_graphs", "on"])
     _pretend_one_gpu(monkeypatch)
     assert parse(TrainOptions, ["--gpu_ids", "0", "--cuda_graphs", "on"]).cuda_graphs == "on"
+    for options_class in (TestOptions, TrainOptions):  # auto: 3D-CoreNet on a GPU, NPT stays eager
+        assert parse(options_class, ["--gpu_ids", "0"]).cuda_graphs == "on"
+        assert parse(options_class, ["--gpu_ids", "0", "--model", "npt"]).cuda_graphs == "off"
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--cuda_graphs on replays one process's training step"):
         parse(TrainOptions, ["--gpu_ids", "0", "--cuda_graphs", "on"])
+    assert parse(TrainOptions, ["--gpu_ids", "0"]).cuda_graphs == "off"  # auto with several processes
 
 
 @pytest.fixture
@@ -103,7 +107,7 @@ def one_visible_gpu(monkeypatch):
 @pytest.mark.parametrize("options_class, args, cuda_graphs", [
     (TestOptions, [], "on"), (TestOptions, ["--cuda_graphs", "off"], "off"),
     (TestOptions, ["--model", "npt"], "off"), (TestOptions, ["--model", "npt", "--cuda_graphs", "on"], "on"),
-    (TrainOptions, [], "off")])
+    (TrainOptions, [], "on"), (TrainOptions, ["--model", "npt"], "off")])
 def test_auto_choices_on_a_gpu(one_visible_gpu, options_class, args, cuda_graphs):
     opt = parse(options_class, ["--gpu_ids", "0", *args])
     assert opt.device == "cuda:0" and opt.cuda_graphs == cuda_graphs
