@@ -423,8 +423,9 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     With s = (C - 1) / epsilon and L = log 1e-8:
     row_sum[n] = sum_m exp(s[n, m] + log_b[m] - row_shift), log_a[n] = -log N - logaddexp(row_shift +
     log row_sum[n], L), column_shift = max_n log_a[n] + (similarity_bound - 1) / epsilon and
-    column_sum[m] = sum_n exp(s[n, m] + log_a[n] - column_shift), for each batch element. s is formed as
-    (C - 1) times the float32 reciprocal of epsilon, as torch's CUDA division by a Python number forms it.
+    column_sum[m] = sum_n exp(s[n, m] + log_a[n] - column_shift), for each batch element. Each term is
+    exp2(C_loaded log2_scale + offset log2(e)) in one multiply-add (`_log2_kernel_row`), which rounds differently
+    from exp(s + offset) by a few float32 ulps of its exponent.
 
     Args:
         similarity: C, float32 or fixed point (int16, common.py's `fixed_point_similarity`) (B, N, M), rows
