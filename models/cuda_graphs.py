@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn as nn
 
 TransferFunction = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+T = TypeVar("T")
 
 # Warm-up calls before a capture: the first call of a shape allocates cuBLAS workspaces and may compile.
 WARMUP_CALLS = 2
@@ -30,12 +31,8 @@ class _CapturedTransfer:
     def __init__(self, transfer: TransferFunction, identity_points: torch.Tensor, pose_points: torch.Tensor):
         self.identity_points = identity_points.clone()
         self.pose_points = pose_points.clone()
-        side_stream = torch.cuda.Stream(identity_points.device)
-        side_stream.wait_stream(torch.cuda.current_stream(identity_points.device))
-        with torch.cuda.stream(side_stream):
-            for _ in range(WARMUP_CALLS):
-                transfer(self.identity_points, self.pose_points)
-        torch.cuda.current_stream(identity_points.device).wait_stream(side_stream)
+        for _ in range(WARMUP_CALLS):
+            on_side_stream(identity_points.device, lambda: transfer(self.identity_points, self.pose_points))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = transfer(self.identity_points, self.pose_points)
@@ -79,14 +76,30 @@ class GraphedTransfer:
                     self.graphs[key] = _CapturedTransfer(self.model.transfer, identity_points, pose_points)
                 except RuntimeError as error:  # torch.OutOfMemoryError included
                     self.eager_shapes.add(key)
-                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                    print(f"warning: no CUDA graph for inputs {key[0]} and {key[1]} ({reason}); "
+                    print(f"warning: no CUDA graph for inputs {key[0]} and {key[1]} ({first_line(error)}); "
                           f"they run without one", file=sys.stderr)
                     return self.model.transfer(identity_points, pose_points)
                 if len(self.graphs) > self.max_graphs:
                     self.graphs.popitem(last=False)
             self.graphs.move_to_end(key)
             return self.graphs[key](identity_points, pose_points)
+
+
+def on_side_stream(device: torch.device, function: Callable[[], T]) -> T:
+    """function() on a fresh side stream of `device`, ordered after and before the current stream's work: the
+    warm-up a capture needs (work on the default stream before a capture is not allowed in it)."""
+    side_stream = torch.cuda.Stream(device)
+    side_stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side_stream):
+        result = function()
+    torch.cuda.current_stream(device).wait_stream(side_stream)
+    return result
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a failed capture's error (an out-of-memory message runs on for lines), or its type."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
 
 
 def _require_cuda(identity_points: torch.Tensor) -> None:

@@ -13,6 +13,8 @@ import sys
 import torch
 import torch.nn as nn
 
+from models.cuda_graphs import first_line, on_side_stream
+
 # Eager steps before the first capture: compiled graphs, cuBLAS workspaces, Adam's moments and the loss scale are made
 # on first use, which a capture cannot record.
 WARMUP_STEPS = 3
@@ -74,6 +76,7 @@ class GraphedTrainingStep:
     def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):
         if not all(group.get("capturable", False) for group in optimizer.param_groups):
             raise ValueError("a graphed training step needs an optimizer made with capturable=True")
+        self.device = _require_cuda_model(network)
         self.network, self.optimizer, self.scaler = network, optimizer, scaler
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -84,22 +87,21 @@ class GraphedTrainingStep:
         self.capture_failed = False
 
     def __call__(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        device = _require_cuda_model(self.network)
         shapes = _tensor_shapes(batch)
         if self.capture_failed or (self.captured_key is not None and shapes != self.captured_key[0]):
             return training_step(self.network, self.optimizer, self.scaler, batch)
         if self.eager_steps < WARMUP_STEPS:
             self.eager_steps += 1
-            return self._side_stream_step(batch, device)
+            return on_side_stream(self.device, lambda: training_step(self.network, self.optimizer, self.scaler,
+                                                                     batch))
         key = (shapes, tuple(group["lr"] for group in self.optimizer.param_groups))
         if key != self.captured_key:
             try:
-                self._capture(batch, device)
+                self._capture(batch)
             except RuntimeError as error:  # torch.OutOfMemoryError included; _capture left no graph
                 self.capture_failed = True
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                print(f"warning: the training step could not be captured as a CUDA graph ({reason}); training "
-                      f"goes on without one", file=sys.stderr)
+                print(f"warning: the training step could not be captured as a CUDA graph ({first_line(error)}); "
+                      f"training goes on without one", file=sys.stderr)
                 return training_step(self.network, self.optimizer, self.scaler, batch)
             self.captured_key = key
         for name, buffer in self.inputs.items():
@@ -107,15 +109,7 @@ class GraphedTrainingStep:
         self.graph.replay()
         return self.outputs, self.losses
 
-    def _side_stream_step(self, batch: dict, device: torch.device) -> tuple[dict, dict]:
-        side_stream = torch.cuda.Stream(device)
-        side_stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side_stream):
-            result = training_step(self.network, self.optimizer, self.scaler, batch)
-        torch.cuda.current_stream(device).wait_stream(side_stream)
-        return result
-
-    def _capture(self, batch: dict, device: torch.device) -> None:
+    def _capture(self, batch: dict) -> None:
         """Record one step on buffers holding this batch, on the model's device; the recorded step runs only when
         replayed."""
         # Free the previous graph's memory first: its gradients, outputs and inputs live in its pool.
@@ -123,7 +117,7 @@ class GraphedTrainingStep:
         self.optimizer.zero_grad(set_to_none=True)
         # On the model's device, whichever the loader's: the step then moves nothing, and each call's copy into them
         # (a host-to-device one for the file loaders) runs before the replay, outside the graph.
-        self.inputs = {name: value.to(device, copy=True) for name, value in batch.items()
+        self.inputs = {name: value.to(self.device, copy=True) for name, value in batch.items()
                        if isinstance(value, torch.Tensor)}
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):

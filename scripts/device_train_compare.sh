@@ -2,8 +2,8 @@
 # Issue 4's training check: the reference path (--precision fp32 --ot dense --compile off) against the fast
 # path (the defaults), trained STEPS steps from the same seeds on the same packed quadruped set, every run
 # at once on the GPU. PATHS may also name storedfp32 (--precision fp32 --ot stored --compile off: the faithful
-# float32 computation summed in another order), which measures how far rounding alone moves a run's loss. Two device calls back to back on one warm machine (the trainings run detached in
-# between); carry .whl.
+# float32 computation summed in another order), which measures how far rounding alone moves a run's loss. Two
+# device calls back to back on one warm machine (the trainings run detached in between); carry .whl.
 #   PHASE=1: make the set (VERTICES per mesh, default 2000), pack it, start the runs, follow them (FOLLOW
 #            seconds from the start, default 560)
 #   PHASE=2: wait for them, copy every loss log to $OUT (both phases also do while they follow, so a call

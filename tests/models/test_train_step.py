@@ -51,18 +51,16 @@ def test_graphed_step_refuses_an_optimizer_it_cannot_capture_and_a_cpu_model():
     model = PoseTransferModel(ngf=8)
     with pytest.raises(ValueError, match="needs an optimizer made with capturable=True"):
         GraphedTrainingStep(model, torch.optim.Adam(model.parameters()), torch.amp.GradScaler("cpu", enabled=False))
-    step = GraphedTrainingStep(model, torch.optim.Adam(model.parameters(), capturable=True),
-                               torch.amp.GradScaler("cpu", enabled=False))
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device, got cpu"):
-        step(synthetic_batch(1, 30, torch.device("cpu")))
+        GraphedTrainingStep(model, torch.optim.Adam(model.parameters(), capturable=True),
+                            torch.amp.GradScaler("cpu", enabled=False))
 
 
 def _graphed_cpu_twins(monkeypatch: pytest.MonkeyPatch, capture) -> tuple[GraphedTrainingStep, tuple]:
     """A GraphedTrainingStep on the CPU (the device check and the side stream replaced, `capture` as its _capture)
     and the eager twin run beside it."""
     monkeypatch.setattr(train_step, "_require_cuda_model", lambda network: torch.device("cpu"))
-    monkeypatch.setattr(GraphedTrainingStep, "_side_stream_step", lambda self, batch, device: training_step(
-        self.network, self.optimizer, self.scaler, batch))
+    monkeypatch.setattr(train_step, "on_side_stream", lambda device, function: function())
     monkeypatch.setattr(GraphedTrainingStep, "_capture", capture)
     (model, optimizer, scaler), eager_run = _twin_runs("cpu")
     optimizer.param_groups[0]["capturable"] = True  # what the constructor asks; the CPU's Adam steps without it
@@ -94,7 +92,7 @@ def test_a_failed_capture_leaves_training_eager_one_step_a_call(monkeypatch, cap
     here) or runs eagerly after it. On the CPU, with the device check, the side stream and the capture replaced."""
     captures = []
 
-    def failing_capture(self, batch, device):
+    def failing_capture(self, batch):
         captures.append(batch["identity_points"].shape)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore detail")
 
@@ -121,9 +119,9 @@ def test_captures_once_per_shape_and_lr_and_copies_each_batch_into_the_graphs_in
             graphed.outputs, graphed.losses = training_step(graphed.network, graphed.optimizer, graphed.scaler,
                                                             graphed.inputs)
 
-    def capture(self, batch, device):
+    def capture(self, batch):
         captures.append((tuple(batch["identity_points"].shape), self.optimizer.param_groups[0]["lr"]))
-        self.inputs = {name: value.to(device, copy=True) for name, value in batch.items()
+        self.inputs = {name: value.to(self.device, copy=True) for name, value in batch.items()
                        if isinstance(value, torch.Tensor)}
         self.graph = ReplayedStep(self)
 

@@ -168,11 +168,11 @@ def test_a_graphed_step_that_cannot_be_captured_is_a_capture_error(monkeypatch, 
     which util.bench's table skips with one line, after the warning the step printed."""
     from models import train_step
 
-    def failing_capture(self, batch, device):
+    def failing_capture(self, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train_step, "_require_cuda_model", lambda network: torch.device("cpu"))
-    monkeypatch.setattr(train_step.GraphedTrainingStep, "_side_stream_step", lambda self, batch, device: None)
+    monkeypatch.setattr(train_step, "on_side_stream", lambda device, function: None)
     monkeypatch.setattr(train_step.GraphedTrainingStep, "_capture", failing_capture)
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, closure=None: None)  # no capturable Adam on the CPU
     model = bench.build("reference", torch.device("cpu"))
