@@ -43,8 +43,8 @@ from util.cli import OneLineErrorParser, run_main
 
 FORWARD_GFLOP_PER_PAIR_6890 = 256.0
 # Tiles (rows, columns, warps) of the dL/dC kernel that --fused_passes times besides the default.
-GRADIENT_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 8), (128, 128, 8), (4, 2048, 4), (8, 2048, 8), (16, 1024, 8),
-                  (8, 1024, 4)]
+GRADIENT_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 4), (32, 512, 8), (64, 128, 4), (64, 256, 8), (128, 128, 8),
+                  (16, 128, 4)]
 
 # name -> (ot, precision, compile, tf32, fold_linear). The first is the faithful reference every ratio is
 # against: exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with

@@ -14,7 +14,8 @@ torch epilogue adds the P partials in a fixed order, so results are deterministi
 Both take the bounded shifts of common.py's `bounded_shift` (one number per batch element), which need no
 pass over C.
 - `fused_similarity_gradient`: dL/dC = exp(s) (U V^T) / epsilon of the bounded backward, written in half
-  precision and padded, in one read of C (Inductor's version of this pass wrote U V^T out first).
+  precision and padded, in one read of C (Inductor's version of this pass wrote U V^T out first), U V^T a product on
+  the tensor cores.
 `fused_row_column_forward_naive` and `fused_row_column_backward_naive` are their float64 references.
 Each kernel reads C as float32 or as 16-bit fixed point (int16, common.py's `fixed_point_similarity`), which halves
 the bytes every pass reads.
@@ -227,28 +228,43 @@ def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num
 
 
 @_triton_jit
+def _similarity_tile(batch_ptr, rows, columns, in_rows, row_stride, readable_pose, num_pose):
+    """A (rows, columns) tile of C (batch_ptr: its batch element's first row) in float32, as `_similarity_row` reads
+    a row: padding past M is loaded (a multiple of 16 lanes lets Triton issue 16-byte loads), and set to 0 past M
+    for a float32 C."""
+    tile = tl.load(batch_ptr + rows[:, None].to(tl.int64) * row_stride + columns[None, :],
+                   mask=in_rows[:, None] & (columns[None, :] < readable_pose), other=0)
+    if batch_ptr.dtype.element_ty == tl.int16:
+        return _int16_to_float(tile)
+    return tl.where(columns[None, :] < num_pose, tile, 0.0)
+
+
+@_triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
                                  num_pose, readable_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
-                                 log2_scale, log2_bias, inverse_epsilon, RANK: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_M: tl.constexpr):
+                                 log2_scale, log2_bias, inverse_epsilon, RANK: tl.constexpr,
+                                 RANK_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One (BLOCK_N, BLOCK_M) tile of dL/dC for program (row block, column block, b); see
-    `fused_similarity_gradient`. Lanes from num_pose to padded_pose store zeros."""
+    `fused_similarity_gradient`. Lanes from num_pose to padded_pose store zeros.
+
+    U V^T is a product on the tensor cores over RANK_PADDED (a power of two, at least 16) ranks, the ones past RANK
+    zero, in three TF32 products whose sum carries float32's precision ("tf32x3")."""
     row_block, column_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     columns = column_block * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < num_identity
     in_columns = columns < num_pose
     inside = in_rows[:, None] & in_columns[None, :]
-    # Padding past M is read too (see `_similarity_row`) and discarded by the last `tl.where`.
-    similarity = tl.load(similarity_ptr + batch.to(tl.int64) * batch_stride + rows[:, None].to(tl.int64) * row_stride
-                         + columns[None, :], mask=in_rows[:, None] & (columns[None, :] < readable_pose),
-                         other=0).to(tl.float32)
-    outer = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for rank in tl.static_range(RANK):
-        row_factor = tl.load(row_factors_ptr + (batch * num_identity + rows) * RANK + rank, mask=in_rows, other=0.0)
-        column_factor = tl.load(column_factors_ptr + batch * RANK * column_factor_stride + rank * column_factor_stride
-                                + columns, mask=in_columns, other=0.0)
-        outer += row_factor[:, None] * column_factor[None, :]
+    similarity = _similarity_tile(similarity_ptr + batch.to(tl.int64) * batch_stride, rows, columns, in_rows,
+                                  row_stride, readable_pose, num_pose)
+    ranks = tl.arange(0, RANK_PADDED)
+    in_ranks = ranks < RANK
+    row_factors = tl.load(row_factors_ptr + (batch * num_identity + rows[:, None]) * RANK + ranks[None, :],
+                          mask=in_rows[:, None] & in_ranks[None, :], other=0.0)  # (BLOCK_N, RANK_PADDED)
+    column_factors = tl.load(column_factors_ptr + batch * RANK * column_factor_stride
+                             + ranks[:, None] * column_factor_stride + columns[None, :],
+                             mask=in_ranks[:, None] & in_columns[None, :], other=0.0)  # (RANK_PADDED, BLOCK_M)
+    outer = tl.dot(row_factors, column_factors, input_precision="tf32x3")
     gradient = tl.exp2(_log2_kernel_row(similarity, log2_scale, log2_bias)) * outer * inverse_epsilon
     gradient = tl.where(inside, gradient, 0.0)
     tl.store(gradient_ptr + (batch * num_identity + rows[:, None]).to(tl.int64) * padded_pose + columns[None, :],
@@ -548,12 +564,13 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
     return fixed_point[..., :num_pose], partial.sum(1)
 
 
-# dL/dC tiles (identity rows, pose columns, warps): 4096 lanes, 64 a thread at 2 warps. Rows of 1024 columns: 1.22 ms
-# at batch 8 and 6890 vertices on the H100 against 1.97 ms for 32 x 256 (2026-12-06); on the fixed-point C, 4 rows at
-# 2 warps took 1.156, 1.130 and 1.133 ms against 1.186, 1.201 and 1.188 for 8 rows at 4 warps, in three runs on the
-# twentieth session's H100s, and 0.197, 0.183 and 0.175 against 0.196, 0.195 and 0.180 at one pair (`python -m
-# util.bench --fused_passes`).
-GRADIENT_TILE = (4, 1024, 2)
+# dL/dC tiles (identity rows, pose columns, warps), each side at least the 16 a product on the tensor cores needs. At
+# batch 8 and 6890 vertices on the H100 (`python -m util.bench --fused_passes`, 2026-12-07): 32 x 128 at 4 warps took
+# 0.867 ms on the fixed-point C (0.923 on float32) against 0.925 for 64 x 128 and 0.960 for 32 x 256; the earlier
+# kernel, a rank-by-rank outer product in 4 x 1024 tiles, took 1.135 ms (1.204).
+GRADIENT_TILE = (32, 128, 4)
+# U V^T's ranks, padded with zeros to a power of two of at least this (the products' depth).
+MIN_PADDED_RANK = 16
 
 
 def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tensor, column_factors: torch.Tensor,
@@ -568,7 +585,7 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
         row_factors: U, float32 (B, N, R); column_factors: V, float32 (B, M, R) stored pose-major, as (B, R, M)
             (stored.py's `_pose_major`).
         epsilon: entropic temperature. gradient_dtype: float16, bfloat16 or float32. padding: >= 0.
-        tile: (rows, columns, warps) of a program, powers of two (for benchmarks).
+        tile: (rows, columns, warps) of a program, powers of two, rows and columns at least 16 (for benchmarks).
     Returns:
         dL/dC, (B, N, M + padding) in gradient_dtype.
     """
@@ -583,8 +600,9 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
         raise ValueError(f"padding must be >= 0 and gradient_dtype float16, bfloat16 or float32, got {padding} and "
                          f"{gradient_dtype}")
     if len(tile) != 3 or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1)
-                             for size in tile):
-        raise ValueError(f"tile must be three powers of two (rows, columns, warps), got {tile!r}")
+                             for size in tile) or min(tile[:2]) < 16:
+        raise ValueError(f"tile must be three powers of two (rows, columns, warps), rows and columns at least 16, "
+                         f"got {tile!r}")
     _validate_fused_inputs(similarity, epsilon)
     block_n, block_m, num_warps = tile
     padded_pose = num_pose + padding
@@ -594,8 +612,9 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
         _similarity_gradient_kernel[grid](
             similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose,
             _readable_width(similarity), padded_pose, similarity.stride(0), similarity.stride(1),
-            column_factors.stride(2), *_log2_constants(similarity, epsilon), 1.0 / epsilon, RANK=rank, BLOCK_N=block_n,
-            BLOCK_M=block_m, num_warps=num_warps)
+            column_factors.stride(2), *_log2_constants(similarity, epsilon), 1.0 / epsilon, RANK=rank,
+            RANK_PADDED=max(MIN_PADDED_RANK, triton.next_power_of_2(rank)), BLOCK_N=block_n, BLOCK_M=block_m,
+            num_warps=num_warps)
     return gradient
 
 

@@ -404,9 +404,10 @@ def test_fused_similarity_gradient_rejects_bad_arguments():
     row_factors, column_factors = _to_kernel_device(_gradient_factors(2, 5, 6, 3, seed=62))
     with pytest.raises(ValueError, match="must match similarity"):
         fused.fused_similarity_gradient(similarity, row_factors[:, :4], column_factors, EPSILON, torch.float16, 0)
-    with pytest.raises(ValueError, match="tile must be three powers of two"):
-        fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, torch.float16, 0,
-                                        tile=(32, 100, 4))
+    for tile in ((32, 100, 4), (8, 256, 4)):  # not a power of two; fewer rows than a tensor-core product takes
+        with pytest.raises(ValueError, match="tile must be three powers of two"):
+            fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, torch.float16, 0,
+                                            tile=tile)
     with pytest.raises(ValueError, match="pose-major"):
         fused.fused_similarity_gradient(similarity, row_factors, column_factors.contiguous(), EPSILON,
                                         torch.float16, 0)
@@ -539,7 +540,8 @@ for similarity_type in ("*fp32", "*i16"):
         fused._row_column_backward_kernel, similarity_type, rows, 8192 // (32 * fused.LANES_PER_THREAD))
     results["gradient " + similarity_type] = global_memory_instructions(
         fused._similarity_gradient_kernel, similarity_type,
-        {"RANK": 13, "BLOCK_N": fused.GRADIENT_TILE[0], "BLOCK_M": fused.GRADIENT_TILE[1]}, fused.GRADIENT_TILE[2])
+        {"RANK": 13, "RANK_PADDED": 16, "BLOCK_N": fused.GRADIENT_TILE[0], "BLOCK_M": fused.GRADIENT_TILE[1]},
+        fused.GRADIENT_TILE[2])
 results["fixed point column"] = global_memory_instructions(fused._fixed_point_column_kernel, "*fp32", rows, 16)
 print(json.dumps(results))
 """
