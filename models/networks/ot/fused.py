@@ -228,18 +228,6 @@ def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num
 
 
 @_triton_jit
-def _similarity_tile(batch_ptr, rows, columns, in_rows, row_stride, readable_pose, num_pose):
-    """A (rows, columns) tile of C (batch_ptr: its batch element's first row) in float32, as `_similarity_row` reads
-    a row: padding past M is loaded (a multiple of 16 lanes lets Triton issue 16-byte loads), and set to 0 past M
-    for a float32 C."""
-    tile = tl.load(batch_ptr + rows[:, None].to(tl.int64) * row_stride + columns[None, :],
-                   mask=in_rows[:, None] & (columns[None, :] < readable_pose), other=0)
-    if batch_ptr.dtype.element_ty == tl.int16:
-        return _int16_to_float(tile)
-    return tl.where(columns[None, :] < num_pose, tile, 0.0)
-
-
-@_triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
                                  num_pose, readable_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
                                  log2_scale, log2_bias, inverse_epsilon, RANK: tl.constexpr,
@@ -255,8 +243,11 @@ def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_
     in_rows = rows < num_identity
     in_columns = columns < num_pose
     inside = in_rows[:, None] & in_columns[None, :]
-    similarity = _similarity_tile(similarity_ptr + batch.to(tl.int64) * batch_stride, rows, columns, in_rows,
-                                  row_stride, readable_pose, num_pose)
+    # Padding past M is read too (see `_similarity_row`) and discarded by the last `tl.where`.
+    similarity = tl.load(similarity_ptr + batch.to(tl.int64) * batch_stride + rows[:, None].to(tl.int64) * row_stride
+                         + columns[None, :], mask=in_rows[:, None] & (columns[None, :] < readable_pose), other=0)
+    if similarity_ptr.dtype.element_ty == tl.int16:
+        similarity = _int16_to_float(similarity)
     ranks = tl.arange(0, RANK_PADDED)
     in_ranks = ranks < RANK
     row_factors = tl.load(row_factors_ptr + (batch * num_identity + rows[:, None]) * RANK + ranks[None, :],
