@@ -358,8 +358,10 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     step and column pass it replaces (stored.py's own, as they run without it), on `fused_pass_inputs`: ms of
     each, for the default number of programs per batch element and a few others, for 2 to 4 pipeline stages (6
     too on the fixed-point C) and for 8 to 32 warps; and ms of the dL/dC kernel (written in fp16) with its
-    default tile and GRADIENT_TILES. The fused kernels are timed on the float32 C (results' "float32") and on its
-    16-bit fixed-point copy, as half precision stores it ("fixed_point")."""
+    default tile and GRADIENT_TILES; and ms of the final softmax's warp and of its backward's column sums, each the
+    compiled pass ("compiled") against the kernel by warps ("default", 8, 16). The fused kernels are timed on the
+    float32 C (results' "float32") and on its 16-bit fixed-point copy, as half precision stores it
+    ("fixed_point")."""
     from models.networks.ot import fused, stored
     from models.networks.ot.common import fixed_point_similarity
 
@@ -371,6 +373,9 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
         log_a, column_shift = run(stored._marginal_step, maximum, total, 1.0, stored.SINKHORN_EPSILON)
         run(stored._column_normaliser, similarity, log_a, stored.SINKHORN_EPSILON, column_shift)
 
+    points = stored._pose_major(torch.randn(batch, vertices, 3, device=device))
+    row_weights = torch.randn(batch, vertices, 4, device=device)
+    shift_rows = shift.unsqueeze(1).expand(batch, vertices)
     results = {"separate_ms": time_median(separate, device, warmup, repeats)}
     program_counts = [None]  # the default rule, then 1, 2 and 4 programs per SM over the batch
     if device.type == "cuda":
@@ -400,22 +405,39 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
                     lambda: fused.fused_similarity_gradient(stored_similarity, row_factors, column_factors,
                                                             stored.SINKHORN_EPSILON, torch.float16, padding, tile=tile),
                     device, warmup, repeats)
-                for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES])}}
+                for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES])},
+            "plan_warp": {
+                "compiled": time_median(lambda: run(stored._plan_warp, stored_similarity, log_b, points,
+                                                    stored.SINKHORN_EPSILON, shift), device, warmup, repeats),
+                **{str(warps or "default"): time_median(lambda: fused.fused_plan_warp(
+                    stored_similarity, log_b, shift, points, stored.SINKHORN_EPSILON, num_warps=warps), device,
+                    warmup, repeats) for warps in (None, 8, 16)}},
+            "plan_column_sums": {
+                "compiled": time_median(lambda: run(stored._plan_column_sums, stored_similarity, log_b, shift_rows,
+                                                    row_weights, stored.SINKHORN_EPSILON), device, warmup, repeats),
+                **{str(warps or "default"): time_median(lambda: fused.fused_plan_column_sums(
+                    stored_similarity, log_b, shift, row_weights, stored.SINKHORN_EPSILON, num_warps=warps), device,
+                    warmup, repeats) for warps in (None, 8, 16)}}}
     return results
 
 
 def launch_fused_passes(device: torch.device, batch: int, vertices: int, launches: int) -> None:
     """Each kernel of fused.py at its default layout, `launches` times, untimed, on `fused_pass_inputs`: the
-    fixed-point conversion with the first column pass, then the forward pass, the backward pass and dL/dC on the
-    fixed-point C, as a half-precision training step runs them (for a profiler such as Nsight Compute)."""
+    fixed-point conversion with the first column pass, then the forward pass, the final softmax's warp and its
+    backward's column sums, the backward pass and dL/dC on the fixed-point C, as a half-precision training step runs
+    them (for a profiler such as Nsight Compute)."""
     from models.networks.ot import fused, stored
 
     inputs = fused_pass_inputs(device, batch, vertices)
     epsilon = stored.SINKHORN_EPSILON
+    points = stored._pose_major(torch.randn(batch, vertices, 3, device=device))
     for _ in range(launches):
         fixed_point, _ = fused.fused_fixed_point_column_pass(inputs.similarity, epsilon)
         row_sum, log_a, column_shift, column_sum = fused.fused_row_column_forward(fixed_point, inputs.log_b,
                                                                                   inputs.shift, epsilon, 1.0)
+        warp, _ = fused.fused_plan_warp(fixed_point, inputs.log_b, inputs.shift, points, epsilon)
+        fused.fused_plan_column_sums(fixed_point, inputs.log_b, inputs.shift, torch.cat([warp, warp[..., :1]], 2),
+                                     epsilon)
         fused.fused_row_column_backward(fixed_point, log_a, column_shift, column_sum, inputs.shift, row_sum,
                                         inputs.log_b, epsilon)
         fused.fused_similarity_gradient(fixed_point, inputs.row_factors, inputs.column_factors, epsilon,
@@ -543,6 +565,9 @@ def main() -> None:
                                       "backward" for value, times in row[form][key].items()))
                 print(f"batch {size}, {form} C: dL/dC kernel, by tile (rows x columns x warps): "
                       + ", ".join(f"{tile} {ms:.3f} ms" for tile, ms in row[form]["similarity_gradient"].items()))
+                for key, label in (("plan_warp", "warp"), ("plan_column_sums", "column sums")):
+                    print(f"batch {size}, {form} C: final softmax's {label}, by warps: "
+                          + ", ".join(f"{name} {ms:.3f} ms" for name, ms in row[form][key].items()))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return

@@ -82,6 +82,9 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
             timed = row[form]
             assert all(ms > 0 for ms in timed["similarity_gradient"].values())
             assert list(timed["similarity_gradient"])[0] == "x".join(map(str, fused.GRADIENT_TILE))  # default first
+            for key in ("plan_warp", "plan_column_sums"):
+                assert list(timed[key]) == ["compiled", "default", "8", "16"]
+                assert all(ms > 0 for ms in timed[key].values())
             assert set(timed["stages"]) == stage_counts and set(timed["warps"]) == {"8", "16", "32"}
             assert all(times["forward_ms"] > 0 and times["backward_ms"] > 0
                        for times in [*timed["fused"].values(), *timed["stages"].values(), *timed["warps"].values()])
@@ -91,6 +94,8 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
         assert f"{form} C: fused, by programs per batch element: default" in printed
         assert f"{form} C: fused, by pipeline stages: 2" in printed
         assert f"{form} C: dL/dC kernel, by tile (rows x columns x warps): {default_tile}" in printed
+        assert f"{form} C: final softmax's warp, by warps: compiled" in printed
+        assert f"{form} C: final softmax's column sums, by warps: compiled" in printed
 
 
 @pytest.mark.skipif(not fused.fused_pass_supported(torch.empty(1, 1, 1, device="cuda" if torch.cuda.is_available()
@@ -106,14 +111,16 @@ def test_fused_launches_mode_runs_each_kernel_the_asked_number_of_times_on_the_f
             calls.append((name, similarity.dtype))
             return kernel(similarity, *args, **kwargs)
         return run
-    for name in ("fused_fixed_point_column_pass", "fused_row_column_forward", "fused_row_column_backward",
-                 "fused_similarity_gradient"):
+    for name in ("fused_fixed_point_column_pass", "fused_row_column_forward", "fused_plan_warp",
+                 "fused_plan_column_sums", "fused_row_column_backward", "fused_similarity_gradient"):
         monkeypatch.setattr(fused, name, counted(name))
     monkeypatch.setattr(sys, "argv", ["bench", "--device", "cuda" if torch.cuda.is_available() else "cpu",
                                       "--fused_launches", "2", "--vertices", "40", "--batch", "2"])
     bench.main()
     assert calls == 2 * [("fused_fixed_point_column_pass", torch.float32), ("fused_row_column_forward", torch.int16),
-                         ("fused_row_column_backward", torch.int16), ("fused_similarity_gradient", torch.int16)]
+                         ("fused_plan_warp", torch.int16), ("fused_plan_column_sums", torch.int16),
+                         ("fused_row_column_backward", torch.int16),
+                         ("fused_similarity_gradient", torch.int16)]
 
 
 def test_bench_says_in_one_line_what_the_machine_lacks():

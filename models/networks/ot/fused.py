@@ -16,6 +16,10 @@ pass over C.
 - `fused_similarity_gradient`: dL/dC = exp(s) (U V^T) / epsilon of the bounded backward, written in half
   precision and padded, in one read of C (Inductor's version of this pass wrote U V^T out first), U V^T a product on
   the tensor cores.
+- `fused_plan_warp`: the final softmax's warp, sum_m softmax_m(s + log b) pose_points[m], a row pass like the
+  forward's with four sums a row.
+- `fused_plan_column_sums`: its backward's column sums of four row weights, sum_n exp(s + log b - shift) w[n], a
+  column pass like the forward's with four sums a column.
 `fused_row_column_forward_naive` and `fused_row_column_backward_naive` are their float64 references.
 Each kernel reads C as float32 or as 16-bit fixed point (int16, common.py's `fixed_point_similarity`), which halves
 the bytes every pass reads.
@@ -76,6 +80,11 @@ WIDE_ROW_LANES = 8192
 # registers a thread, so two programs share an SM) beat 16 in the same call on one H100: a training step's kernels
 # 27.74 against 28.38 ms, batched inference 726 against 700 pairs/s (docs/benchmarks.md). Before them 16 won.
 LANES_PER_THREAD = 32
+# `fused_plan_column_sums` keeps four sums a lane: at 32 lanes a thread its kernel takes 235 registers a thread, at 16
+# lanes 122 (ptxas for sm_90a, no spills at either), so it launches twice the warps. At batch 8 and 6890 vertices on
+# the H100 (`python -m util.bench --fused_passes`, 2026-12-07) the plan kernels took 0.443 ms (warp) and 0.392 ms
+# (column sums) on the fixed-point C, against 0.738 and 0.727 for the compiled passes they replace.
+PLAN_COLUMN_SUMS_LANES_PER_THREAD = 16
 
 
 def _triton_jit(function: Callable) -> Callable:
@@ -134,6 +143,14 @@ def _log2_kernel_row(similarity_row, log2_scale, log2_offset):
 
 
 @_triton_jit
+def _pose_log2_offsets(log_b_ptr, shift, batch, num_pose, columns, in_row, log2_bias):
+    """(log_b[m] - shift) log2(e) + log2_bias at the lanes `columns` of batch element `batch`: the offsets
+    `_log2_kernel_row` takes for terms exp(s + log b - shift). Lanes past M get -inf, so that their terms are 0."""
+    log_b = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf"))
+    return (log_b - shift) * _LOG2_E + log2_bias
+
+
+@_triton_jit
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
                                program_shift_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
                                rows_per_program, log2_scale, log2_bias, log_num_identity, log_division_eps,
@@ -147,9 +164,7 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
                                                            rows_per_program)
     columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     row_shift = tl.load(row_shift_ptr + batch)
-    # Lanes past M have log b = -inf, so their row terms are 0 (their column sums are never stored).
-    log_b = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf"))
-    row_log2_offset = (log_b - row_shift) * _LOG2_E + log2_bias
+    row_log2_offset = _pose_log2_offsets(log_b_ptr, row_shift, batch, num_pose, columns, in_row, log2_bias)
     column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     program_shift = tl.full([], float("-inf"), tl.float32)
     for row in tl.range(first, last, num_stages=NUM_STAGES):
@@ -184,10 +199,9 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     column_shift = tl.load(column_shift_ptr + batch)
     row_shift = tl.load(row_shift_ptr + batch)
-    # Lanes past M have coefficient 0 and log b = -inf, so that all their terms are 0.
+    # Lanes past M have coefficient 0 (and log b = -inf), so that all their terms are 0.
     column_coefficient = tl.load(column_coefficient_ptr + batch * num_pose + columns, mask=in_row, other=0.0)
-    log_b_prev = tl.load(log_b_prev_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf"))
-    column_log2_offset = (log_b_prev - row_shift) * _LOG2_E + log2_bias
+    column_log2_offset = _pose_log2_offsets(log_b_prev_ptr, row_shift, batch, num_pose, columns, in_row, log2_bias)
     grad_log_b = tl.zeros([BLOCK_M], dtype=tl.float32)
     for row in tl.range(first, last, num_stages=NUM_STAGES):
         index = batch * num_identity + row
@@ -225,6 +239,68 @@ def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num
         column_sum += tl.exp2(_log2_kernel_row(fixed_point, log2_scale, log2_bias))  # never stored past M
     partial = batch * tl.num_programs(0) + program
     tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, column_sum, mask=in_row)
+
+
+@_triton_jit
+def _add_four(total, x, y, z, other_total, other_x, other_y, other_z):
+    return total + other_total, x + other_x, y + other_y, z + other_z
+
+
+@_triton_jit
+def _plan_warp_kernel(similarity_ptr, log_b_ptr, shift_ptr, points_ptr, warp_ptr, total_ptr, num_identity, num_pose,
+                      readable_pose, batch_stride, row_stride, rows_per_program, log2_scale, log2_bias,
+                      BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_plan_warp`. The pose
+    points stay in registers; each row's four sums are one reduction."""
+    program, batch, batch_ptr, first, last = _program_rows(similarity_ptr, batch_stride, num_identity,
+                                                           rows_per_program)
+    columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
+    # Lanes past M have weight 0 and points 0.
+    row_log2_offset = _pose_log2_offsets(log_b_ptr, tl.load(shift_ptr + batch), batch, num_pose, columns, in_row,
+                                         log2_bias)
+    point_ptr = points_ptr + batch.to(tl.int64) * 3 * num_pose + columns
+    x = tl.load(point_ptr, mask=in_row, other=0.0)
+    y = tl.load(point_ptr + num_pose, mask=in_row, other=0.0)
+    z = tl.load(point_ptr + 2 * num_pose, mask=in_row, other=0.0)
+    for row in tl.range(first, last, num_stages=NUM_STAGES):
+        similarity_row = _similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable)
+        weights = tl.exp2(_log2_kernel_row(similarity_row, log2_scale, row_log2_offset))
+        total, warp_x, warp_y, warp_z = tl.reduce((weights, weights * x, weights * y, weights * z), 0, _add_four)
+        index = batch * num_identity + row
+        tl.store(total_ptr + index, total)
+        tl.store(warp_ptr + index * 3, warp_x / total)
+        tl.store(warp_ptr + index * 3 + 1, warp_y / total)
+        tl.store(warp_ptr + index * 3 + 2, warp_z / total)
+
+
+@_triton_jit
+def _plan_column_sums_kernel(similarity_ptr, log_b_ptr, shift_ptr, row_weights_ptr, partial_ptr, num_identity,
+                             num_pose, readable_pose, batch_stride, row_stride, rows_per_program, log2_scale,
+                             log2_bias, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_plan_column_sums`. The
+    program's four column sums are written as its partials (B, P, 4, M)."""
+    program, batch, batch_ptr, first, last = _program_rows(similarity_ptr, batch_stride, num_identity,
+                                                           rows_per_program)
+    columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
+    column_log2_offset = _pose_log2_offsets(log_b_ptr, tl.load(shift_ptr + batch), batch, num_pose, columns,
+                                            in_row, log2_bias)  # lanes past M: terms 0, never stored
+    sum_0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sum_1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sum_2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sum_3 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for row in tl.range(first, last, num_stages=NUM_STAGES):
+        similarity_row = _similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable)
+        weights = tl.exp2(_log2_kernel_row(similarity_row, log2_scale, column_log2_offset))
+        row_weights_row = row_weights_ptr + (batch * num_identity + row).to(tl.int64) * 4
+        sum_0 += weights * tl.load(row_weights_row)
+        sum_1 += weights * tl.load(row_weights_row + 1)
+        sum_2 += weights * tl.load(row_weights_row + 2)
+        sum_3 += weights * tl.load(row_weights_row + 3)
+    partial_row = partial_ptr + ((batch * tl.num_programs(0) + program) * 4).to(tl.int64) * num_pose + columns
+    tl.store(partial_row, sum_0, mask=in_row)
+    tl.store(partial_row + num_pose, sum_1, mask=in_row)
+    tl.store(partial_row + 2 * num_pose, sum_2, mask=in_row)
+    tl.store(partial_row + 3 * num_pose, sum_3, mask=in_row)
 
 
 @_triton_jit
@@ -356,12 +432,12 @@ class _LaunchLayout(NamedTuple):
     stages: int  # rows in flight
 
 
-def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
-                   pipeline_stages: int | None, num_warps: int | None) -> _LaunchLayout:
+def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None, pipeline_stages: int | None,
+                   num_warps: int | None, lanes_per_thread: int = LANES_PER_THREAD) -> _LaunchLayout:
     """How a fused pass over `similarity` is launched.
 
     P defaults to PROGRAMS_PER_SM programs per SM over the whole batch (rounded down), at most N. num_warps
-    keeps LANES_PER_THREAD lanes of a row per thread, between 4 and 32 warps. The stages default to
+    keeps lanes_per_thread lanes of a row per thread, between 4 and 32 warps. The stages default to
     `_pipeline_stages`. A given num_warps or pipeline_stages replaces the rule's.
     """
     batch, num_identity, num_pose = similarity.shape
@@ -374,7 +450,7 @@ def _launch_layout(similarity: torch.Tensor, programs_per_batch: int | None,
     programs = min(programs_per_batch, num_identity)
     block = _block_width(num_pose)
     stages = pipeline_stages or _pipeline_stages(block)
-    num_warps = num_warps or min(32, max(4, block // (32 * LANES_PER_THREAD)))
+    num_warps = num_warps or min(32, max(4, block // (32 * lanes_per_thread)))
     return _LaunchLayout(programs, triton.cdiv(num_identity, programs), block, num_warps, stages)
 
 
@@ -517,6 +593,85 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
             layout.rows_per_program, *_log2_constants(similarity, epsilon), LOG_DIVISION_EPS,
             BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
+
+
+def fused_plan_warp(similarity: torch.Tensor, log_b: torch.Tensor, shift: torch.Tensor, pose_points: torch.Tensor,
+                    epsilon: float, *, programs_per_batch: int | None = None, pipeline_stages: int | None = None,
+                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final softmax's warp in one read of C: stored.py's `_plan_warp` with a bounded shift.
+
+    With s = (C - 1) / epsilon (formed as in `fused_row_column_forward`):
+    total[n] = sum_m exp(s[n, m] + log_b[m] - shift) and
+    warp[n] = sum_m exp(s[n, m] + log_b[m] - shift) pose_points[m] / total[n], for each batch element.
+
+    Args:
+        similarity: C, float32 or fixed point (int16) (B, N, M), rows contiguous; see `fused_pass_supported`.
+        log_b: float32 (B, M).
+        shift: float32 (B,), an upper bound of s + log b over each batch element (`bounded_shift`).
+        pose_points: float32 (B, M, 3) stored pose-major, as (B, 3, M) (stored.py's `_pose_major`).
+        epsilon: entropic temperature.
+        programs_per_batch, pipeline_stages, num_warps: as in `fused_row_column_forward`.
+    Returns:
+        warp: float32 (B, N, 3).
+        total: float32 (B, N).
+    """
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps, log_b=(log_b, "BM"),
+                           shift=(shift, "B"))
+    batch, num_identity, num_pose = similarity.shape
+    if pose_points.shape != (batch, num_pose, 3) or pose_points.dtype != torch.float32 or \
+            pose_points.device != similarity.device or pose_points.stride(1) != 1 or pose_points.stride(2) != num_pose:
+        raise ValueError(f"pose_points must be float32 (B, M, 3) = {(batch, num_pose, 3)} on {similarity.device} "
+                         f"stored pose-major, as (B, 3, M) (stored.py's _pose_major), got {pose_points.dtype} "
+                         f"{tuple(pose_points.shape)} with strides {pose_points.stride()} on {pose_points.device}")
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
+    warp = similarity.new_empty(batch, num_identity, 3, dtype=torch.float32)
+    total = similarity.new_empty(batch, num_identity, dtype=torch.float32)
+    with _on_device(similarity):
+        _plan_warp_kernel[(layout.programs, batch)](
+            similarity, log_b.contiguous(), shift.contiguous(), pose_points, warp, total, num_identity, num_pose,
+            _readable_width(similarity), similarity.stride(0), similarity.stride(1), layout.rows_per_program,
+            *_log2_constants(similarity, epsilon), BLOCK_M=layout.block, NUM_STAGES=layout.stages,
+            num_warps=layout.num_warps)
+    return warp, total
+
+
+def fused_plan_column_sums(similarity: torch.Tensor, log_b: torch.Tensor, shift: torch.Tensor,
+                           row_weights: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None,
+                           pipeline_stages: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """The final softmax's column sums in one read of C: stored.py's `_plan_column_sums` with a bounded shift.
+
+    sums[m, k] = sum_n exp(s[n, m] + log_b[m] - shift) row_weights[n, k], for each batch element, with s formed as
+    in `fused_row_column_forward`. Each program sums its rows; a torch epilogue adds the programs' partial sums in a
+    fixed order.
+
+    Args:
+        similarity: C, float32 or fixed point (int16) (B, N, M), rows contiguous; see `fused_pass_supported`.
+        log_b: float32 (B, M).
+        shift: float32 (B,), the shift of the softmax (`fused_plan_warp`).
+        row_weights: float32 (B, N, 4), the backward's [g, -g.warp] / total.
+        epsilon: entropic temperature.
+        programs_per_batch, pipeline_stages, num_warps: as in `fused_row_column_forward`.
+    Returns:
+        float32 (B, M, 4).
+    """
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps, log_b=(log_b, "BM"),
+                           shift=(shift, "B"))
+    batch, num_identity, num_pose = similarity.shape
+    if row_weights.shape != (batch, num_identity, 4) or row_weights.dtype != torch.float32 or \
+            row_weights.device != similarity.device:
+        raise ValueError(f"row_weights must be float32 (B, N, 4) = {(batch, num_identity, 4)} on "
+                         f"{similarity.device}, got {row_weights.dtype} {tuple(row_weights.shape)} on "
+                         f"{row_weights.device}")
+    layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps,
+                            PLAN_COLUMN_SUMS_LANES_PER_THREAD)
+    partial = similarity.new_empty(batch, layout.programs, 4, num_pose, dtype=torch.float32)
+    with _on_device(similarity):
+        _plan_column_sums_kernel[(layout.programs, batch)](
+            similarity, log_b.contiguous(), shift.contiguous(), row_weights.contiguous(), partial, num_identity,
+            num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
+            layout.rows_per_program, *_log2_constants(similarity, epsilon), BLOCK_M=layout.block,
+            NUM_STAGES=layout.stages, num_warps=layout.num_warps)
+    return partial.sum(1).transpose(1, 2).contiguous()
 
 
 def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None,

@@ -18,8 +18,9 @@ from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKH
                                        fixed_point_similarity, log_kernel_of, log_marginal_update, row_blocks,
                                        validate_chunk_size, validate_feature_inputs, validate_similarity_inputs,
                                        working_dtype)
-from models.networks.ot.fused import (fused_fixed_point_column_pass, fused_pass_supported, fused_row_column_backward,
-                                      fused_row_column_forward, fused_similarity_gradient)
+from models.networks.ot.fused import (fused_fixed_point_column_pass, fused_pass_supported, fused_plan_column_sums,
+                                      fused_plan_warp, fused_row_column_backward, fused_row_column_forward,
+                                      fused_similarity_gradient)
 
 # The widest range of log K a bounded shift may span (`bounded_shift`): exp(-80) is 1.8e-35, well above
 # float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
@@ -267,8 +268,9 @@ def _run_pass(compiled: bool, read_pass, *args):
 
 
 def _fused_passes(similarity: torch.Tensor, compiled: bool, bounded: bool, blocks: list[slice]) -> bool:
-    """Whether each row pass and the column pass after it read C once together, and dL/dC is one kernel
-    (fused.py, Triton): on a GPU (`compiled`), with bounded shifts (known before a pass) and C in one block."""
+    """Whether each row pass and the column pass after it read C once together, and the final softmax's warp, its
+    backward's column sums and dL/dC are one kernel each (fused.py, Triton): on a GPU (`compiled`), with bounded
+    shifts (known before a pass) and C in one block."""
     return compiled and bounded and len(blocks) == 1 and fused_pass_supported(similarity)
 
 
@@ -353,8 +355,12 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     if not iterations:  # the final softmax reads log b_0
         shift = bounded_shift(log_b[0], similarity_bound, epsilon)
     pose_major_points = _pose_major(pose_points)
-    warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
-        _plan_warp, similarity[:, rows], log_b[-1], pose_major_points, epsilon, shift), _concatenate_rows)
+    if fused:
+        warp, plan_sum = fused_plan_warp(similarity, log_b[-1], shift, pose_major_points, epsilon)
+        plan_max = shift.unsqueeze(1).expand(batch, num_identity)
+    else:
+        warp, plan_max, plan_sum = _over_row_blocks(blocks, lambda rows: run(
+            _plan_warp, similarity[:, rows], log_b[-1], pose_major_points, epsilon, shift), _concatenate_rows)
     vectors = [log_a[:iterations], log_b, column_max, column_sum, row_max, row_sum, [plan_max, plan_sum]]
     return warp, vectors, similarity
 
@@ -496,9 +502,12 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
     # Softmax term: P (g.x[m] - g.out[n]) = exp(s + log b_T - plan_max) * ([g, -g.out] / plan_sum @ [x, 1]^T).
     row_weights = torch.cat([grad_warp, -(grad_warp * warp).sum(2, keepdim=True)], dim=2) / plan_sum.unsqueeze(2)
     column_weights = _pose_major(torch.cat([pose_points, torch.ones_like(pose_points[..., :1])], dim=2))  # (B, M, 4)
-    column_sums = _over_row_blocks(blocks, lambda rows: run(
-        _plan_column_sums, similarity[:, rows], log_b[-1], plan_max[:, rows], row_weights[:, rows], epsilon),
-        _add_parts)  # (B, M, 4)
+    if fused:  # plan_max is the softmax's shift, one number per batch element
+        column_sums = fused_plan_column_sums(similarity, log_b[-1], plan_max[:, 0], row_weights, epsilon)  # (B, M, 4)
+    else:
+        column_sums = _over_row_blocks(blocks, lambda rows: run(
+            _plan_column_sums, similarity[:, rows], log_b[-1], plan_max[:, rows], row_weights[:, rows], epsilon),
+            _add_parts)  # (B, M, 4)
     grad_points = column_sums[..., :3]
     if not similarity_needs_grad:
         return None, grad_points

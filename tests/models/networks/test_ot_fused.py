@@ -415,6 +415,79 @@ def test_fused_similarity_gradient_rejects_bad_arguments():
         fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, torch.float16, -1)
 
 
+def _plan_inputs(shape, seed: int, row_padding: int = 0, fixed_point: bool = False) -> tuple:
+    """float32 C (as a view of padded rows, or in fixed point), log b, its bounded shift and pose-major points of a
+    final softmax, with C's float64 values (the fixed-point ones, as loaded, for fixed_point) for the reference."""
+    from models.networks.ot import stored
+
+    similarity, _, log_b = _sinkhorn_state(*shape, seed=seed)
+    similarity = similarity.float()
+    if fixed_point:
+        similarity = fixed_point_similarity(similarity)
+    log_b = log_b.float()
+    points = stored._pose_major(torch.randn(shape[0], shape[2], 3, generator=torch.Generator().manual_seed(seed + 1)))
+    return _padded_rows(similarity, row_padding), log_b, log_b.amax(1), points
+
+
+def _assert_plan_pass_matches_the_float64_pass(name: str, shape, seed: int, **options) -> None:
+    """fused_plan_warp ("warp") or fused_plan_column_sums ("column sums") against stored.py's pass it replaces
+    (`_plan_warp`, `_plan_column_sums`) in float64. options: `_plan_inputs`' and the launch layout's."""
+    from models.networks.ot import stored
+
+    layout = {key: options.pop(key) for key in ("programs_per_batch", "num_warps") if key in options}
+    similarity, log_b, shift, points = _plan_inputs(shape, seed, **options)
+    reference_similarity = similarity if similarity.dtype == torch.int16 else similarity.double()
+    if name == "warp":
+        expected, _, expected_total = stored._plan_warp(reference_similarity, log_b.double(), points.double(),
+                                                        EPSILON, shift.double())
+        actual, total = fused.fused_plan_warp(*_to_kernel_device((similarity, log_b, shift, points)), EPSILON,
+                                              **layout)
+        _assert_close("total", total, expected_total, SUM_TOLERANCE, 0)
+    else:
+        row_weights = torch.randn(shape[0], shape[1], 4, generator=torch.Generator().manual_seed(seed + 2))
+        expected = stored._plan_column_sums(reference_similarity, log_b.double(),
+                                            shift.double().unsqueeze(1).expand(shape[0], shape[1]),
+                                            row_weights.double(), EPSILON)
+        actual = fused.fused_plan_column_sums(*_to_kernel_device((similarity, log_b, shift, row_weights)), EPSILON,
+                                              **layout)
+    # Terms of either sign: the error is measured against the largest entry.
+    _assert_close(name, actual, expected, 0, SUM_TOLERANCE * expected.abs().max().item())
+
+
+@requires_kernels
+@pytest.mark.parametrize("name", ["warp", "column sums"])
+@pytest.mark.parametrize("shape, programs_per_batch", list(itertools.product(SHAPES, PROGRAMS_PER_BATCH)))
+def test_fused_plan_passes_match_the_float64_passes(name, shape, programs_per_batch):
+    _assert_plan_pass_matches_the_float64_pass(name, shape, 60 + shape[1], programs_per_batch=programs_per_batch)
+
+
+@requires_kernels
+@pytest.mark.parametrize("name", ["warp", "column sums"])
+@pytest.mark.parametrize("shape, options", [((2, 9, 13), {"row_padding": 3, "programs_per_batch": 4}),
+                                            ((1, 12, 6890), {"row_padding": 6}),
+                                            ((3, 20, 70), {"fixed_point": True}),
+                                            ((1, 12, 6890), {"fixed_point": True, "num_warps": 4})])
+def test_fused_plan_passes_read_padded_and_fixed_point_rows(name, shape, options):
+    """The same through a view of padded rows (whose NaN lanes must not reach the sums), a fixed-point C, a
+    program without rows and a warp count other than either kernel's default."""
+    _assert_plan_pass_matches_the_float64_pass(name, shape, 64, **options)
+
+
+def test_fused_plan_passes_reject_bad_arguments():
+    similarity = torch.zeros(2, 5, 6, device=KERNEL_DEVICE)
+    log_b, shift = torch.zeros(2, 6, device=KERNEL_DEVICE), torch.zeros(2, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="stored pose-major"):
+        fused.fused_plan_warp(similarity, log_b, shift, torch.zeros(2, 6, 3, device=KERNEL_DEVICE), EPSILON)
+    points = torch.zeros(2, 3, 6, device=KERNEL_DEVICE).transpose(1, 2)
+    with pytest.raises(ValueError, match="shift must be a float32 tensor of shape"):
+        fused.fused_plan_warp(similarity, log_b, shift[:1], points, EPSILON)
+    with pytest.raises(ValueError, match="row_weights must be float32"):
+        fused.fused_plan_column_sums(similarity, log_b, shift, torch.zeros(2, 5, 3, device=KERNEL_DEVICE), EPSILON)
+    with pytest.raises(ValueError, match="log_b must be a float32 tensor of shape"):
+        fused.fused_plan_column_sums(similarity, log_b[:, :5], shift, torch.zeros(2, 5, 4, device=KERNEL_DEVICE),
+                                     EPSILON)
+
+
 def _fused_and_separate_passes(monkeypatch, warp_function, inputs: list[torch.Tensor], upstream: torch.Tensor) -> list:
     """[warp, gradients of every input] of warp_function(*inputs) with the stored warp's row and column passes
     fused (as on a GPU), then with them separate. The passes around the fused ones run eagerly here
@@ -538,6 +611,10 @@ for similarity_type in ("*fp32", "*i16"):
         fused._row_column_forward_kernel, similarity_type, rows, 8192 // (32 * fused.LANES_PER_THREAD))
     results["backward " + similarity_type] = global_memory_instructions(
         fused._row_column_backward_kernel, similarity_type, rows, 8192 // (32 * fused.LANES_PER_THREAD))
+    results["plan warp " + similarity_type] = global_memory_instructions(
+        fused._plan_warp_kernel, similarity_type, rows, 8192 // (32 * fused.LANES_PER_THREAD))
+    results["plan column sums " + similarity_type] = global_memory_instructions(
+        fused._plan_column_sums_kernel, similarity_type, rows, 8192 // (32 * fused.PLAN_COLUMN_SUMS_LANES_PER_THREAD))
     results["gradient " + similarity_type] = global_memory_instructions(
         fused._similarity_gradient_kernel, similarity_type,
         {"RANK": 13, "RANK_PADDED": 16, "BLOCK_N": fused.GRADIENT_TILE[0], "BLOCK_M": fused.GRADIENT_TILE[1]},
@@ -558,11 +635,12 @@ def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte
                             cwd=Path(__file__).resolve().parents[3], env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
-    for kernel in ("forward", "backward"):
+    for kernel, lanes in (("forward", fused.LANES_PER_THREAD), ("backward", fused.LANES_PER_THREAD),
+                          ("plan warp", fused.LANES_PER_THREAD),
+                          ("plan column sums", fused.PLAN_COLUMN_SUMS_LANES_PER_THREAD)):
         float_copies, fixed_copies = (counts[f"{kernel} {dtype}"].get("cp.async.0x10", 0)
                                       for dtype in ("*fp32", "*i16"))
         # A thread's lanes of a row in 16-byte copies (4 float32 or 8 int16 lanes each), 3 rows in flight.
-        lanes = fused.LANES_PER_THREAD
         assert float_copies == lanes // 4 * 3 and fixed_copies == lanes // 8 * 3, (kernel, counts)
     float_loads, fixed_loads = (counts[f"gradient {dtype}"].get("ld.global.v4.b32", 0) for dtype in ("*fp32", "*i16"))
     assert fixed_loads * 2 == float_loads > 0, counts
