@@ -6,8 +6,8 @@
 # (scripts/device_setup.sh); needs ncu on the PATH and a GPU whose counters it can read.
 set -uo pipefail
 
-ncu --clock-control none -k "regex:_row_column|_fixed_point_column|_plan_|_similarity_gradient" --launch-skip 6 \
-  --launch-count 6 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+ncu --clock-control none -k "regex:_row_column|_fixed_point_|_plan_|_similarity_gradient" --launch-skip 7 \
+  --launch-count 7 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
   --section InstructionStats --section SourceCounters --print-details all \
   python3 -m util.bench --fused_launches 3 "$@" > "$OUT/fused_counters.txt" 2>&1

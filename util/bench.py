@@ -46,6 +46,9 @@ FORWARD_GFLOP_PER_PAIR_6890 = 256.0
 GRADIENT_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 4), (32, 512, 8), (64, 128, 4), (64, 256, 8), (128, 128, 8),
                   (16, 128, 4)]
 
+# Tiles (rows, columns, contraction, warps) of the fixed-point product that --fused_passes times besides the default.
+PRODUCT_TILES = [(128, 256, 64, 8), (256, 128, 64, 8), (64, 128, 64, 4), (128, 128, 32, 4), (128, 64, 64, 4)]
+
 # name -> (ot, precision, compile, tf32, fold_linear). The first is the faithful reference every ratio is
 # against: exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with
 # PyTorch's default TF32 convolutions, as the published code ran on this GPU. Half-precision variants fold
@@ -116,6 +119,17 @@ def time_median(step: Callable[[], object], device: torch.device, warmup: int, r
             step()
             times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times)
+
+
+def tile_time(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float | None:
+    """`time_median` of a kernel launched at one tile, or None where the tile needs more shared memory than the GPU
+    has (Triton refuses such a launch), so that one tile too large does not end a sweep of them."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return time_median(step, device, warmup, repeats)
+    except OutOfResources:
+        return None
 
 
 def reset_peak(device: torch.device) -> None:
@@ -361,7 +375,9 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     default tile and GRADIENT_TILES; and ms of the final softmax's warp and of its backward's column sums, each the
     compiled pass ("compiled") against the kernel by warps ("default", 8, 16). The fused kernels are timed on the
     float32 C (results' "float32") and on its 16-bit fixed-point copy, as half precision stores it
-    ("fixed_point")."""
+    ("fixed_point"). Last, C's split product followed by the fixed-point column pass against the fixed-point
+    product that replaces both, by tile ("product")."""
+    from models.networks.layers import float_product_of_halves, split_operands
     from models.networks.ot import fused, stored
     from models.networks.ot.common import fixed_point_similarity
 
@@ -418,20 +434,34 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
                 **{str(warps or "default"): time_median(lambda: fused.fused_plan_column_sums(
                     stored_similarity, log_b, shift, row_weights, stored.SINKHORN_EPSILON, num_warps=warps), device,
                     warmup, repeats) for warps in (None, 8, 16)}}}
+    generator = torch.Generator(device=device).manual_seed(2)
+    theta_rows, phi = (torch.nn.functional.normalize(torch.randn(batch, 256, vertices, device=device,
+                                                                 generator=generator), dim=1) for _ in range(2))
+    left, right = split_operands(theta_rows.transpose(1, 2).contiguous(), phi)
+    results["product"] = {
+        "separate": time_median(lambda: fused.fused_fixed_point_column_pass(
+            float_product_of_halves(left, right)[..., :vertices], stored.SINKHORN_EPSILON), device, warmup, repeats),
+        **{"x".join(map(str, tile)): tile_time(lambda: fused.fused_fixed_point_product(
+            left, right, vertices, stored.SINKHORN_EPSILON, tile=tile), device, warmup, repeats)
+           for tile in dict.fromkeys([fused.PRODUCT_TILE, *PRODUCT_TILES])}}
     return results
 
 
 def launch_fused_passes(device: torch.device, batch: int, vertices: int, launches: int) -> None:
     """Each kernel of fused.py at its default layout, `launches` times, untimed, on `fused_pass_inputs`: the
-    fixed-point conversion with the first column pass, then the forward pass, the final softmax's warp and its
-    backward's column sums, the backward pass and dL/dC on the fixed-point C, as a half-precision training step runs
-    them (for a profiler such as Nsight Compute)."""
+    fixed-point product of random features, the fixed-point conversion with the first column pass, then the forward
+    pass, the final softmax's warp and its backward's column sums, the backward pass and dL/dC on the fixed-point C,
+    as a half-precision training step runs them (for a profiler such as Nsight Compute)."""
+    from models.networks.layers import split_operands
     from models.networks.ot import fused, stored
 
     inputs = fused_pass_inputs(device, batch, vertices)
     epsilon = stored.SINKHORN_EPSILON
     points = stored._pose_major(torch.randn(batch, vertices, 3, device=device))
+    left, right = split_operands(torch.randn(batch, vertices, 256, device=device),
+                                 torch.randn(batch, 256, vertices, device=device))
     for _ in range(launches):
+        fused.fused_fixed_point_product(left, right, vertices, epsilon)
         fixed_point, _ = fused.fused_fixed_point_column_pass(inputs.similarity, epsilon)
         row_sum, log_a, column_shift, column_sum = fused.fused_row_column_forward(fixed_point, inputs.log_b,
                                                                                   inputs.shift, epsilon, 1.0)
@@ -568,6 +598,10 @@ def main() -> None:
                 for key, label in (("plan_warp", "warp"), ("plan_column_sums", "column sums")):
                     print(f"batch {size}, {form} C: final softmax's {label}, by warps: "
                           + ", ".join(f"{name} {ms:.3f} ms" for name, ms in row[form][key].items()))
+            print(f"batch {size}: C's split product and the fixed-point column pass, then the fixed-point product by "
+                  f"tile (rows x columns x contraction x warps): "
+                  + ", ".join(f"{name} " + ("out of shared memory" if ms is None else f"{ms:.3f} ms")
+                              for name, ms in row["product"].items()))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return

@@ -13,11 +13,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-FLOAT_ARGUMENTS = {"similarity_step", "inverse_epsilon", "log_num_identity", "log_division_eps", "levels"}
+FLOAT_ARGUMENTS = {"similarity_step", "inverse_epsilon", "log_num_identity", "log_division_eps", "levels",
+                   "log2_scale", "log2_bias"}
 MULTIPLES_OF_16 = {"readable_pose", "padded_pose", "fixed_row_stride", "batch_stride", "row_stride",
-                   "fixed_batch_stride", "column_factor_stride"}
+                   "fixed_batch_stride", "column_factor_stride", "depth", "left_batch_stride", "right_batch_stride"}
 # Pointers other than C (`similarity_ptr`, whose type is given) that are not float32.
-POINTER_TYPES = {"fixed_point_ptr": "*i16", "gradient_ptr": "*fp16"}
+POINTER_TYPES = {"fixed_point_ptr": "*i16", "gradient_ptr": "*fp16", "left_ptr": "*fp16", "right_ptr": "*fp16"}
 
 
 def hopper_ptx(kernel, similarity_type: str, constexprs: dict[str, int], num_warps: int) -> str:

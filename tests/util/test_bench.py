@@ -78,6 +78,10 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
     assert set(results) == {"2", "1"}
     for row in results.values():
         assert row["separate_ms"] > 0
+        product_times = list(row["product"].items())
+        assert [name for name, _ in product_times[:2]] == ["separate", "x".join(map(str, fused.PRODUCT_TILE))]
+        assert product_times[0][1] > 0 and product_times[1][1] > 0  # the default first, and it launches
+        assert all(ms is None or ms > 0 for _, ms in product_times)  # None: a tile too large for the GPU
         for form, stage_counts in (("float32", {"2", "3", "4"}), ("fixed_point", {"2", "3", "4", "6"})):
             timed = row[form]
             assert all(ms > 0 for ms in timed["similarity_gradient"].values())
@@ -96,6 +100,7 @@ def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
         assert f"{form} C: dL/dC kernel, by tile (rows x columns x warps): {default_tile}" in printed
         assert f"{form} C: final softmax's warp, by warps: compiled" in printed
         assert f"{form} C: final softmax's column sums, by warps: compiled" in printed
+    assert "C's split product and the fixed-point column pass, then the fixed-point product by tile" in printed
 
 
 @pytest.mark.skipif(not fused.fused_pass_supported(torch.empty(1, 1, 1, device="cuda" if torch.cuda.is_available()
@@ -111,16 +116,31 @@ def test_fused_launches_mode_runs_each_kernel_the_asked_number_of_times_on_the_f
             calls.append((name, similarity.dtype))
             return kernel(similarity, *args, **kwargs)
         return run
-    for name in ("fused_fixed_point_column_pass", "fused_row_column_forward", "fused_plan_warp",
+    for name in ("fused_fixed_point_product", "fused_fixed_point_column_pass", "fused_row_column_forward",
+                 "fused_plan_warp",
                  "fused_plan_column_sums", "fused_row_column_backward", "fused_similarity_gradient"):
         monkeypatch.setattr(fused, name, counted(name))
     monkeypatch.setattr(sys, "argv", ["bench", "--device", "cuda" if torch.cuda.is_available() else "cpu",
                                       "--fused_launches", "2", "--vertices", "40", "--batch", "2"])
     bench.main()
-    assert calls == 2 * [("fused_fixed_point_column_pass", torch.float32), ("fused_row_column_forward", torch.int16),
+    assert calls == 2 * [("fused_fixed_point_product", torch.float16), ("fused_fixed_point_column_pass", torch.float32),
+                         ("fused_row_column_forward", torch.int16),
                          ("fused_plan_warp", torch.int16), ("fused_plan_column_sums", torch.int16),
                          ("fused_row_column_backward", torch.int16),
                          ("fused_similarity_gradient", torch.int16)]
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs triton")
+def test_tile_time_is_none_for_a_tile_the_gpu_cannot_launch():
+    from triton.runtime.errors import OutOfResources
+
+    def too_large():
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    assert bench.tile_time(too_large, torch.device("cpu"), 1, 2) is None
+    assert bench.tile_time(lambda: None, torch.device("cpu"), 1, 2) >= 0
+    with pytest.raises(ValueError):  # other failures still stop the sweep
+        bench.tile_time(lambda: int("x"), torch.device("cpu"), 1, 2)
 
 
 def test_bench_says_in_one_line_what_the_machine_lacks():

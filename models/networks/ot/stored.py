@@ -18,9 +18,9 @@ from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKH
                                        fixed_point_similarity, log_kernel_of, log_marginal_update, row_blocks,
                                        validate_chunk_size, validate_feature_inputs, validate_similarity_inputs,
                                        working_dtype)
-from models.networks.ot.fused import (fused_fixed_point_column_pass, fused_pass_supported, fused_plan_column_sums,
-                                      fused_plan_warp, fused_row_column_backward, fused_row_column_forward,
-                                      fused_similarity_gradient)
+from models.networks.ot.fused import (fused_fixed_point_column_pass, fused_fixed_point_product, fused_pass_supported,
+                                      fused_plan_column_sums, fused_plan_warp, fused_row_column_backward,
+                                      fused_row_column_forward, fused_similarity_gradient)
 
 # The widest range of log K a bounded shift may span (`bounded_shift`): exp(-80) is 1.8e-35, well above
 # float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
@@ -300,14 +300,16 @@ def _lse_coefficient(maximum: torch.Tensor, total: torch.Tensor, gradient: torch
 
 
 def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
-                    blocks: list[slice], compiled: bool, similarity_bound: float | None,
-                    fixed_point: bool = False) -> tuple[torch.Tensor, list[list[torch.Tensor]], torch.Tensor]:
+                    blocks: list[slice], compiled: bool, similarity_bound: float | None, fixed_point: bool = False,
+                    first_column_sum: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, list[list[torch.Tensor]], torch.Tensor]:
     """warp_out and the vectors backward needs, one read pass over C per Sinkhorn half-step.
 
     Each log-sum-exp is shifted by its maximum, or with `similarity_bound` by `bounded_shift`, which
     the pass then need not find: one reduction over C instead of two. With `fixed_point` (similarity_bound 1), C
     is first turned into 16-bit fixed point (`fixed_point_similarity`), which every pass then reads; with fused
-    passes, in the same read as the first column pass (`fused_fixed_point_column_pass`).
+    passes, in the same read as the first column pass (`fused_fixed_point_column_pass`). With `first_column_sum`,
+    C came in fixed point with that first column pass's sums (`fused_fixed_point_product`).
 
     Returns warp (B, N, 3), the lists [log a_0..a_{T-1} (B, N); log b_0..b_T (B, M); (maximum, sum) of
     the column log-sum-exps u_1..u_T (B, M); those of the row log-sum-exps v_1..v_{T-1} (B, N); those of
@@ -322,7 +324,10 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     fused = _fused_passes(similarity, compiled, similarity_bound is not None, blocks)
     # One shift for every block (a bound over all rows), so the blocks' sums merge as they are.
     shift = bounded_shift(log_a[0], similarity_bound, epsilon)
-    if fixed_point and fused and iterations:  # the first column pass (step 0) comes with the fixed-point C
+    if first_column_sum is not None:  # C and the first column pass came from the product (step 0 is done)
+        column_max.append(shift.unsqueeze(1).expand(batch, num_pose))
+        column_sum.append(first_column_sum)
+    elif fixed_point and fused and iterations:  # the first column pass (step 0) comes with the fixed-point C
         similarity, first_column_sum = fused_fixed_point_column_pass(similarity, epsilon)
         column_max.append(shift.unsqueeze(1).expand(batch, num_pose))
         column_sum.append(first_column_sum)
@@ -411,6 +416,14 @@ def _similarity(theta_rows: torch.Tensor, pose_phi: torch.Tensor, compiled: bool
     return split_product(theta_rows, pose_phi, form_operands=functools.partial(_run_pass, compiled, split_operands))
 
 
+def _fixed_point_product_runs(theta_rows: torch.Tensor, pose_phi: torch.Tensor) -> bool:
+    """Whether a fixed-point C and its first column pass come from `fused_fixed_point_product` (which never forms
+    C in float32): where split products run and the fused kernels can read a fixed-point C of this shape."""
+    probe = torch.empty_strided((theta_rows.shape[0], theta_rows.shape[1], pose_phi.shape[2]), (0, 0, 1),
+                                dtype=torch.int16, device=theta_rows.device)  # (B, N, M), storage of M
+    return split_products_run_on(theta_rows) and fused_pass_supported(probe)
+
+
 def _non_finite_marker(theta_rows: torch.Tensor, pose_phi: torch.Tensor) -> torch.Tensor:
     """0, or NaN when either features hold a non-finite value: int16 has no NaN, so the fixed-point C of such
     features would be finite integers and the warp a finite answer to a failed computation. Added to that
@@ -428,13 +441,19 @@ class _StoredSimilarityWarp(torch.autograd.Function):
     def forward(ctx, identity_theta, pose_phi, pose_points, half_dtype, epsilon, iterations, chunk_size, compiled,
                 similarity_bound, fixed_point):
         theta_rows = identity_theta.transpose(1, 2)  # (B, N, C)
+        first_column_sum = None
         with torch.autocast(identity_theta.device.type, enabled=False):
-            similarity = _similarity(theta_rows, pose_phi, compiled)  # (B, N, M)
+            if fixed_point and iterations and _fixed_point_product_runs(theta_rows, pose_phi):
+                similarity, first_column_sum = fused_fixed_point_product(
+                    *_run_pass(compiled, split_operands, theta_rows, pose_phi), pose_phi.shape[2], epsilon)
+            else:
+                similarity = _similarity(theta_rows, pose_phi, compiled)  # (B, N, M)
         # The half copies serve C's backward products alone: none without a gradient to the features (inference).
         kept = half_copies(theta_rows, pose_phi, half_dtype) if any(ctx.needs_input_grad[:2]) else ()
         # With fixed_point, the passes read C's int16 copy, which is what backward keeps.
         warp = _forward_saving(ctx, similarity, pose_points, epsilon, iterations, chunk_size, compiled,
-                               similarity_bound, fixed_point, *kept)  # kept: (B, N, C), (B, C, M')
+                               similarity_bound, fixed_point, *kept,
+                               first_column_sum=first_column_sum)  # kept: (B, N, C), (B, C, M')
         ctx.half_dtype, ctx.padding = half_dtype, kept[1].shape[2] - similarity.shape[2] if kept else 0
         ctx.feature_dtypes = identity_theta.dtype, pose_phi.dtype
         if fixed_point:
@@ -455,13 +474,13 @@ class _StoredSimilarityWarp(torch.autograd.Function):
 
 def _forward_saving(ctx, similarity: torch.Tensor, pose_points: torch.Tensor, epsilon: float, iterations: int,
                     chunk_size: int | None, compiled: bool, similarity_bound: float | None, fixed_point: bool,
-                    *kept: torch.Tensor) -> torch.Tensor:
+                    *kept: torch.Tensor, first_column_sum: torch.Tensor | None = None) -> torch.Tensor:
     """`_stored_forward` for an autograd Function's forward, saving for `_saved_backward` C (as the passes read
     it, fixed point or not), the vectors and `kept` (the Function's own tensors). Returns warp (B, N, 3)."""
     blocks = row_blocks(similarity.shape[1], chunk_size or similarity.shape[1])
     with torch.autocast(similarity.device.type, enabled=False):
         warp, vectors, similarity = _stored_forward(similarity, pose_points, epsilon, iterations, blocks, compiled,
-                                                    similarity_bound, fixed_point)
+                                                    similarity_bound, fixed_point, first_column_sum)
     # save_for_backward takes a flat list; the group lengths (T, T + 1, T, T, T - 1, T - 1, 2) split it again.
     ctx.save_for_backward(similarity, pose_points, warp, *kept, *itertools.chain(*vectors))
     ctx.group_lengths = [len(group) for group in vectors]

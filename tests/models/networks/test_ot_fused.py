@@ -86,6 +86,13 @@ def _to_kernel_device(tensors) -> list:
     return [tensor.to(KERNEL_DEVICE) if isinstance(tensor, torch.Tensor) else tensor for tensor in tensors]
 
 
+def _padded_lanes(fixed_point: torch.Tensor) -> torch.Tensor:
+    """A kernel's fixed-point C (B, N, M), a view of padded rows, with its rows' every lane, on the CPU. (.cpu() of
+    the view itself copies only the M lanes a row.)"""
+    batch, num_identity, _ = fixed_point.shape
+    return fixed_point.as_strided((batch, num_identity, fixed_point.stride(1)), fixed_point.stride()).cpu()
+
+
 def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> None:
     assert actual.dtype == torch.float32 and actual.shape == expected.shape, f"{name}: {actual.dtype} {actual.shape}"
     torch.testing.assert_close(actual.double().cpu(), expected, rtol=rtol, atol=atol,
@@ -311,9 +318,46 @@ def test_fused_fixed_point_column_pass_matches_the_rounding_and_the_column_sums(
         *_to_kernel_device([_padded_rows(similarity, row_padding)]), EPSILON, programs_per_batch=programs_per_batch)
     assert fixed_point.dtype == torch.int16 and fixed_point.stride() == expected_fixed_point.stride()
     assert torch.equal(fixed_point.cpu(), expected_fixed_point)
-    padded_storage = fixed_point.cpu().as_strided((shape[0], shape[1], fixed_point.stride(1)), fixed_point.stride())
-    assert not padded_storage[..., shape[2]:].any()
+    assert not _padded_lanes(fixed_point)[..., shape[2]:].any()
     _assert_close("column_sum", column_sum, expected_column_sum, SUM_TOLERANCE, 0)
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape, channels", [((1, 2, 3), 4), ((2, 33, 47), 16), ((3, 130, 140), 256),
+                                             ((1, 12, 6890), 8)])
+def test_fused_fixed_point_product_matches_the_split_product_and_the_first_column_pass(shape, channels):
+    """C = theta^T phi of unit features from split_operands' fp16 pieces: the kernel's fixed point is that of the
+    float64 product, except by one level where C lies within a float32 sum's rounding of a half level (0.05 of a
+    level, 1.5e-6), and zero past M in the padded rows; its column sums are sum_n exp(s) over the fixed point it
+    wrote. Contractions of 12 to 768 cover a partial last step of the kernel's 64; 130 x 140 two tiles each way."""
+    from models.networks.layers import split_operands
+    from models.networks.ot.common import SIMILARITY_LEVELS
+
+    generator = torch.Generator().manual_seed(90 + channels)
+    theta, phi = (torch.nn.functional.normalize(torch.randn(shape[0], channels, count, generator=generator), dim=1)
+                  for count in shape[1:])
+    left, right = split_operands(theta.transpose(1, 2).contiguous(), phi)
+    similarity = (left.double() @ right.double())[..., :shape[2]]  # (B, N, M)
+    expected = fixed_point_similarity(similarity.float())
+    fixed_point, column_sum = fused.fused_fixed_point_product(*_to_kernel_device((left, right)), shape[2], EPSILON)
+    assert fixed_point.dtype == torch.int16 and fixed_point.shape == shape and fixed_point.stride() == expected.stride()
+    assert not _padded_lanes(fixed_point)[..., shape[2]:].any()
+    fixed_point = fixed_point.cpu()
+    scaled = similarity.clamp(-1.0, 1.0) * SIMILARITY_LEVELS
+    near_half_level = (scaled - scaled.floor() - 0.5).abs() < 0.05
+    difference = (fixed_point.int() - expected.int()).abs()
+    assert difference.max() <= 1 and not ((difference > 0) & ~near_half_level).any(), difference.sum()
+    expected_column_sum = torch.exp(log_kernel_of(fixed_point, EPSILON, torch.float64)).sum(1)  # (B, M)
+    _assert_close("column_sum", column_sum, expected_column_sum, SUM_TOLERANCE, 0)
+
+
+def test_fused_fixed_point_product_rejects_bad_operands():
+    left = torch.zeros(2, 5, 12, dtype=torch.float16, device=KERNEL_DEVICE)
+    right = torch.zeros(2, 12, 8, dtype=torch.float16, device=KERNEL_DEVICE)
+    for bad_left, bad_right, num_pose in ((left.float(), right, 6), (left, right[:, :11], 6), (left, right, 9),
+                                          (left, right, 0)):  # M' = 8 serves M = 1..8
+        with pytest.raises(ValueError, match="fused_fixed_point_product takes float16"):
+            fused.fused_fixed_point_product(bad_left, bad_right, num_pose, EPSILON)
 
 
 def test_fused_fixed_point_column_pass_reads_only_float32():
@@ -554,6 +598,39 @@ def test_fixed_point_similarity_warp_with_fused_passes_matches_the_separate_pass
 
 
 @requires_kernels
+def test_fixed_point_similarity_warp_from_the_fused_product_matches_the_split_product(monkeypatch):
+    """similarity_warp_stored with a fixed-point C where split products run (made to here, on the CPU): C and its
+    first column pass from fused_fixed_point_product give the warp and gradients of C formed by split_product and
+    rounded after it, the fused passes reading either."""
+    from models.networks.ot import stored
+
+    monkeypatch.setattr(stored, "split_products_run_on", lambda tensor: True)
+    monkeypatch.setattr(stored, "_fused_passes", lambda similarity, compiled, bounded, blocks: (
+        bounded and len(blocks) == 1 and fused.fused_pass_supported(similarity)))
+    products = []
+    monkeypatch.setattr(stored, "fused_fixed_point_product",
+                        lambda *args: products.append(args[2]) or fused.fused_fixed_point_product(*args))
+    generator = torch.Generator().manual_seed(43)
+    theta, phi = (torch.nn.functional.normalize(torch.randn(2, 8, count, generator=generator), dim=1).to(KERNEL_DEVICE)
+                  for count in (30, 26))
+    points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
+    upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
+    results = []
+    for use_product in (True, False):
+        if not use_product:
+            monkeypatch.setattr(stored, "_fixed_point_product_runs", lambda theta_rows, pose_phi: False)
+        leaves = [tensor.clone().requires_grad_() for tensor in (theta, phi, points)]
+        warp = stored.similarity_warp_stored(*leaves, torch.float16, similarity_bound=1.0, fixed_point=True)
+        warp.backward(upstream)
+        results.append([warp, *(tensor.grad for tensor in leaves)])
+    assert products == [26], "the product ran once, in the first forward"
+    for name, actual, expected, tolerance in zip(("warp", "dL/dtheta", "dL/dphi", "dL/dpose_points"), *results,
+                                                 (1e-5, 1e-3, 1e-3, 1e-5)):
+        error = ((actual - expected).norm() / expected.norm()).item()
+        assert error < tolerance, f"{name} differs by {error:.3g} relative"
+
+
+@requires_kernels
 def test_fused_passes_keep_rows_and_columns_far_below_the_shift():
     """An identity row and a pose column whose every cosine is -1: their terms lie 2 / epsilon (about 67) below the
     shifts, where exp is about 1e-29, still a normal float32; the kernels must keep them as the references do."""
@@ -620,6 +697,10 @@ for similarity_type in ("*fp32", "*i16"):
         {"RANK": 13, "RANK_PADDED": 16, "BLOCK_N": fused.GRADIENT_TILE[0], "BLOCK_M": fused.GRADIENT_TILE[1]},
         fused.GRADIENT_TILE[2])
 results["fixed point column"] = global_memory_instructions(fused._fixed_point_column_kernel, "*fp32", rows, 16)
+block_n, block_m, block_k, num_warps = fused.PRODUCT_TILE
+product_ptx = hopper_ptx(fused._fixed_point_product_kernel, "*fp32",
+                         {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps)
+results["product"] = collections.Counter(re.findall(r"\\b(st\\.global[.a-z0-9]*|wgmma\\.mma_async)", product_ptx))
 print(json.dumps(results))
 """
 
@@ -647,3 +728,6 @@ def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte
     assert not any(op.startswith(("ld.global.b16", "ld.global.u16", "ld.global.s16")) for kernel_counts in
                    counts.values() for op in kernel_counts), counts
     assert counts["fixed point column"].get("st.global.v4.b32", 0) > 0, counts
+    # The fixed-point product on Hopper's warpgroup tensor cores, its int16 tile stored 16 bytes at a time.
+    assert counts["product"].get("wgmma.mma_async", 0) > 0 and set(counts["product"]) <= {
+        "wgmma.mma_async", "st.global.v4.b32", "st.global.b32"}, counts
