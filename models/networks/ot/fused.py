@@ -18,10 +18,10 @@ pass over C.
   the tensor cores.
 - `fused_plan_warp`: the final softmax's warp, sum_m softmax_m(s + log b) pose_points[m], a row pass like the
   forward's with four sums a row.
-- `fused_fixed_point_product`: C = theta^T phi from `split_product`'s fp16 operands, stored directly as the 16-bit
-  fixed point the passes read, with the first column pass in the same kernel (C never exists in float32).
 - `fused_plan_column_sums`: its backward's column sums of four row weights, sum_n exp(s + log b - shift) w[n], a
   column pass like the forward's with four sums a column.
+- `fused_fixed_point_product`: C = theta^T phi from `split_product`'s fp16 operands, stored directly as the 16-bit
+  fixed point the passes read, with the first column pass in the same kernel (C never exists in float32).
 `fused_row_column_forward_naive` and `fused_row_column_backward_naive` are their float64 references.
 Each kernel reads C as float32 or as 16-bit fixed point (int16, common.py's `fixed_point_similarity`), which halves
 the bytes every pass reads.
