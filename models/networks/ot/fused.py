@@ -795,24 +795,31 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
 # three stages, took 1.546 ms (other tiles 1.62 to 1.75); persistent programs fed by the TMA took 1.364 ms at 256 x
 # 128 x 32 with six stages, 1.342 to 1.396 at 256 x 128 x 64 with four, 1.402 at 128 x 256 x 64 with four and 1.504
 # at 128 x 128 x 64 with four (docs/benchmarks.md, twenty-third session). Six stages of 32, because Triton 3.9 asks
-# 176 KiB of shared memory for them at N = M = 6890 and 208 KiB where M' is no multiple of 16, and for four of 64 224
-# and 256 KiB, more than an H100's 227.
+# 176 KiB of shared memory a program for them at N = M = 6890 and 208.05 KiB where M' is no multiple of 16, but 224
+# and 256 KiB for four of 64: more than an H100's 227.
 PRODUCT_TILE = (256, 128, 32, 8)
 PRODUCT_STAGES = 6
-# Where TMA cannot load the operands (GPUs before Hopper, rows not a multiple of 16 bytes): one tile a program.
+# The shared memory a persistent product program asks at most (Triton 3.9, any M'; the offline compile test checks it).
+PRODUCT_SHARED_BYTES = 209 * 1024
+# Where the TMA cannot load the operands (`_tensor_descriptors_fit`): one tile a program.
 POINTER_PRODUCT_TILE = (128, 128, 64, 8)
 POINTER_PRODUCT_STAGES = 3
 
 
 def _tensor_descriptors_fit(left: torch.Tensor, right: torch.Tensor) -> bool:
-    """Whether the TMA can load contiguous fp16 operands (B, N, D) and (B, D, M'): triton has tensor descriptors,
-    the GPU is a Hopper or later (or Triton's interpreter runs CPU tensors), and the operands start and step their
-    rows at multiples of 16 bytes."""
+    """Whether the TMA can load contiguous fp16 operands (B, N, D) and (B, D, M') into persistent programs: triton
+    has tensor descriptors, the GPU is a Hopper or later with PRODUCT_SHARED_BYTES of shared memory a program (or
+    Triton's interpreter runs CPU tensors), and the operands start and step their rows at multiples of 16 bytes."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
         return False
-    on_hopper = torch.cuda.get_device_capability(left.device)[0] >= 9 if left.is_cuda else _INTERPRETED
+    if left.is_cuda:
+        properties = torch.cuda.get_device_properties(left.device)
+        shared_memory = getattr(properties, "shared_memory_per_block_optin", PRODUCT_SHARED_BYTES)
+        on_hopper = properties.major >= 9 and shared_memory >= PRODUCT_SHARED_BYTES
+    else:
+        on_hopper = _INTERPRETED
     return on_hopper and all(operand.data_ptr() % 16 == 0 and operand.stride(1) * operand.element_size() % 16 == 0
                              for operand in (left, right))
 
@@ -850,8 +857,9 @@ def fused_fixed_point_product(left: torch.Tensor, right: torch.Tensor, num_pose:
     left, right = left.contiguous(), right.contiguous()
     fits = _tensor_descriptors_fit(left, right)
     if tensor_descriptors and not fits:
-        raise ValueError(f"the TMA cannot load these operands: it needs a Hopper GPU or later and rows of a multiple "
-                         f"of 16 bytes, got {left.device} and a contraction of {left.shape[2]}")
+        raise ValueError(f"the TMA cannot load these operands: it needs a Hopper GPU or later with "
+                         f"{PRODUCT_SHARED_BYTES // 1024} KiB of shared memory a program and rows of a multiple of 16 "
+                         f"bytes, got {left.device} and a contraction of {left.shape[2]}")
     tensor_descriptors = fits if tensor_descriptors is None else tensor_descriptors
     tile = tile or (PRODUCT_TILE if tensor_descriptors else POINTER_PRODUCT_TILE)
     if len(tile) != 4 or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1)
