@@ -46,9 +46,8 @@ FORWARD_GFLOP_PER_PAIR_6890 = 256.0
 GRADIENT_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 4), (32, 512, 8), (64, 128, 4), (64, 256, 8), (128, 128, 8),
                   (16, 128, 4)]
 
-# Tiles (rows, columns, contraction, warps) of the fixed-point product that --fused_passes times besides the default,
-# loaded by the TMA where the GPU has one; then the kernel of pointer loads at its own tile.
-PRODUCT_TILES = [(128, 256, 32, 8), (256, 64, 32, 8), (128, 128, 32, 8)]
+# Tiles (rows, columns, contraction, warps) of the fixed-point product that --fused_passes times besides the default.
+PRODUCT_TILES = [(128, 256, 64, 8), (256, 128, 64, 8), (64, 128, 64, 4), (128, 128, 32, 4), (128, 64, 64, 4)]
 
 # name -> (ot, precision, compile, tf32, fold_linear). The first is the faithful reference every ratio is
 # against: exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with
@@ -377,7 +376,7 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     compiled pass ("compiled") against the kernel by warps ("default", 8, 16). The fused kernels are timed on the
     float32 C (results' "float32") and on its 16-bit fixed-point copy, as half precision stores it
     ("fixed_point"). Last, C's split product followed by the fixed-point column pass against the fixed-point
-    product that replaces both, by tile, and its kernel of pointer loads ("pointers ...") ("product")."""
+    product that replaces both, by tile ("product")."""
     from models.networks.layers import float_product_of_halves, split_operands
     from models.networks.ot import fused, stored
     from models.networks.ot.common import fixed_point_similarity
@@ -444,9 +443,7 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
             float_product_of_halves(left, right)[..., :vertices], stored.SINKHORN_EPSILON), device, warmup, repeats),
         **{"x".join(map(str, tile)): tile_time(lambda: fused.fused_fixed_point_product(
             left, right, vertices, stored.SINKHORN_EPSILON, tile=tile), device, warmup, repeats)
-           for tile in dict.fromkeys([fused.PRODUCT_TILE, *PRODUCT_TILES])},
-        "pointers " + "x".join(map(str, fused.POINTER_PRODUCT_TILE)): tile_time(lambda: fused.fused_fixed_point_product(
-            left, right, vertices, stored.SINKHORN_EPSILON, tensor_descriptors=False), device, warmup, repeats)}
+           for tile in dict.fromkeys([fused.PRODUCT_TILE, *PRODUCT_TILES])}}
     return results
 
 

@@ -19,16 +19,11 @@ MULTIPLES_OF_16 = {"readable_pose", "padded_pose", "fixed_row_stride", "batch_st
                    "fixed_batch_stride", "column_factor_stride", "depth", "left_batch_stride", "right_batch_stride"}
 # Pointers other than C (`similarity_ptr`, whose type is given) that are not float32.
 POINTER_TYPES = {"fixed_point_ptr": "*i16", "gradient_ptr": "*fp16", "left_ptr": "*fp16", "right_ptr": "*fp16"}
-# TMA descriptors of the fixed-point product's fp16 operands: the constexprs that give their (1, rows, columns) blocks.
-DESCRIPTOR_BLOCKS = {"left_descriptor": ("BLOCK_N", "BLOCK_K"), "right_descriptor": ("BLOCK_K", "BLOCK_M")}
 
 
-def compile_for_hopper(kernel, similarity_type: str, constexprs: dict[str, int], num_warps: int,
-                       multiples_of_16: bool = True):
-    """`kernel` (a triton.jit function) compiled for sm_90a, with C's pointer of `similarity_type` ("*fp32",
-    "*i16"), the compile-time constants (its upper-case arguments) and num_warps: Triton's compiled kernel, with its
-    PTX (`.asm["ptx"]`) and the bytes of shared memory a program asks (`.metadata.shared`). Without
-    `multiples_of_16`, as a launch at sizes that are no multiples of 16 compiles it."""
+def hopper_ptx(kernel, similarity_type: str, constexprs: dict[str, int], num_warps: int) -> str:
+    """The PTX of `kernel` (a triton.jit function) for sm_90a, with C's pointer of `similarity_type` ("*fp32",
+    "*i16"), the compile-time constants (its upper-case arguments) and num_warps."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -37,17 +32,15 @@ def compile_for_hopper(kernel, similarity_type: str, constexprs: dict[str, int],
         raise RuntimeError("compiling Triton kernels for a GPU needs triton without TRITON_INTERPRET=1")
     signature = {}
     for name in kernel.arg_names:
-        if name in DESCRIPTOR_BLOCKS:
-            rows, columns = (constexprs[block] for block in DESCRIPTOR_BLOCKS[name])
-            signature[name] = f"tensordesc<fp16[1, {rows}, {columns}]>"
-        elif name.endswith("_ptr"):
+        if name.endswith("_ptr"):
             signature[name] = similarity_type if name == "similarity_ptr" else POINTER_TYPES.get(name, "*fp32")
         else:
             signature[name] = "constexpr" if name.isupper() else "fp32" if name in FLOAT_ARGUMENTS else "i32"
     attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
-             if multiples_of_16 and (name.endswith("_ptr") or name in MULTIPLES_OF_16)}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+             if name.endswith("_ptr") or name in MULTIPLES_OF_16}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return compiled.asm["ptx"]
 
 
 def ptxas_usage(ptx: str) -> dict[str, int]:

@@ -312,27 +312,13 @@ def _plan_column_sums_kernel(similarity_ptr, log_b_ptr, shift_ptr, row_weights_p
 
 
 @_triton_jit
-def _fixed_point_tile_epilogue(product, fixed_point_ptr, partial_ptr, batch, row_block, row_blocks, rows, columns,
-                               num_identity, num_pose, padded_pose, fixed_batch_stride, levels, log2_scale,
-                               log2_bias):
-    """Stores a (BLOCK_N, BLOCK_M) tile `product` of C at `rows` and `columns` of batch element `batch` as fixed point,
-    and its terms exp(s) summed over the tile's rows as partial column sums (B, row blocks, M)."""
-    in_rows = rows < num_identity
-    fixed_point = _rounded_to_levels(product, levels)  # the padding columns of right are 0, so are C's
-    tl.store(fixed_point_ptr + batch.to(tl.int64) * fixed_batch_stride + rows[:, None].to(tl.int64) * padded_pose
-             + columns[None, :], fixed_point.to(tl.int16), mask=in_rows[:, None] & (columns < padded_pose)[None, :])
-    terms = tl.where(in_rows[:, None], tl.exp2(_log2_kernel_row(fixed_point, log2_scale, log2_bias)), 0.0)
-    partial = batch * row_blocks + row_block
-    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, tl.sum(terms, axis=0), mask=columns < num_pose)
-
-
-@_triton_jit
 def _fixed_point_product_kernel(left_ptr, right_ptr, fixed_point_ptr, partial_ptr, num_identity, num_pose, depth,
                                 padded_pose, left_batch_stride, right_batch_stride, fixed_batch_stride, levels,
                                 log2_scale, log2_bias, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_K: tl.constexpr):
     """One (BLOCK_N, BLOCK_M) tile of C = left @ right for program (row block, column block, b), accumulated in
-    float32 on the tensor cores from pointer loads; see `fused_fixed_point_product`."""
+    float32 on the tensor cores and stored as fixed point; its terms exp(s) summed over the tile's rows are the
+    program's partial column sums (B, row blocks, M). See `fused_fixed_point_product`."""
     row_block, column_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     columns = column_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -350,37 +336,12 @@ def _fixed_point_product_kernel(left_ptr, right_ptr, fixed_point_ptr, partial_pt
         product = tl.dot(left, right, product)
         left_tile += BLOCK_K
         right_tile += BLOCK_K * padded_pose
-    _fixed_point_tile_epilogue(product, fixed_point_ptr, partial_ptr, batch, row_block, tl.num_programs(0), rows,
-                               columns, num_identity, num_pose, padded_pose, fixed_batch_stride, levels, log2_scale,
-                               log2_bias)
-
-
-@_triton_jit
-def _persistent_fixed_point_product_kernel(left_descriptor, right_descriptor, fixed_point_ptr, partial_ptr, batch_size,
-                                           num_identity, num_pose, depth, padded_pose, fixed_batch_stride, levels,
-                                           log2_scale, log2_bias, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                                           BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                                           NUM_STAGES: tl.constexpr):
-    """Tiles p, p + NUM_PROGRAMS, ... of C = left @ right for program p, row blocks fastest, then column blocks, then
-    batch elements, their operands loaded by the tensor memory accelerator (TMA, which fills rows and depths past the
-    operands' ends with zeros). The tile loop and the contraction loop are pipelined as one, so the next tile's
-    loads overlap this tile's epilogue; see `fused_fixed_point_product`."""
-    row_blocks = tl.cdiv(num_identity, BLOCK_N)
-    tiles_per_batch = row_blocks * tl.cdiv(padded_pose, BLOCK_M)
-    for tile in tl.range(tl.program_id(0), tiles_per_batch * batch_size, NUM_PROGRAMS, flatten=True,
-                         num_stages=NUM_STAGES):
-        batch = tile // tiles_per_batch
-        row_block = tile % row_blocks
-        column_block = tile % tiles_per_batch // row_blocks
-        product = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for step in range(tl.cdiv(depth, BLOCK_K)):
-            left = left_descriptor.load([batch, row_block * BLOCK_N, step * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
-            right = right_descriptor.load([batch, step * BLOCK_K, column_block * BLOCK_M]).reshape(BLOCK_K, BLOCK_M)
-            product = tl.dot(left, right, product)
-        _fixed_point_tile_epilogue(product, fixed_point_ptr, partial_ptr, batch, row_block, row_blocks,
-                                   row_block * BLOCK_N + tl.arange(0, BLOCK_N),
-                                   column_block * BLOCK_M + tl.arange(0, BLOCK_M), num_identity, num_pose,
-                                   padded_pose, fixed_batch_stride, levels, log2_scale, log2_bias)
+    fixed_point = _rounded_to_levels(product, levels)  # the padding columns of right are 0, so are C's
+    tl.store(fixed_point_ptr + batch.to(tl.int64) * fixed_batch_stride + rows[:, None].to(tl.int64) * padded_pose
+             + columns[None, :], fixed_point.to(tl.int16), mask=in_rows[:, None] & in_columns[None, :])
+    terms = tl.where(in_rows[:, None], tl.exp2(_log2_kernel_row(fixed_point, log2_scale, log2_bias)), 0.0)
+    partial = batch * tl.num_programs(0) + row_block
+    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, tl.sum(terms, axis=0), mask=columns < num_pose)
 
 
 @_triton_jit
@@ -790,60 +751,31 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
     return fixed_point[..., :num_pose], partial.sum(1)
 
 
-# The fixed-point product's tiles (identity rows, pose columns, contraction, warps) and the operand stages in flight.
-# At batch 8 and 6890 vertices on the H100 (2026-12-07), one tile a program from pointer loads, 128 x 128 x 64 with
-# three stages, took 1.546 ms (other tiles 1.62 to 1.75); persistent programs fed by the TMA took 1.364 ms at 256 x
-# 128 x 32 with six stages, 1.342 to 1.396 at 256 x 128 x 64 with four, 1.402 at 128 x 256 x 64 with four and 1.504
-# at 128 x 128 x 64 with four (docs/benchmarks.md, twenty-third session). Six stages of 32, because Triton 3.9 asks
-# 176 KiB of shared memory a program for them at N = M = 6890 and 208.05 KiB where M' is no multiple of 16, but 224
-# and 256 KiB for four of 64: more than an H100's 227.
-PRODUCT_TILE = (256, 128, 32, 8)
-PRODUCT_STAGES = 6
-# The shared memory a persistent product program asks at most (Triton 3.9, any M'; the offline compile test checks it).
-PRODUCT_SHARED_BYTES = 209 * 1024
-# Where the TMA cannot load the operands (`_tensor_descriptors_fit`): one tile a program.
-POINTER_PRODUCT_TILE = (128, 128, 64, 8)
-POINTER_PRODUCT_STAGES = 3
-
-
-def _tensor_descriptors_fit(left: torch.Tensor, right: torch.Tensor) -> bool:
-    """Whether the TMA can load contiguous fp16 operands (B, N, D) and (B, D, M') into persistent programs: triton
-    has tensor descriptors, the GPU is a Hopper or later with PRODUCT_SHARED_BYTES of shared memory a program (or
-    Triton's interpreter runs CPU tensors), and the operands start and step their rows at multiples of 16 bytes."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    if left.is_cuda:
-        properties = torch.cuda.get_device_properties(left.device)
-        shared_memory = getattr(properties, "shared_memory_per_block_optin", PRODUCT_SHARED_BYTES)
-        on_hopper = properties.major >= 9 and shared_memory >= PRODUCT_SHARED_BYTES
-    else:
-        on_hopper = _INTERPRETED
-    return on_hopper and all(operand.data_ptr() % 16 == 0 and operand.stride(1) * operand.element_size() % 16 == 0
-                             for operand in (left, right))
+# The fixed-point product's tile (identity rows, pose columns, contraction, warps): 128 x 128 fp32 accumulators at 8
+# warps with three 32 KiB stages of operands in shared memory. At batch 8 and 6890 vertices on the H100 (`python -m
+# util.bench --fused_passes`, 2026-12-07) it took 1.561 ms, against 1.922 for C's split product and the fixed-point
+# column pass it replaces and 1.62 to 1.75 for the other tiles timed.
+PRODUCT_TILE = (128, 128, 64, 8)
+PRODUCT_STAGES = 3
 
 
 def fused_fixed_point_product(left: torch.Tensor, right: torch.Tensor, num_pose: int, epsilon: float, *,
-                              tile: tuple[int, int, int, int] | None = None, tensor_descriptors: bool | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+                              tile: tuple[int, int, int, int] = PRODUCT_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """C = left @ right as 16-bit fixed point, with the first Sinkhorn column pass over it, without C in float32.
 
     What `split_product` and then `fused_fixed_point_column_pass` give, in one kernel: each tile of the product is
     accumulated in float32 on the tensor cores, rounded to fixed point (common.py's `fixed_point_similarity`) and
     stored as int16, and its terms exp(s) = exp((q SIMILARITY_STEP - 1) / epsilon) are summed over its rows. A C
     element within a float32 rounding of a half level may round to the neighbouring level where cuBLAS's sum order
-    would not. Where the TMA can load the operands (`_tensor_descriptors_fit`), one persistent program per SM runs
-    tile after tile; elsewhere each program runs one tile from pointer loads.
+    would not.
 
     Args:
         left: float16 (B, N, D), rows contiguous; right: float16 (B, D, M') with M' >= num_pose, columns contiguous,
             zero past num_pose (layers.py's `split_operands` forms both, M' = aligned(M)).
         num_pose: M.
         epsilon: entropic temperature.
-        tile: (rows, columns, contraction, warps) of a program, powers of two, the first three at least 16; None:
-            PRODUCT_TILE or POINTER_PRODUCT_TILE (for benchmarks).
-        tensor_descriptors: whether TMA loads the operands; None: where it can (for tests and benchmarks).
+        tile: (rows, columns, contraction, warps) of a program, powers of two, the first three at least 16 (for
+            benchmarks).
     Returns:
         fixed_point: int16 (B, N, M), a view of rows of M' lanes, zero past M.
         column_sum: float32 (B, M), as `fused_fixed_point_column_pass` returns it.
@@ -854,18 +786,11 @@ def fused_fixed_point_product(left: torch.Tensor, right: torch.Tensor, num_pose:
         raise ValueError(f"fused_fixed_point_product takes float16 (B, N, D) and (B, D, M') with M' = "
                          f"{aligned(num_pose) if num_pose > 0 else 'aligned(M)'} for M = {num_pose}, got "
                          f"{left.dtype} {tuple(left.shape)} and {right.dtype} {tuple(right.shape)}")
-    left, right = left.contiguous(), right.contiguous()
-    fits = _tensor_descriptors_fit(left, right)
-    if tensor_descriptors and not fits:
-        raise ValueError(f"the TMA cannot load these operands: it needs a Hopper GPU or later with "
-                         f"{PRODUCT_SHARED_BYTES // 1024} KiB of shared memory a program and rows of a multiple of 16 "
-                         f"bytes, got {left.device} and a contraction of {left.shape[2]}")
-    tensor_descriptors = fits if tensor_descriptors is None else tensor_descriptors
-    tile = tile or (PRODUCT_TILE if tensor_descriptors else POINTER_PRODUCT_TILE)
     if len(tile) != 4 or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1)
                              for size in tile) or min(tile[:3]) < 16:
         raise ValueError(f"tile must be four powers of two (rows, columns, contraction, warps), the first three at "
                          f"least 16, got {tile!r}")
+    left, right = left.contiguous(), right.contiguous()
     batch, num_identity, depth = left.shape
     padded_pose = right.shape[2]
     fixed_point = left.new_empty(batch, num_identity, padded_pose, dtype=torch.int16)
@@ -873,24 +798,12 @@ def fused_fixed_point_product(left: torch.Tensor, right: torch.Tensor, num_pose:
     block_n, block_m, block_k, num_warps = tile
     row_blocks = triton.cdiv(num_identity, block_n)
     partial = left.new_empty(batch, row_blocks, num_pose, dtype=torch.float32)
-    constants = (num_identity, num_pose, depth, padded_pose)
-    epilogue_constants = (fixed_point.stride(0), float(SIMILARITY_LEVELS), *_log2_constants(fixed_point, epsilon))
     with _on_device(left):
-        if tensor_descriptors:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            programs = (torch.cuda.get_device_properties(left.device).multi_processor_count if left.is_cuda
-                        else INTERPRETER_PROGRAMS)
-            _persistent_fixed_point_product_kernel[(programs,)](
-                TensorDescriptor.from_tensor(left, [1, block_n, block_k]),
-                TensorDescriptor.from_tensor(right, [1, block_k, block_m]), fixed_point, partial, batch, *constants,
-                *epilogue_constants, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, NUM_PROGRAMS=programs,
-                NUM_STAGES=PRODUCT_STAGES, num_warps=num_warps)
-        else:
-            _fixed_point_product_kernel[(row_blocks, triton.cdiv(padded_pose, block_m), batch)](
-                left, right, fixed_point, partial, *constants, left.stride(0), right.stride(0), *epilogue_constants,
-                BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
-                num_stages=POINTER_PRODUCT_STAGES)
+        _fixed_point_product_kernel[(row_blocks, triton.cdiv(padded_pose, block_m), batch)](
+            left, right, fixed_point, partial, num_identity, num_pose, depth, padded_pose, left.stride(0),
+            right.stride(0), fixed_point.stride(0), float(SIMILARITY_LEVELS),
+            *_log2_constants(fixed_point, epsilon), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
+            num_warps=num_warps, num_stages=PRODUCT_STAGES)
     return fixed_point[..., :num_pose], partial.sum(1)
 
 

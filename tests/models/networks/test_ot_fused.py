@@ -322,37 +322,24 @@ def test_fused_fixed_point_column_pass_matches_the_rounding_and_the_column_sums(
     _assert_close("column_sum", column_sum, expected_column_sum, SUM_TOLERANCE, 0)
 
 
-def _split_unit_features(shape, channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """split_operands' fp16 pieces (B, N, 3 channels) and (B, 3 channels, M') of random unit features."""
-    from models.networks.layers import split_operands
-
-    generator = torch.Generator().manual_seed(seed)
-    theta, phi = (torch.nn.functional.normalize(torch.randn(shape[0], channels, count, generator=generator), dim=1)
-                  for count in shape[1:])
-    return split_operands(theta.transpose(1, 2).contiguous(), phi)
-
-
 @requires_kernels
-@pytest.mark.parametrize("shape, channels, tile, tensor_descriptors", [
-    ((1, 2, 3), 4, None, None),  # rows of 24 bytes, which the TMA cannot address: pointer loads
-    *[(shape, channels, tile, tensor_descriptors) for tensor_descriptors in (False, True)
-      for shape, channels, tile in [((1, 2, 3), 8, None), ((2, 33, 47), 16, None),
-                                    ((3, 130, 140), 256, (64, 64, 64, 4)), ((3, 130, 140), 256, None),
-                                    ((1, 12, 6890), 8, None)]]])
-def test_fused_fixed_point_product_matches_the_split_product_and_the_first_column_pass(shape, channels, tile,
-                                                                                      tensor_descriptors):
-    """C = theta^T phi of unit features from split_operands' fp16 pieces, with TMA loads into persistent programs or
-    pointer loads into one tile a program: the kernel's fixed point is that of the float64 product, except by one
-    level where C lies within a float32 sum's rounding of a half level (0.05 of a level, 1.5e-6), and zero past M in
-    the padded rows; its column sums are sum_n exp(s) over the fixed point it wrote. Contractions of 12 to 768 cover
-    a partial last step of the kernels' 64; 130 x 140 several tiles each way, more tiles than persistent programs."""
+@pytest.mark.parametrize("shape, channels", [((1, 2, 3), 4), ((2, 33, 47), 16), ((3, 130, 140), 256),
+                                             ((1, 12, 6890), 8)])
+def test_fused_fixed_point_product_matches_the_split_product_and_the_first_column_pass(shape, channels):
+    """C = theta^T phi of unit features from split_operands' fp16 pieces: the kernel's fixed point is that of the
+    float64 product, except by one level where C lies within a float32 sum's rounding of a half level (0.05 of a
+    level, 1.5e-6), and zero past M in the padded rows; its column sums are sum_n exp(s) over the fixed point it
+    wrote. Contractions of 12 to 768 cover a partial last step of the kernel's 64; 130 x 140 two tiles each way."""
+    from models.networks.layers import split_operands
     from models.networks.ot.common import SIMILARITY_LEVELS
 
-    left, right = _split_unit_features(shape, channels, 90 + channels)
+    generator = torch.Generator().manual_seed(90 + channels)
+    theta, phi = (torch.nn.functional.normalize(torch.randn(shape[0], channels, count, generator=generator), dim=1)
+                  for count in shape[1:])
+    left, right = split_operands(theta.transpose(1, 2).contiguous(), phi)
     similarity = (left.double() @ right.double())[..., :shape[2]]  # (B, N, M)
     expected = fixed_point_similarity(similarity.float())
-    fixed_point, column_sum = fused.fused_fixed_point_product(*_to_kernel_device((left, right)), shape[2], EPSILON,
-                                                              tile=tile, tensor_descriptors=tensor_descriptors)
+    fixed_point, column_sum = fused.fused_fixed_point_product(*_to_kernel_device((left, right)), shape[2], EPSILON)
     assert fixed_point.dtype == torch.int16 and fixed_point.shape == shape and fixed_point.stride() == expected.stride()
     assert not _padded_lanes(fixed_point)[..., shape[2]:].any()
     fixed_point = fixed_point.cpu()
@@ -362,13 +349,6 @@ def test_fused_fixed_point_product_matches_the_split_product_and_the_first_colum
     assert difference.max() <= 1 and not ((difference > 0) & ~near_half_level).any(), difference.sum()
     expected_column_sum = torch.exp(log_kernel_of(fixed_point, EPSILON, torch.float64)).sum(1)  # (B, M)
     _assert_close("column_sum", column_sum, expected_column_sum, SUM_TOLERANCE, 0)
-
-
-@requires_kernels
-def test_fused_fixed_point_product_says_why_the_tma_cannot_load_its_operands():
-    left, right = _to_kernel_device(_split_unit_features((1, 5, 6), 4, 3))  # a contraction of 12: rows of 24 bytes
-    with pytest.raises(ValueError, match="the TMA cannot load these operands"):
-        fused.fused_fixed_point_product(left, right, 6, EPSILON, tensor_descriptors=True)
 
 
 def test_fused_fixed_point_product_rejects_bad_operands():
@@ -688,15 +668,14 @@ def test_shared_memory_shortfall_counts_the_pipelined_rows():
 
 
 # Compiles every kernel for Hopper (sm_90a) with Triton's own ptxas, no GPU needed (util/triton_offline.py), and
-# prints, per kernel and dtype of C, the count of each global-memory instruction in its PTX, then the bytes of shared
-# memory the persistent product asks at sizes that are no multiples of 16.
+# prints, per kernel and dtype of C, the count of each global-memory instruction in its PTX.
 _HOPPER_PTX_SCRIPT = """
 import collections, json, re
 from models.networks.ot import fused
-from util.triton_offline import compile_for_hopper
+from util.triton_offline import hopper_ptx
 
 def global_memory_instructions(kernel, similarity_type, constexprs, num_warps):
-    ptx = compile_for_hopper(kernel, similarity_type, constexprs, num_warps).asm["ptx"]
+    ptx = hopper_ptx(kernel, similarity_type, constexprs, num_warps)
     counts = collections.Counter(re.findall(r"\\b((?:ld|st)\\.global[.a-z0-9]*)\\s", ptx))
     counts.update(f"cp.async.{size}" for size in re.findall(
         r"cp\\.async\\.c[ag]\\.shared\\.global\\S*\\s+\\[[^\\]]+\\],\\s*\\[[^\\]]+\\],\\s*(\\w+)", ptx))
@@ -718,21 +697,11 @@ for similarity_type in ("*fp32", "*i16"):
         {"RANK": 13, "RANK_PADDED": 16, "BLOCK_N": fused.GRADIENT_TILE[0], "BLOCK_M": fused.GRADIENT_TILE[1]},
         fused.GRADIENT_TILE[2])
 results["fixed point column"] = global_memory_instructions(fused._fixed_point_column_kernel, "*fp32", rows, 16)
-block_n, block_m, block_k, num_warps = fused.POINTER_PRODUCT_TILE
-product_ptx = compile_for_hopper(fused._fixed_point_product_kernel, "*fp32",
-                                 {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps).asm["ptx"]
-results["product"] = collections.Counter(re.findall(r"\\b(st\\.global[.a-z0-9]*|wgmma\\.mma_async)", product_ptx))
 block_n, block_m, block_k, num_warps = fused.PRODUCT_TILE
-persistent = compile_for_hopper(fused._persistent_fixed_point_product_kernel, "*fp32",
-                                {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": block_k, "NUM_PROGRAMS": 132,
-                                 "NUM_STAGES": fused.PRODUCT_STAGES}, num_warps)
-results["persistent product"] = collections.Counter(re.findall(
-    r"\\b(st\\.global[.a-z0-9]*|wgmma\\.mma_async|cp\\.async\\.bulk\\.tensor|ld\\.global[.a-z0-9]*)",
-    persistent.asm["ptx"]))
+product_ptx = hopper_ptx(fused._fixed_point_product_kernel, "*fp32",
+                         {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps)
+results["product"] = collections.Counter(re.findall(r"\\b(st\\.global[.a-z0-9]*|wgmma\\.mma_async)", product_ptx))
 print(json.dumps(results))
-print(compile_for_hopper(fused._persistent_fixed_point_product_kernel, "*fp32",
-                         {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": block_k, "NUM_PROGRAMS": 132,
-                          "NUM_STAGES": fused.PRODUCT_STAGES}, num_warps, multiples_of_16=False).metadata.shared)
 """
 
 
@@ -746,8 +715,7 @@ def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte
     result = subprocess.run([sys.executable, "-c", _HOPPER_PTX_SCRIPT], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[3], env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    *_, counts_line, persistent_shared_bytes = result.stdout.strip().splitlines()
-    counts = json.loads(counts_line)
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
     for kernel, lanes in (("forward", fused.LANES_PER_THREAD), ("backward", fused.LANES_PER_THREAD),
                           ("plan warp", fused.LANES_PER_THREAD),
                           ("plan column sums", fused.PLAN_COLUMN_SUMS_LANES_PER_THREAD)):
@@ -763,10 +731,3 @@ def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte
     # The fixed-point product on Hopper's warpgroup tensor cores, its int16 tile stored 16 bytes at a time.
     assert counts["product"].get("wgmma.mma_async", 0) > 0 and set(counts["product"]) <= {
         "wgmma.mma_async", "st.global.v4.b32", "st.global.b32"}, counts
-    # Its persistent form loads both operands through the TMA alone.
-    assert counts["persistent product"].get("wgmma.mma_async", 0) > 0 and set(counts["persistent product"]) <= {
-        "wgmma.mma_async", "cp.async.bulk.tensor", "st.global.v4.b32", "st.global.b32"}, counts
-    assert counts["persistent product"].get("cp.async.bulk.tensor", 0) > 0, counts
-    # Its stages fit the shared memory that decides where it runs (an H100 has 227 KiB a program), at any M'
-    # (aligned(M) need not be a multiple of 16, and without it Triton asks more for the epilogue).
-    assert int(persistent_shared_bytes) <= fused.PRODUCT_SHARED_BYTES, persistent_shared_bytes
