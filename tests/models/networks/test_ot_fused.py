@@ -598,15 +598,19 @@ def test_fixed_point_similarity_warp_with_fused_passes_matches_the_separate_pass
 
 
 @requires_kernels
-def test_fixed_point_similarity_warp_from_the_fused_product_matches_the_split_product(monkeypatch):
+@pytest.mark.parametrize("fused_passes, chunk_size", [(True, None), (False, None), (False, 7)])
+def test_fixed_point_similarity_warp_from_the_fused_product_matches_the_split_product(monkeypatch, fused_passes,
+                                                                                      chunk_size):
     """similarity_warp_stored with a fixed-point C where split products run (made to here, on the CPU): C and its
     first column pass from fused_fixed_point_product give the warp and gradients of C formed by split_product and
-    rounded after it, the fused passes reading either."""
+    rounded after it, the fused passes reading either, or the separate passes (which run where the passes are not
+    compiled or C is read in row blocks), over all rows or blocks of 7."""
     from models.networks.ot import stored
 
     monkeypatch.setattr(stored, "split_products_run_on", lambda tensor: True)
-    monkeypatch.setattr(stored, "_fused_passes", lambda similarity, compiled, bounded, blocks: (
-        bounded and len(blocks) == 1 and fused.fused_pass_supported(similarity)))
+    if fused_passes:
+        monkeypatch.setattr(stored, "_fused_passes", lambda similarity, compiled, bounded, blocks: (
+            bounded and len(blocks) == 1 and fused.fused_pass_supported(similarity)))
     products = []
     monkeypatch.setattr(stored, "fused_fixed_point_product",
                         lambda *args: products.append(args[2]) or fused.fused_fixed_point_product(*args))
@@ -620,7 +624,8 @@ def test_fixed_point_similarity_warp_from_the_fused_product_matches_the_split_pr
         if not use_product:
             monkeypatch.setattr(stored, "_fixed_point_product_runs", lambda theta_rows, pose_phi: False)
         leaves = [tensor.clone().requires_grad_() for tensor in (theta, phi, points)]
-        warp = stored.similarity_warp_stored(*leaves, torch.float16, similarity_bound=1.0, fixed_point=True)
+        warp = stored.similarity_warp_stored(*leaves, torch.float16, chunk_size=chunk_size, similarity_bound=1.0,
+                                             fixed_point=True)
         warp.backward(upstream)
         results.append([warp, *(tensor.grad for tensor in leaves)])
     assert products == [26], "the product ran once, in the first forward"
