@@ -56,12 +56,14 @@ def test_kernel_table_lists_device_kernels_per_call_by_self_time():
               SimpleNamespace(key="small_kernel", device_type=cuda, self_device_time_total=1000.0, count=4),
               SimpleNamespace(key="big_kernel", device_type=cuda, self_device_time_total=3000.0, count=2),
               SimpleNamespace(key="## Call CompiledFxGraph f123 ##", device_type=cuda, self_device_time_total=5000.0,
-                              count=2)]
+                              count=2),
+              SimpleNamespace(key="Optimizer.step#Adam.step", device_type=cuda, self_device_time_total=700.0, count=2,
+                              is_user_annotation=True)]
     lines = bench._kernel_table(events, calls=2).splitlines()
     assert lines[0] == "Device kernels per call (2.000 ms, 3 launches in all):"  # 4000 us, 6 launches, 2 calls
     assert lines[1].split() == ["1.500", "ms", "75.0%", "1x", "big_kernel"]
     assert lines[2].split() == ["0.500", "ms", "25.0%", "2x", "small_kernel"]
-    assert len(lines) == 3  # the CPU operator and the graph annotation are left out
+    assert len(lines) == 3  # the CPU operator and the two annotations are left out
 
 
 @pytest.mark.slow
