@@ -751,6 +751,16 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
     return fixed_point[..., :num_pose], partial.sum(1)
 
 
+def _validate_tile(tile: tuple[int, ...], sides: tuple[str, ...]) -> None:
+    """ValueError unless `tile` is its sides, each at least the 16 a product on the tensor cores needs, then a warp
+    count, all powers of two."""
+    names = (*sides, "warps")
+    if len(tile) != len(names) or any(isinstance(size, bool) or not isinstance(size, int) or size < 1
+                                      or size & (size - 1) for size in tile) or min(tile[:-1]) < 16:
+        raise ValueError(f"tile must be {('three', 'four')[len(names) - 3]} powers of two ({', '.join(names)}), all "
+                         f"but the warps at least 16, got {tile!r}")
+
+
 # The fixed-point product's tile (identity rows, pose columns, contraction, warps): 128 x 128 fp32 accumulators at 8
 # warps with three 32 KiB stages of operands in shared memory. At batch 8 and 6890 vertices on the H100 (`python -m
 # util.bench --fused_passes`, 2026-12-07) it took 1.561 ms, against 1.922 for C's split product and the fixed-point
@@ -786,10 +796,7 @@ def fused_fixed_point_product(left: torch.Tensor, right: torch.Tensor, num_pose:
         raise ValueError(f"fused_fixed_point_product takes float16 (B, N, D) and (B, D, M') with M' = "
                          f"{aligned(num_pose) if num_pose > 0 else 'aligned(M)'} for M = {num_pose}, got "
                          f"{left.dtype} {tuple(left.shape)} and {right.dtype} {tuple(right.shape)}")
-    if len(tile) != 4 or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1)
-                             for size in tile) or min(tile[:3]) < 16:
-        raise ValueError(f"tile must be four powers of two (rows, columns, contraction, warps), the first three at "
-                         f"least 16, got {tile!r}")
+    _validate_tile(tile, ("rows", "columns", "contraction"))
     left, right = left.contiguous(), right.contiguous()
     batch, num_identity, depth = left.shape
     padded_pose = right.shape[2]
@@ -842,10 +849,7 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     if padding < 0 or gradient_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"padding must be >= 0 and gradient_dtype float16, bfloat16 or float32, got {padding} and "
                          f"{gradient_dtype}")
-    if len(tile) != 3 or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1)
-                             for size in tile) or min(tile[:2]) < 16:
-        raise ValueError(f"tile must be three powers of two (rows, columns, warps), rows and columns at least 16, "
-                         f"got {tile!r}")
+    _validate_tile(tile, ("rows", "columns"))
     _validate_fused_inputs(similarity, epsilon)
     block_n, block_m, num_warps = tile
     padded_pose = num_pose + padding

@@ -324,15 +324,13 @@ def _stored_forward(similarity: torch.Tensor, pose_points: torch.Tensor, epsilon
     fused = _fused_passes(similarity, compiled, similarity_bound is not None, blocks)
     # One shift for every block (a bound over all rows), so the blocks' sums merge as they are.
     shift = bounded_shift(log_a[0], similarity_bound, epsilon)
-    if first_column_sum is not None:  # C and the first column pass came from the product (step 0 is done)
-        column_max.append(shift.unsqueeze(1).expand(batch, num_pose))
-        column_sum.append(first_column_sum)
-    elif fixed_point and fused and iterations:  # the first column pass (step 0) comes with the fixed-point C
+    if first_column_sum is None and fixed_point and fused and iterations:
         similarity, first_column_sum = fused_fixed_point_column_pass(similarity, epsilon)
+    elif first_column_sum is None and fixed_point:
+        similarity = run(fixed_point_similarity, similarity)
+    if first_column_sum is not None:  # the first column pass (step 0) came with the fixed-point C
         column_max.append(shift.unsqueeze(1).expand(batch, num_pose))
         column_sum.append(first_column_sum)
-    elif fixed_point:
-        similarity = run(fixed_point_similarity, similarity)
     for step in range(iterations):
         if step and fused:  # v_t's row pass and u_{t+1}'s column pass in one read of C
             total, next_log_a, column_shift, column_total = fused_row_column_forward(

@@ -358,6 +358,10 @@ def test_fused_fixed_point_product_rejects_bad_operands():
                                           (left, right, 0)):  # M' = 8 serves M = 1..8
         with pytest.raises(ValueError, match="fused_fixed_point_product takes float16"):
             fused.fused_fixed_point_product(bad_left, bad_right, num_pose, EPSILON)
+    # Not a power of two; a contraction shorter than a tensor-core product takes; the warps missing.
+    for tile in ((128, 96, 64, 8), (128, 128, 8, 8), (128, 128, 64)):
+        with pytest.raises(ValueError, match=r"tile must be four powers of two \(rows, columns, contraction, warps\)"):
+            fused.fused_fixed_point_product(left, right, 6, EPSILON, tile=tile)
 
 
 def test_fused_fixed_point_column_pass_reads_only_float32():
