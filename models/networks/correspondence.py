@@ -7,6 +7,7 @@ published state_dict (`adaptive_feature`, `layer`, `phi`, `theta`) so released c
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -14,12 +15,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from models.networks import feature_kernels
+from models.networks.feature_kernels import normalized_convolution, normalized_rows
 from models.networks.layers import INSTANCE_NORM_EPS, PointwiseConv1d, mixed_product, product
 from models.networks.ot import (similarity_warp_stored, sinkhorn_warp_chunked, sinkhorn_warp_dense,
                                 sinkhorn_warp_stored)
 
 # numpy.finfo(float).eps, the published normaliser's epsilon (kept for parity).
 FEATURE_NORM_EPS = 2.220446049250313e-16
+# The slope of PointFeature's leaky ReLUs.
+LEAKY_SLOPE = 0.2
 
 
 class _InstanceNormOfRealColumns(torch.autograd.Function):
@@ -48,6 +53,12 @@ class _InstanceNormOfRealColumns(torch.autograd.Function):
         moment = (grad * normalized).sum(dim=2, keepdim=True)  # (B, C, 1)
         real = torch.arange(grad.shape[2], device=grad.device) < ctx.vertices  # (N',)
         return rstd * (grad - real * (total + normalized * moment) / ctx.vertices), None
+
+
+@torch.compiler.disable  # a device query, which a compiled graph would break at anyway
+def _kernels_run_on(points: torch.Tensor) -> bool:
+    """Whether feature_kernels.py's kernels can run on points' device."""
+    return feature_kernels.unsupported_reason(points) is None
 
 
 def instance_norm(x: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
@@ -90,8 +101,8 @@ class PointFeature(nn.Module):
 
     def forward(self, points: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """points: (B, 3, N') -> features (B, 4ngf, N'), normalised over the first `vertices` (`instance_norm`)."""
-        x = F.leaky_relu(instance_norm(self.layer1(points), vertices), 0.2)
-        x = F.leaky_relu(instance_norm(self.layer2(x), vertices), 0.2)
+        x = F.leaky_relu(instance_norm(self.layer1(points), vertices), LEAKY_SLOPE)
+        x = F.leaky_relu(instance_norm(self.layer2(x), vertices), LEAKY_SLOPE)
         return instance_norm(self.layer3(x), vertices)
 
 
@@ -189,8 +200,10 @@ class Correspondence(nn.Module):
     (`split_product`, 1.4e-6 relative error against float32's 2.9e-7), and the backward's matrix products after
     the first layer (the convolutions' and C's) run in that dtype (`mixed_product`), which moves the gradients
     by half-precision rounding. The stored warp then keeps C as 16-bit fixed point (steps of 1 / 32767, which
-    moved warp_out by 1.4e-6 to 3.5e-5 relative in float64 tests), half the bytes of every pass over it. None: plain
-    float32 throughout, the published arithmetic.
+    moved warp_out by 1.4e-6 to 3.5e-5 relative in float64 tests), half the bytes of every pass over it. At eager
+    inference on a GPU each 1x1 convolution is then one Triton kernel that also normalises and activates its input
+    and splits it in registers (`forward_by_kernels`, feature_kernels.py). None: plain float32 throughout, the
+    published arithmetic.
     """
 
     def __init__(self, ngf: int = 64, warp: WarpFunction = dense_warp, half_dtype: torch.dtype | None = None):
@@ -203,6 +216,7 @@ class Correspondence(nn.Module):
         self.theta = PointwiseConv1d(channels, channels, half_dtype=half_dtype)
         self.warp = warp
         self.half_dtype = half_dtype
+        self.kernels_fit = True  # until a kernel of `forward_by_kernels` needs more of the GPU than it has
 
     def features(self, points: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """points: (B, 3, N') -> features (B, 4ngf, N') after the residual blocks; statistics over the first
@@ -211,6 +225,60 @@ class Correspondence(nn.Module):
         for block in self.layer:
             x = block(x, vertices)
         return x
+
+    def uses_kernels(self, points: torch.Tensor) -> bool:
+        """Whether `forward` runs as Triton kernels (`forward_by_kernels`): at inference (no gradient) on the fast
+        path (a half dtype), eager (compiled, Inductor fuses the same layers about as well: docs/benchmarks.md), on a
+        GPU the kernels support and fit. The answer comes before any call that would break a compiled graph."""
+        return (self.half_dtype is not None and points.is_cuda and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and self.kernels_fit and _kernels_run_on(points))
+
+    @torch.compiler.disable  # the kernels run as they are, under a compiled forward too
+    def forward_by_kernels(self, identity_points: torch.Tensor, pose_points: torch.Tensor,
+                           identity_vertices: int | None = None,
+                           pose_vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` without autograd, each 1x1 convolution one kernel that also applies its input's normalisation
+        and activation (feature_kernels.py): the same values up to rounding (same arguments and results)."""
+        return self._forward(identity_points, pose_points, identity_vertices, pose_vertices, self.kernel_features,
+                             self._kernel_unit_projection)
+
+    def kernel_features(self, points: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
+        """`features` as feature_kernels.py's kernels (same arguments and result, no autograd)."""
+        vertices = points.shape[2] if vertices is None else vertices
+        net = self.adaptive_feature
+        leaky = points.new_full((1,), LEAKY_SLOPE)
+        x, statistics, _ = normalized_convolution(points.float().contiguous(), net.layer1.weight.squeeze(2),
+                                                  net.layer1.bias, vertices)
+        for layer in (net.layer2, net.layer3):
+            x, statistics, _ = normalized_convolution(x, layer.weight.squeeze(2), layer.bias, vertices,
+                                                      statistics=statistics, slope=leaky)
+        block_input = normalized_rows(x, statistics=statistics, unit_eps=FEATURE_NORM_EPS)
+        slope = None
+        for block in self.layer:
+            if slope is None:
+                hidden, hidden_statistics, _ = normalized_convolution(
+                    block_input, block.conv1.weight.squeeze(2), block.conv1.bias, vertices)
+            else:  # the block's input, the previous block's output, formed as conv1 reads it and kept
+                hidden, hidden_statistics, block_input = normalized_convolution(
+                    x, block.conv1.weight.squeeze(2), block.conv1.bias, vertices, statistics=statistics,
+                    residual=block_input, slope=slope, keep_input=True)
+            slope = block.prelu.weight
+            x, statistics, _ = normalized_convolution(hidden, block.conv2.weight.squeeze(2), block.conv2.bias,
+                                                      vertices, statistics=hidden_statistics, slope=slope)
+        return normalized_rows(x, statistics=statistics, residual=block_input, slope=slope)
+
+    @staticmethod
+    def _unit_projection(projection: PointwiseConv1d, features: torch.Tensor, vertices: int | None) -> torch.Tensor:
+        """normalize_features(projection(features)), (B, C, N') -> (B, C, N) with N = vertices (None: N')."""
+        return normalize_features(projection(features))[..., :vertices]
+
+    @staticmethod
+    def _kernel_unit_projection(projection: PointwiseConv1d, features: torch.Tensor,
+                                vertices: int | None) -> torch.Tensor:
+        """`_unit_projection` as feature_kernels.py's kernels."""
+        projected, _, _ = normalized_convolution(features, projection.weight.squeeze(2), projection.bias,
+                                                 vertices or features.shape[2])
+        return normalized_rows(projected, unit_eps=FEATURE_NORM_EPS)[..., :vertices]
 
     def forward(self, identity_points: torch.Tensor, pose_points: torch.Tensor, identity_vertices: int | None = None,
                 pose_vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,16 +294,30 @@ class Correspondence(nn.Module):
             warp_out: float (B, N, 3), the pose mesh in the identity's vertex order.
             identity_features: float (B, 4ngf, N'), the conditioning for the generator.
         """
+        if self.uses_kernels(identity_points):
+            try:
+                return self.forward_by_kernels(identity_points, pose_points, identity_vertices, pose_vertices)
+            except feature_kernels.KernelsDoNotFit as err:
+                warnings.warn(f"{err}; the correspondence network runs its layers as before", stacklevel=2)
+                self.kernels_fit = False
+        return self._forward(identity_points, pose_points, identity_vertices, pose_vertices, self.features,
+                             self._unit_projection)
+
+    def _forward(self, identity_points: torch.Tensor, pose_points: torch.Tensor, identity_vertices: int | None,
+                 pose_vertices: int | None, features: Callable[[torch.Tensor, int | None], torch.Tensor],
+                 unit_projection: Callable[[PointwiseConv1d, torch.Tensor, int | None], torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with the feature network and the unit projections given."""
         if identity_points.shape == pose_points.shape and identity_vertices == pose_vertices:
             # One pass for both meshes (every layer acts on each batch element alone): half the kernel
             # launches, and products twice as large, which fill a GPU better at small batches.
-            identity_features, pose_features = self.features(
+            identity_features, pose_features = features(
                 torch.cat([identity_points, pose_points]), identity_vertices).chunk(2)  # (B, 4ngf, N') each
         else:
-            identity_features = self.features(identity_points, identity_vertices)
-            pose_features = self.features(pose_points, pose_vertices)
-        identity_theta = normalize_features(self.theta(identity_features))[..., :identity_vertices]  # (B, C, N)
-        pose_phi = normalize_features(self.phi(pose_features))[..., :pose_vertices]  # (B, C, M)
+            identity_features = features(identity_points, identity_vertices)
+            pose_features = features(pose_points, pose_vertices)
+        identity_theta = unit_projection(self.theta, identity_features, identity_vertices)  # (B, C, N)
+        pose_phi = unit_projection(self.phi, pose_features, pose_vertices)  # (B, C, M)
         pose_xyz = pose_points[:, :, :pose_vertices].transpose(1, 2)  # (B, M, 3)
         warp_out = self.warp(identity_theta, pose_phi, pose_xyz, self.half_dtype)  # (B, N, 3)
         return warp_out, identity_features

@@ -74,7 +74,7 @@ def accumulated_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
 HALF_SIGNIFICAND_MASK = -8192
 
 
-def _half_pieces(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def half_pieces(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 x as fp16 (hi, lo) with x = hi + lo to about 2^-21 relative (2^-24 absolute below float16's
     normal range): hi is x cut to float16's 11 significant bits, lo = x - hi (exact in float32) rounded to fp16,
     subnormal where |x| is below about 0.1 (tensor cores multiply fp16 subnormals exactly).
@@ -93,8 +93,8 @@ def split_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     Args:
         a: float32 (B, P, K); b: float32 (B, K, Q), both within float16's range (|x| < 65504).
     """
-    a_hi, a_lo = _half_pieces(a)
-    b_hi, b_lo = (padded(piece) for piece in _half_pieces(b))
+    a_hi, a_lo = half_pieces(a)
+    b_hi, b_lo = (padded(piece) for piece in half_pieces(b))
     # Each piece padded before the concatenation: compiled, the one kernel that splits b then writes the padded
     # layout directly (padding the concatenated tensor took a copy of its own, 0.9 ms of a training step).
     return torch.cat([a_hi, a_hi, a_lo], dim=2), torch.cat([b_hi, b_lo, b_hi], dim=1)

@@ -205,7 +205,7 @@ def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _pieces(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return layers._half_pieces(x)
+    return layers.half_pieces(x)
 
 
 @pytest.mark.parametrize("pieces", [_pieces, torch.compile(_pieces)], ids=["eager", "compiled"])
@@ -228,8 +228,8 @@ def test_split_operands_sum_the_three_piece_products_on_padded_columns():
     a, b = torch.randn(2, 5, 4, generator=generator), torch.randn(2, 4, 11, generator=generator)
     left, right = layers.split_operands(a, b)
     assert left.shape == (2, 5, 12) and right.shape == (2, 12, 16) and left.dtype == right.dtype == torch.float16
-    a_hi, a_lo = layers._half_pieces(a)
-    b_hi, b_lo = layers._half_pieces(b)
+    a_hi, a_lo = layers.half_pieces(a)
+    b_hi, b_lo = layers.half_pieces(b)
     assert torch.equal(left, torch.cat([a_hi, a_hi, a_lo], dim=2))
     assert torch.equal(right[..., :11], torch.cat([b_hi, b_lo, b_hi], dim=1)) and not right[..., 11:].any()
     expected = a_hi.double() @ b_hi.double() + a_hi.double() @ b_lo.double() + a_lo.double() @ b_hi.double()
