@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from models.networks import feature_kernels
-from models.networks.feature_kernels import normalized_convolution, normalized_rows
+from models.networks.feature_kernels import KernelWeight, kernel_weight, normalized_convolution, normalized_rows
 from models.networks.layers import INSTANCE_NORM_EPS, PointwiseConv1d, mixed_product, product
 from models.networks.ot import (similarity_warp_stored, sinkhorn_warp_chunked, sinkhorn_warp_dense,
                                 sinkhorn_warp_stored)
@@ -217,6 +217,8 @@ class Correspondence(nn.Module):
         self.warp = warp
         self.half_dtype = half_dtype
         self.kernels_fit = True  # until a kernel of `forward_by_kernels` needs more of the GPU than it has
+        # Each convolution's KernelWeight with the weight storage and version it was formed from (`_kernel_weight`).
+        self._kernel_weights: dict[PointwiseConv1d, tuple[int, int, KernelWeight]] = {}
 
     def features(self, points: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """points: (B, 3, N') -> features (B, 4ngf, N') after the residual blocks; statistics over the first
@@ -247,36 +249,49 @@ class Correspondence(nn.Module):
         vertices = points.shape[2] if vertices is None else vertices
         net = self.adaptive_feature
         leaky = points.new_full((1,), LEAKY_SLOPE)
-        x, statistics, _ = normalized_convolution(points.float().contiguous(), net.layer1.weight.squeeze(2),
+        x, statistics, _ = normalized_convolution(points.float().contiguous(), self._kernel_weight(net.layer1),
                                                   net.layer1.bias, vertices)
         for layer in (net.layer2, net.layer3):
-            x, statistics, _ = normalized_convolution(x, layer.weight.squeeze(2), layer.bias, vertices,
+            x, statistics, _ = normalized_convolution(x, self._kernel_weight(layer), layer.bias, vertices,
                                                       statistics=statistics, slope=leaky)
         block_input = normalized_rows(x, statistics=statistics, unit_eps=FEATURE_NORM_EPS)
         slope = None
         for block in self.layer:
             if slope is None:
                 hidden, hidden_statistics, _ = normalized_convolution(
-                    block_input, block.conv1.weight.squeeze(2), block.conv1.bias, vertices)
+                    block_input, self._kernel_weight(block.conv1), block.conv1.bias, vertices)
             else:  # the block's input, the previous block's output, formed as conv1 reads it and kept
                 hidden, hidden_statistics, block_input = normalized_convolution(
-                    x, block.conv1.weight.squeeze(2), block.conv1.bias, vertices, statistics=statistics,
+                    x, self._kernel_weight(block.conv1), block.conv1.bias, vertices, statistics=statistics,
                     residual=block_input, slope=slope, keep_input=True)
             slope = block.prelu.weight
-            x, statistics, _ = normalized_convolution(hidden, block.conv2.weight.squeeze(2), block.conv2.bias,
+            x, statistics, _ = normalized_convolution(hidden, self._kernel_weight(block.conv2), block.conv2.bias,
                                                       vertices, statistics=hidden_statistics, slope=slope)
         return normalized_rows(x, statistics=statistics, residual=block_input, slope=slope)
+
+    def _kernel_weight(self, conv: PointwiseConv1d) -> KernelWeight:
+        """conv's weight as the kernels read it. Eager, it is formed again only when the weight has changed (an
+        optimizer step or a loaded checkpoint bumps its version, a move to another device its storage): forming
+        them all is some 90 small launches of host time per forward. Under a CUDA graph's capture it is formed in the
+        graph, so that every replay reads the weights as they are then."""
+        if conv.weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            return kernel_weight(conv.weight.squeeze(2))
+        key = (conv.weight.data_ptr(), conv.weight._version)
+        cached = self._kernel_weights.get(conv)
+        if cached is None or cached[:2] != key:
+            cached = (*key, kernel_weight(conv.weight.squeeze(2)))
+            self._kernel_weights[conv] = cached
+        return cached[2]
 
     @staticmethod
     def _unit_projection(projection: PointwiseConv1d, features: torch.Tensor, vertices: int | None) -> torch.Tensor:
         """normalize_features(projection(features)), (B, C, N') -> (B, C, N) with N = vertices (None: N')."""
         return normalize_features(projection(features))[..., :vertices]
 
-    @staticmethod
-    def _kernel_unit_projection(projection: PointwiseConv1d, features: torch.Tensor,
+    def _kernel_unit_projection(self, projection: PointwiseConv1d, features: torch.Tensor,
                                 vertices: int | None) -> torch.Tensor:
         """`_unit_projection` as feature_kernels.py's kernels."""
-        projected, _, _ = normalized_convolution(features, projection.weight.squeeze(2), projection.bias,
+        projected, _, _ = normalized_convolution(features, self._kernel_weight(projection), projection.bias,
                                                  vertices or features.shape[2])
         return normalized_rows(projected, unit_eps=FEATURE_NORM_EPS)[..., :vertices]
 

@@ -59,6 +59,18 @@ class KernelsDoNotFit(RuntimeError):
     """A kernel asked for more of the GPU (shared memory, registers) than it has."""
 
 
+class KernelWeight(NamedTuple):
+    """A 1x1 convolution's weight W (C_out, C_in) as the convolution kernel reads it: W^T split into fp16 pieces,
+    W^T = hi + lo (layers.py's `half_pieces`), each (C_in, C_out), contiguous."""
+    hi: torch.Tensor
+    lo: torch.Tensor
+
+
+def kernel_weight(weight: torch.Tensor) -> KernelWeight:
+    """`KernelWeight` of weight (C_out, C_in): formed once per weight value by callers that run many layers."""
+    return KernelWeight(*(piece.t().contiguous() for piece in half_pieces(weight.float())))
+
+
 def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the kernels cannot take x, in one sentence, or None when they can."""
     if triton is None:
@@ -229,7 +241,7 @@ def _validate_input(x: torch.Tensor, vertices: int) -> None:
         raise ValueError(f"vertices must lie in [1, {x.shape[2]}] (the columns), got {vertices}")
 
 
-def normalized_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vertices: int, *,
+def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None, vertices: int, *,
                            statistics: Statistics | None = None, residual: torch.Tensor | None = None,
                            slope: torch.Tensor | None = None, keep_input: bool = False,
                            tile: tuple[int, int, int, int] = CONVOLUTION_TILE
@@ -243,7 +255,7 @@ def normalized_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
     Args:
         x: float32 (B, C_in, N'), contiguous.
-        weight: (C_out, C_in) (a 1x1 convolution's weight without its last axis); bias: (C_out,) or None.
+        weight: `kernel_weight` of the convolution's (C_out, C_in) weight; bias: (C_out,) or None.
         vertices: N <= N', the real columns.
         statistics: x's (mean, rstd), each float32 (B, C_in); residual: float32 (B, C_in, N'); slope: float32 (1,).
         keep_input: also return act(...) itself (the input as the product saw it).
@@ -254,15 +266,15 @@ def normalized_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """
     _validate_input(x, vertices)
     batch, in_channels, padded_vertices = x.shape
-    out_channels = weight.shape[0]
-    if weight.shape != (out_channels, in_channels) or (bias is not None and bias.shape != (out_channels,)):
-        raise ValueError(f"weight must be (C_out, {in_channels}) and bias (C_out,), got {tuple(weight.shape)} and "
-                         f"{None if bias is None else tuple(bias.shape)}")
+    out_channels = weight.hi.shape[1]
+    if any(piece.shape != (in_channels, out_channels) or piece.dtype != torch.float16 or not piece.is_contiguous()
+           for piece in weight) or (bias is not None and bias.shape != (out_channels,)):
+        raise ValueError(f"weight must be a KernelWeight of ({in_channels}, C_out) float16 pieces and bias (C_out,), "
+                         f"got {tuple(weight.hi.shape)} and {None if bias is None else tuple(bias.shape)}")
     block_n, block_c, block_k, num_warps = tile
     if any(side < MIN_DOT_SIDE or side & (side - 1) for side in (block_n, block_c, block_k)):
         raise ValueError(f"tile sides must be powers of two of at least {MIN_DOT_SIDE}, got {tile!r}")
     mean, rstd, residual_arg, slope_arg = _activation_arguments(x, statistics, residual, slope)
-    weight_hi, weight_lo = (piece.t().contiguous() for piece in half_pieces(weight.float()))  # (C_in, C_out)
     tiles = triton.cdiv(padded_vertices, block_n)
     out = x.new_empty(batch, out_channels, padded_vertices)
     partial = x.new_empty(batch, tiles, 2, out_channels)
@@ -270,7 +282,7 @@ def normalized_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     out_statistics = Statistics(x.new_empty(batch, out_channels), x.new_empty(batch, out_channels))
     with _on_device(x), _reported_as_not_fitting():
         _convolution_kernel[(triton.cdiv(out_channels, block_c), tiles, batch)](
-            x, mean, rstd, residual_arg, slope_arg, activated, weight_hi, weight_lo,
+            x, mean, rstd, residual_arg, slope_arg, activated, weight.hi, weight.lo,
             x if bias is None else bias.float(), out, partial, in_channels, out_channels, vertices, padded_vertices,
             NORMALIZE=statistics is not None, RESIDUAL=residual is not None, ACTIVATE=slope is not None,
             KEEP_INPUT=keep_input, BIAS=bias is not None,

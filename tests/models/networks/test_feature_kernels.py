@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from models.networks import feature_kernels
 from models.networks.correspondence import Correspondence, instance_norm, normalize_features
-from models.networks.feature_kernels import Statistics, normalized_convolution, normalized_rows
+from models.networks.feature_kernels import Statistics, kernel_weight, normalized_convolution, normalized_rows
 from models.networks.layers import INSTANCE_NORM_EPS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,7 +56,8 @@ def test_convolution_equals_float64(normalize: bool, residual: bool, activate: b
     slope = torch.tensor([0.3], device=DEVICE) if activate else None
     weight = (torch.randn(out_channels, in_channels, generator=generator) * 0.2).to(DEVICE)
     bias_values = torch.randn(out_channels, generator=generator).to(DEVICE) if bias else None
-    out, out_statistics, kept = normalized_convolution(x, weight, bias_values, vertices, statistics=statistics,
+    out, out_statistics, kept = normalized_convolution(x, kernel_weight(weight), bias_values, vertices,
+                                                       statistics=statistics,
                                                        residual=residual_input, slope=slope, keep_input=True,
                                                        tile=TILE)
     activated = _activated(x, statistics, residual_input, slope)
@@ -74,12 +75,12 @@ def test_three_input_channels_and_padding_outside_the_statistics() -> None:
     generator = torch.Generator().manual_seed(7)
     points = torch.randn(3, 3, 35, generator=generator).to(DEVICE)
     weight, bias = torch.randn(64, 3, generator=generator).to(DEVICE), torch.randn(64, generator=generator).to(DEVICE)
-    out, statistics, _ = normalized_convolution(points, weight, bias, 30, tile=TILE)
+    out, statistics, _ = normalized_convolution(points, kernel_weight(weight), bias, 30, tile=TILE)
     expected = weight.double() @ points.double() + bias.double().unsqueeze(1)
     assert _relative(out, expected) < PRODUCT_TOLERANCE
     changed = points.clone()
     changed[..., 30:] = 1e3
-    out_changed, statistics_changed, _ = normalized_convolution(changed, weight, bias, 30, tile=TILE)
+    out_changed, statistics_changed, _ = normalized_convolution(changed, kernel_weight(weight), bias, 30, tile=TILE)
     assert torch.equal(out_changed[..., :30], out[..., :30])
     assert torch.equal(statistics_changed.mean, statistics.mean) and torch.equal(statistics_changed.rstd,
                                                                                    statistics.rstd)
@@ -140,14 +141,15 @@ def test_kernel_path_only_at_gpu_inference_on_the_fast_path() -> None:
     (lambda args: {**args, "x": args["x"].double()}, "contiguous float32"),
     (lambda args: {**args, "x": args["x"].transpose(1, 2)}, "contiguous float32"),
     (lambda args: {**args, "vertices": 0}, "vertices must lie"),
-    (lambda args: {**args, "weight": args["weight"][:, :3]}, "weight must be"),
+    (lambda args: {**args, "weight": kernel_weight(torch.zeros(16, 3, device=DEVICE))}, "weight must be"),
     (lambda args: {**args, "tile": (16, 16, 8, 4)}, "powers of two of at least 16"),
     (lambda args: {**args, "statistics": Statistics(torch.zeros(2, 3), torch.zeros(2, 3))}, "statistics mean"),
     (lambda args: {**args, "slope": torch.zeros(2)}, "slope must be"),
 ])
 def test_bad_arguments_get_one_line(change, message: str) -> None:
-    arguments = {"x": torch.zeros(2, 16, 16, device=DEVICE), "weight": torch.zeros(16, 16, device=DEVICE),
-                 "bias": None, "vertices": 16, "tile": TILE}
+    zeros = torch.zeros(16, 16, device=DEVICE)
+    arguments = {"x": zeros.expand(2, 16, 16).contiguous(), "weight": kernel_weight(zeros), "bias": None,
+                 "vertices": 16, "tile": TILE}
     arguments = change(arguments)
     with pytest.raises(ValueError, match=message):
         normalized_convolution(arguments.pop("x"), arguments.pop("weight"), arguments.pop("bias"),
@@ -170,3 +172,17 @@ def test_a_gpu_too_small_falls_back_to_the_layers_with_one_warning(monkeypatch: 
         assert not corr.kernels_fit
         expected, _ = corr._forward(points, points, None, None, corr.features, corr._unit_projection)
     assert torch.equal(warp_out, expected)
+
+
+def test_kernel_weights_are_formed_again_when_the_weights_change() -> None:
+    """The cached pieces follow in-place changes (an optimizer step, a loaded checkpoint)."""
+    corr = _correspondence()
+    points = F.pad(torch.randn(1, 3, 20, generator=torch.Generator().manual_seed(5)), (0, 4)).to(DEVICE)
+    with torch.no_grad():
+        before = corr.kernel_features(points, 20)
+        assert corr._kernel_weight(corr.theta) is corr._kernel_weight(corr.theta)
+        corr.layer[0].conv1.weight.mul_(0.5)
+        expected = corr.features(points, 20)
+        after = corr.kernel_features(points, 20)
+    assert not torch.equal(after, before)
+    assert _relative(after, expected.double()) < PRODUCT_TOLERANCE
