@@ -55,12 +55,6 @@ class _InstanceNormOfRealColumns(torch.autograd.Function):
         return rstd * (grad - real * (total + normalized * moment) / ctx.vertices), None
 
 
-@torch.compiler.disable  # a device query, which a compiled graph would break at anyway
-def _kernels_run_on(points: torch.Tensor) -> bool:
-    """Whether feature_kernels.py's kernels can run on points' device."""
-    return feature_kernels.unsupported_reason(points) is None
-
-
 def instance_norm(x: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
     """F.instance_norm (no affine, biased variance) with its statistics over the first `vertices` columns.
 
@@ -217,8 +211,9 @@ class Correspondence(nn.Module):
         self.warp = warp
         self.half_dtype = half_dtype
         self.kernels_fit = True  # until a kernel of `forward_by_kernels` needs more of the GPU than it has
-        # Each convolution's KernelWeight with the weight storage and version it was formed from (`_kernel_weight`).
-        self._kernel_weights: dict[PointwiseConv1d, tuple[int, int, KernelWeight]] = {}
+        # Each convolution's KernelWeight with the weight, its storage and its version it was formed from
+        # (`_kernel_weight`).
+        self._kernel_weights: dict[PointwiseConv1d, tuple[nn.Parameter, int, int, KernelWeight]] = {}
 
     def features(self, points: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """points: (B, 3, N') -> features (B, 4ngf, N') after the residual blocks; statistics over the first
@@ -231,9 +226,11 @@ class Correspondence(nn.Module):
     def uses_kernels(self, points: torch.Tensor) -> bool:
         """Whether `forward` runs as Triton kernels (`forward_by_kernels`): at inference (no gradient) on the fast
         path (a half dtype), eager (compiled, Inductor fuses the same layers about as well: docs/benchmarks.md), on a
-        GPU the kernels support and fit. The answer comes before any call that would break a compiled graph."""
+        GPU the kernels support and fit. Compiled, the answer comes before the device query, which Dynamo would not
+        trace."""
         return (self.half_dtype is not None and points.is_cuda and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and self.kernels_fit and _kernels_run_on(points))
+                and not torch.compiler.is_compiling() and self.kernels_fit
+                and feature_kernels.unsupported_reason(points) is None)
 
     @torch.compiler.disable  # the kernels run as they are, under a compiled forward too
     def forward_by_kernels(self, identity_points: torch.Tensor, pose_points: torch.Tensor,
@@ -270,18 +267,19 @@ class Correspondence(nn.Module):
         return normalized_rows(x, statistics=statistics, residual=block_input, slope=slope)
 
     def _kernel_weight(self, conv: PointwiseConv1d) -> KernelWeight:
-        """conv's weight as the kernels read it. Eager, it is formed again only when the weight has changed (an
-        optimizer step or a loaded checkpoint bumps its version, a move to another device its storage): forming
-        them all is some 90 small launches of host time per forward. Under a CUDA graph's capture it is formed in the
-        graph, so that every replay reads the weights as they are then."""
-        if conv.weight.is_cuda and torch.cuda.is_current_stream_capturing():
-            return kernel_weight(conv.weight.squeeze(2))
-        key = (conv.weight.data_ptr(), conv.weight._version)
+        """conv's weight as the kernels read it. Eager, it is formed again only when the weight has changed: an
+        optimizer step or a loaded checkpoint bumps its version, a move to another device changes its storage,
+        load_state_dict(assign=True) the parameter itself. Forming them all is some 90 small launches of host time
+        per forward. Under a CUDA graph's capture it is formed in the graph, so that every replay reads the weights
+        as they are then."""
+        weight = conv.weight
+        if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            return kernel_weight(weight.squeeze(2))
         cached = self._kernel_weights.get(conv)
-        if cached is None or cached[:2] != key:
-            cached = (*key, kernel_weight(conv.weight.squeeze(2)))
+        if cached is None or cached[0] is not weight or cached[1:3] != (weight.data_ptr(), weight._version):
+            cached = (weight, weight.data_ptr(), weight._version, kernel_weight(weight.squeeze(2)))
             self._kernel_weights[conv] = cached
-        return cached[2]
+        return cached[3]
 
     @staticmethod
     def _unit_projection(projection: PointwiseConv1d, features: torch.Tensor, vertices: int | None) -> torch.Tensor:

@@ -184,5 +184,8 @@ def test_kernel_weights_are_formed_again_when_the_weights_change() -> None:
         corr.layer[0].conv1.weight.mul_(0.5)
         expected = corr.features(points, 20)
         after = corr.kernel_features(points, 20)
-    assert not torch.equal(after, before)
-    assert _relative(after, expected.double()) < PRODUCT_TOLERANCE
+        assert not torch.equal(after, before)
+        assert _relative(after, expected.double()) < PRODUCT_TOLERANCE
+        state = {name: value * 2 for name, value in corr.theta.state_dict().items()}
+        corr.theta.load_state_dict(state, assign=True)  # new parameters
+        assert torch.equal(corr._kernel_weight(corr.theta).hi, kernel_weight(state["weight"].squeeze(2)).hi)
