@@ -14,8 +14,8 @@ product. Here one kernel does a layer:
 - `normalized_rows`: act((x - mean) rstd + residual), optionally divided by each vertex's L2 norm over channels
   (`normalize_features`), for the activations no convolution reads next.
 
-Inference only (no autograd): `Correspondence.features` takes this path under no_grad on a GPU with a half dtype.
-With TRITON_INTERPRET=1 set before triton is imported the kernels run on CPU tensors (the tests).
+Inference only (no autograd): `Correspondence.forward_by_kernels` runs them, which eager inference on a GPU with a
+half dtype takes. With TRITON_INTERPRET=1 set before triton is imported the kernels run on CPU tensors (the tests).
 """
 from __future__ import annotations
 
@@ -31,14 +31,15 @@ from models.networks.ot.fused import _INTERPRETED, _on_device, _triton_jit, tl, 
 _HALF_SIGNIFICAND_MASK = None if tl is None else tl.constexpr(HALF_SIGNIFICAND_MASK)
 
 # A convolution program's tile: (vertices, output channels, input channels a step, warps), and its pipeline stages
-# where a block may take at least CONVOLUTION_STAGES_SHARED_MEMORY bytes of shared memory (else
-# CONVOLUTION_FEW_STAGES, about 82 KiB). One 256-channel layer at 16 x 6896 columns on the H100 (docs/benchmarks.md,
-# twenty-fourth session): 0.432 ms with its input kept and 0.403 without, against 0.504 and 0.468 for the compiled
-# split product, normalisation and statistics it replaces; 0.45 to 0.53 ms for the other tiles and stages timed.
+# where a block may take at least CONVOLUTION_STAGES_SHARED_MEMORY bytes of shared memory (3 stages ask 129 KiB with
+# the input kept; else CONVOLUTION_FEW_STAGES, 81 KiB). One 256-channel layer at 16 x 6896 columns on the H100
+# (docs/benchmarks.md, twenty-fourth session): 0.432 ms with its input kept and 0.403 without, against 0.504 and 0.468
+# for the compiled split product, normalisation and statistics it replaces; 0.45 to 0.53 ms for the other tiles and
+# stages timed.
 CONVOLUTION_TILE = (128, 128, 32, 8)
 CONVOLUTION_STAGES = 3
 CONVOLUTION_FEW_STAGES = 2
-CONVOLUTION_STAGES_SHARED_MEMORY = 128 * 1024
+CONVOLUTION_STAGES_SHARED_MEMORY = 160 * 1024
 # Vertices a `normalized_rows` program holds (each with all channels), and its warps.
 ROWS_BLOCK = 32
 ROWS_WARPS = 4
