@@ -3,6 +3,7 @@
     python -m util.bench --out bench.json                 # everything, on the GPU
     python -m util.bench --device cpu --vertices 500 --sweep "" --loader_pairs 0   # a quick CPU check
     python -m util.bench --fused_passes                   # the fused Sinkhorn kernels alone (a GPU)
+    python -m util.bench --feature_layers                 # one of Corr's layers: compiled against its kernel
     ncu -k regex:_kernel python -m util.bench --fused_launches 3   # their hardware counters (Nsight Compute)
     python -m util.bench --profile fast-fp16-compiled     # where a training step's time goes: operators,
                                                           # kernels, matrix products by shape and their rates
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import statistics
@@ -48,6 +50,10 @@ GRADIENT_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 4), (32, 512, 8), (64, 1
 
 # Tiles (rows, columns, contraction, warps) of the fixed-point product that --fused_passes times besides the default.
 PRODUCT_TILES = [(128, 256, 64, 8), (256, 128, 64, 8), (64, 128, 64, 4), (128, 128, 32, 4), (128, 64, 64, 4)]
+# Tiles (vertices, output channels, input channels, warps) and pipeline stages of Corr's layer kernel timed besides its
+# default (`--feature_layers`).
+FEATURE_LAYER_TILES = [(128, 128, 64, 8), (64, 128, 64, 4)]
+FEATURE_LAYER_STAGES = (2, 3)
 
 # name -> (ot, precision, compile, tf32, fold_linear). The first is the faithful reference every ratio is
 # against: exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with
@@ -449,6 +455,57 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
     return results
 
 
+def bench_feature_layers(device: torch.device, batch: int, vertices: int, warmup: int, repeats: int) -> dict:
+    """One of Corr's 256-channel layers on both meshes of `batch` pairs (2 x batch rows, as its feature pass runs
+    them), its input normalised, added to a residual (the block's first convolution, whose input is kept) or not,
+    and activated: the layer as torch.compile makes it of the autograd path's arithmetic (on a GPU the split product)
+    with its output's instance-norm statistics, against feature_kernels.normalized_convolution by tile and pipeline
+    stages (None where the GPU cannot launch them). Each in ms by events (`time_median`: a wrapper's host time counts
+    where the GPU waits for it) and back to back (`time_back_to_back`: the GPU's time where it is the bottleneck)."""
+    import torch.nn.functional as F
+
+    from models.networks import feature_kernels
+    from models.networks.layers import INSTANCE_NORM_EPS, PointwiseConv1d, aligned
+
+    generator = torch.Generator(device=device).manual_seed(3)
+    rows, channels, columns = 2 * batch, 256, aligned(vertices)
+    x, residual = (torch.randn(rows, channels, columns, device=device, generator=generator) for _ in range(2))
+    statistics = feature_kernels.Statistics(torch.randn(rows, channels, device=device, generator=generator),
+                                            torch.rand(rows, channels, device=device, generator=generator) + 0.5)
+    slope = torch.full((1,), 0.25, device=device)
+    conv = PointwiseConv1d(channels, channels, half_dtype=torch.float16).to(device)
+    weight = feature_kernels.kernel_weight(conv.weight.detach().squeeze(2))
+
+    @torch.compile
+    def layer(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        activated = (x - statistics.mean.unsqueeze(2)) * statistics.rstd.unsqueeze(2)
+        activated = F.prelu(activated if residual is None else activated + residual, slope)
+        out = conv(activated)
+        variance, mean = torch.var_mean(out[..., :vertices], dim=2, unbiased=False)
+        return out, mean, torch.rsqrt(variance + INSTANCE_NORM_EPS), activated
+
+    def times(step: Callable[[], object]) -> dict[str, float] | None:
+        try:
+            return {"ms": time_median(step, device, warmup, repeats),
+                    "back_to_back_ms": time_back_to_back(step, device, repeats)}
+        except feature_kernels.KernelsDoNotFit:
+            return None
+
+    results = {}
+    with torch.no_grad():
+        for kept in (True, False):
+            residual_input = residual if kept else None
+            row = {"compiled": times(lambda: layer(x, residual_input))}
+            for tile, stages in itertools.product(dict.fromkeys([feature_kernels.CONVOLUTION_TILE,
+                                                                 *FEATURE_LAYER_TILES]), FEATURE_LAYER_STAGES):
+                row[f"{'x'.join(map(str, tile))}, {stages} stages"] = times(
+                    lambda: feature_kernels.normalized_convolution(
+                        x, weight, conv.bias, vertices, statistics=statistics, residual=residual_input, slope=slope,
+                        keep_input=kept, tile=tile, stages=stages))
+            results["kept" if kept else "not_kept"] = row
+    return results
+
+
 def launch_fused_passes(device: torch.device, batch: int, vertices: int, launches: int) -> None:
     """Each kernel of fused.py at its default layout, `launches` times, untimed, on `fused_pass_inputs`: the
     fixed-point product of random features, the fixed-point conversion with the first column pass, then the forward
@@ -564,6 +621,9 @@ def main() -> None:
                         "tile), at --batch and at one pair (a GPU with triton)")
     parser.add_argument("--fused_launches", type=int, default=0, help="only launch each fused Sinkhorn kernel this "
                         "many times at its default layout, untimed, at --batch (for a profiler such as ncu)")
+    parser.add_argument("--feature_layers", action="store_true", help="only time one of Corr's 256-channel "
+                        "layers on both meshes of --batch pairs: the compiled arithmetic against the layer kernel "
+                        "(feature_kernels.py) by tile and pipeline stages (a GPU with triton)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     check_arguments(args)
@@ -583,6 +643,20 @@ def main() -> None:
             raise RuntimeError(reason)
     if args.fused_launches:
         launch_fused_passes(device, args.batch, args.vertices, args.fused_launches)
+        return
+    if args.feature_layers:
+        from models.networks import feature_kernels
+        reason = feature_kernels.unsupported_reason(torch.empty(1, device=device))
+        if reason is not None:
+            raise RuntimeError(reason)
+        results = bench_feature_layers(device, args.batch, args.vertices, args.warmup, args.repeats)
+        for kept, row in results.items():
+            print(f"feature layer, {2 * args.batch} x 256 x {args.vertices}, input {kept.replace('_', ' ')}: "
+                  + ", ".join(f"{name} " + ("does not fit" if ms is None else
+                                            f"{ms['ms']:.3f} ms ({ms['back_to_back_ms']:.3f} back to back)")
+                              for name, ms in row.items()))
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
         return
     if args.fused_passes:
         results = {size: bench_fused_passes(device, size, args.vertices, args.warmup, args.repeats)

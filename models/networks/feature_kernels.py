@@ -245,7 +245,7 @@ def _validate_input(x: torch.Tensor, vertices: int) -> None:
 def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None, vertices: int, *,
                            statistics: Statistics | None = None, residual: torch.Tensor | None = None,
                            slope: torch.Tensor | None = None, keep_input: bool = False,
-                           tile: tuple[int, int, int, int] = CONVOLUTION_TILE
+                           tile: tuple[int, int, int, int] = CONVOLUTION_TILE, stages: int | None = None
                            ) -> tuple[torch.Tensor, Statistics, torch.Tensor | None]:
     """out = weight @ act((x - mean) rstd + residual) + bias and out's instance-norm statistics, in one kernel.
 
@@ -262,6 +262,7 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
         keep_input: also return act(...) itself (the input as the product saw it).
         tile: (vertices, output channels, input channels, warps) of a program, powers of two, the first three at
             least 16.
+        stages: the pipeline stages (for benchmarks; None: as the GPU's shared memory allows).
     Returns:
         out: float32 (B, C_out, N'); its Statistics; the activated input (B, C_in, N') or None.
     """
@@ -287,7 +288,8 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
             x if bias is None else bias.float(), out, partial, in_channels, out_channels, vertices, padded_vertices,
             NORMALIZE=statistics is not None, RESIDUAL=residual is not None, ACTIVATE=slope is not None,
             KEEP_INPUT=keep_input, BIAS=bias is not None,
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps, num_stages=_stages(x))
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
+            num_stages=_stages(x) if stages is None else stages)
         _statistics_kernel[(triton.cdiv(out_channels, STATISTICS_BLOCK), batch)](
             partial, *out_statistics, out_channels, tiles, vertices, INSTANCE_NORM_EPS, BLOCK_N=block_n,
             BLOCK_C=STATISTICS_BLOCK)

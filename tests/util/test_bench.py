@@ -1,4 +1,5 @@
-"""util/bench.py on the CPU at toy size: the tables and JSON it writes, its profile tables and the fused-pass timing."""
+"""util/bench.py on the CPU at toy size: the tables and JSON it writes, its profile tables, the fused-pass timing and
+the feature-layer timing."""
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import time
 import pytest
 import torch
 
+from models.networks import feature_kernels
 from models.networks.ot import fused
 from util import bench
 
@@ -209,3 +211,25 @@ def test_a_graphed_step_that_cannot_be_captured_is_a_capture_error(monkeypatch, 
         bench.make_training_step(model, bench.synthetic_batch(1, 30, torch.device("cpu")), torch.device("cpu"),
                                  graphs=True)
     assert "warning: the training step could not be captured" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(feature_kernels.unsupported_reason(torch.empty(1, device="cuda" if torch.cuda.is_available()
+                                                                   else "cpu")) is not None,
+                    reason="the feature kernels need triton (a GPU, or its interpreter on the CPU)")
+def test_feature_layers_mode_times_the_compiled_layer_and_each_kernel_layout(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "layers.json"
+    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cuda" if torch.cuda.is_available() else "cpu",
+                                      "--feature_layers", "--vertices", "20", "--batch", "1", "--warmup", "1",
+                                      "--repeats", "2", "--out", str(out)])
+    bench.main()
+    results = json.loads(out.read_text())
+    default = "x".join(map(str, feature_kernels.CONVOLUTION_TILE))
+    assert set(results) == {"kept", "not_kept"}
+    for row in results.values():
+        names = list(row)
+        assert names[:3] == ["compiled", f"{default}, 2 stages", f"{default}, 3 stages"]
+        assert len(names) == 1 + len(bench.FEATURE_LAYER_STAGES) * (1 + len(bench.FEATURE_LAYER_TILES))
+        assert all(times is None or (times["ms"] > 0 and times["back_to_back_ms"] > 0) for times in row.values())
+        assert row["compiled"] is not None and row[f"{default}, 3 stages"] is not None
+    printed = capsys.readouterr().out
+    assert "feature layer, 2 x 256 x 20, input kept: compiled" in printed and "input not kept" in printed
