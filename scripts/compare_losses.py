@@ -3,8 +3,8 @@
     python scripts/compare_losses.py DIR [DIR ...] [--last 200]
 
 Each log line "(epoch: e, iters: i, ...) edge: x rec: y lr: z" is one logged step; the loss is rec + edge
-(both logged with their weights). With both paths present it prints fast / reference - 1 and its standard
-error from the spread over seeds, and the same paired by seed: a seed gives both paths the same initial weights
+(both logged with their weights). With the reference present it prints, for every other path (fast, storedfp32),
+path / reference - 1 and its standard error from the spread over seeds, and the same paired by seed: a seed gives both paths the same initial weights
 and the same pairs in the same order (train.py --seed, the packed sampler), which is issue 4's comparison ("trained
 2000 steps from the same seed and data"), so the seeds' spread of pair draws cancels within each pair of runs.
 Runs that stopped at different points (a run cut off by a time limit) are compared over the same pairs: every mean
@@ -89,14 +89,14 @@ def main() -> None:
         spread = statistics.stdev(values) if len(values) > 1 else float("nan")
         print(f"{path:10} seeds {sorted(by_seed)}: last-{args.last} mean loss {statistics.mean(values):.4f} "
               f"(std over seeds {spread:.4f}; per seed {', '.join(f'{v:.4f}' for v in values)})")
-    if {"reference", "fast"} <= runs.keys():
-        ratio, error = relative_difference(list(runs["fast"].values()), list(runs["reference"].values()))
-        print(f"fast / reference - 1 = {ratio:+.2%}, standard error {error:.2%} (issue 4 asks for |.| <= 5%)")
-        differences, paired, paired_error = paired_difference(runs["fast"], runs["reference"])
+    for path in sorted(runs.keys() - {"reference"}) if "reference" in runs else []:
+        ratio, error = relative_difference(list(runs[path].values()), list(runs["reference"].values()))
+        print(f"{path} / reference - 1 = {ratio:+.2%}, standard error {error:.2%} (issue 4 asks for |.| <= 5%)")
+        differences, paired, paired_error = paired_difference(runs[path], runs["reference"])
         if differences:
             per_seed = ", ".join(f"{difference:+.1%}" for difference in differences.values())
-            print(f"paired by seed {list(differences)}: mean of fast / reference - 1 = {paired:+.2%}, standard error "
-                  f"{paired_error:.2%} (per seed {per_seed})")
+            print(f"paired by seed {list(differences)}: mean of {path} / reference - 1 = {paired:+.2%}, standard "
+                  f"error {paired_error:.2%} (per seed {per_seed})")
 
 
 if __name__ == "__main__":

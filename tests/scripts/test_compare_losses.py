@@ -1,4 +1,4 @@
-"""scripts/compare_losses.py: the last steps' mean loss per path and the fast / reference comparison."""
+"""scripts/compare_losses.py: the last steps' mean loss per path and each path's comparison with the reference."""
 import math
 import statistics
 
@@ -54,6 +54,17 @@ def test_the_script_prints_each_path_and_the_comparison(tmp_path):
     assert "fast / reference - 1 = +0.00%, standard error 10.00%" in result.stdout
     assert ("paired by seed [1, 2]: mean of fast / reference - 1 = +0.00%, standard error 10.00% (per seed -10.0%, "
             "+10.0%)") in result.stdout
+
+
+def test_every_other_path_is_compared_with_the_reference(tmp_path):
+    """storedfp32 (the faithful float32 summed in another order) beside fast: each gets its own comparison."""
+    for path, seed, total in [("fast", 1, 11.0), ("storedfp32", 1, 9.0), ("reference", 1, 10.0)]:
+        write_log(tmp_path / f"loss_{path}_seed{seed}.txt", [total])
+    result = run_script("scripts/compare_losses.py", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "fast / reference - 1 = +10.00%" in result.stdout
+    assert "storedfp32 / reference - 1 = -10.00%" in result.stdout
+    assert "mean of storedfp32 / reference - 1 = -10.00%" in result.stdout
 
 
 def test_no_logs_and_empty_logs_are_one_line_errors(tmp_path):
