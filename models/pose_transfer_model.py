@@ -50,11 +50,14 @@ class PoseTransferModel(PairModel):
         """The published checkpoint files: <label>_net_G.pth and <label>_net_Corr.pth."""
         return {"G": self.G, "Corr": self.corr}
 
-    def compile_networks(self) -> None:
-        """The generator with its autocast (`refine`) and the correspondence network (whose warp compiles its
-        own passes and is left out of the graph: `sinkhorn_warp_stored` breaks it)."""
+    def compile_networks(self, correspondence: bool = True) -> None:
+        """The generator with its autocast (`refine`) and, unless told not to, the correspondence network (whose
+        warp compiles its own passes and is left out of the graph: `sinkhorn_warp_stored` breaks it). Left eager,
+        Corr runs its layers as Triton kernels at inference (`Correspondence.uses_kernels`): util.bench's
+        "-kernels" variants compare the two."""
         self.refine = torch.compile(self.refine)
-        self.corr.compile()
+        if correspondence:
+            self.corr.compile()
 
     def refine(self, warp_points: torch.Tensor, identity_features: torch.Tensor,
                vertices: int | None = None) -> torch.Tensor:
