@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from models.networks.layers import HALF_SIGNIFICAND_MASK, INSTANCE_NORM_EPS, half_pieces
-from models.networks.ot.fused import _INTERPRETED, _on_device, _triton_jit, tl, triton
+from models.networks.ot.fused import _INTERPRETED, _on_device, _triton_jit, _validate_tile, tl, triton
 
 _HALF_SIGNIFICAND_MASK = None if tl is None else tl.constexpr(HALF_SIGNIFICAND_MASK)
 
@@ -45,8 +45,6 @@ ROWS_BLOCK = 32
 ROWS_WARPS = 4
 # The channels a statistics program combines.
 STATISTICS_BLOCK = 128
-# The smallest side of a product on the tensor cores.
-MIN_DOT_SIDE = 16
 
 
 class Statistics(NamedTuple):
@@ -273,9 +271,8 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
            for piece in weight) or (bias is not None and bias.shape != (out_channels,)):
         raise ValueError(f"weight must be a KernelWeight of ({in_channels}, C_out) float16 pieces and bias (C_out,), "
                          f"got {tuple(weight.hi.shape)} and {None if bias is None else tuple(bias.shape)}")
+    _validate_tile(tile, ("vertices", "output channels", "input channels"))
     block_n, block_c, block_k, num_warps = tile
-    if any(side < MIN_DOT_SIDE or side & (side - 1) for side in (block_n, block_c, block_k)):
-        raise ValueError(f"tile sides must be powers of two of at least {MIN_DOT_SIDE}, got {tile!r}")
     mean, rstd, residual_arg, slope_arg = _activation_arguments(x, statistics, residual, slope)
     tiles = triton.cdiv(padded_vertices, block_n)
     out = x.new_empty(batch, out_channels, padded_vertices)

@@ -142,7 +142,9 @@ def test_kernel_path_only_at_gpu_inference_on_the_fast_path() -> None:
     (lambda args: {**args, "x": args["x"].transpose(1, 2)}, "contiguous float32"),
     (lambda args: {**args, "vertices": 0}, "vertices must lie"),
     (lambda args: {**args, "weight": kernel_weight(torch.zeros(16, 3, device=DEVICE))}, "weight must be"),
-    (lambda args: {**args, "tile": (16, 16, 8, 4)}, "powers of two of at least 16"),
+    (lambda args: {**args, "tile": (16, 16, 8, 4)}, r"powers of two \(vertices, output channels, input channels, "
+                                                     r"warps\), all but the warps at least 16"),
+    (lambda args: {**args, "tile": (16, 16, 16, 3)}, "powers of two"),
     (lambda args: {**args, "statistics": Statistics(torch.zeros(2, 3), torch.zeros(2, 3))}, "statistics mean"),
     (lambda args: {**args, "slope": torch.zeros(2)}, "slope must be"),
 ])
