@@ -4,9 +4,10 @@
 
 Each log line "(epoch: e, iters: i, ...) edge: x rec: y lr: z" is one logged step; the loss is rec + edge
 (both logged with their weights). With the reference present it prints, for every other path (fast, storedfp32),
-path / reference - 1 and its standard error from the spread over seeds, and the same paired by seed: a seed gives both paths the same initial weights
-and the same pairs in the same order (train.py --seed, the packed sampler), which is issue 4's comparison ("trained
-2000 steps from the same seed and data"), so the seeds' spread of pair draws cancels within each pair of runs.
+path / reference - 1 and its standard error from the spread over seeds, and the same paired by seed: a seed gives
+both paths the same initial weights and the same pairs in the same order (train.py --seed, the packed sampler),
+which is issue 4's comparison ("trained 2000 steps from the same seed and data"), so the seeds' spread of pair draws
+cancels within each pair of runs.
 Runs that stopped at different points (a run cut off by a time limit) are compared over the same pairs: every mean
 is then taken up to the last point every run reached, and a line says so.
 """

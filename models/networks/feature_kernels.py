@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from models.networks.layers import HALF_SIGNIFICAND_MASK, INSTANCE_NORM_EPS, half_pieces
-from models.networks.ot.fused import _INTERPRETED, _on_device, _triton_jit, _validate_tile, tl, triton
+from models.networks.triton_support import INTERPRETED, on_device, tl, triton, triton_jit, validate_tile
 
 _HALF_SIGNIFICAND_MASK = None if tl is None else tl.constexpr(HALF_SIGNIFICAND_MASK)
 
@@ -74,7 +74,7 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the kernels cannot take x, in one sentence, or None when they can."""
     if triton is None:
         return "the feature kernels need triton, which is not installed"
-    if not (x.is_cuda or (x.device.type == "cpu" and _INTERPRETED)):
+    if not (x.is_cuda or (x.device.type == "cpu" and INTERPRETED)):
         return (f"the feature kernels run on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set before "
                 f"triton was imported), got one on {x.device}")
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
@@ -82,7 +82,7 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
     return None
 
 
-@_triton_jit
+@triton_jit
 def _activated_input(x_ptr, offsets, in_tile, mean_ptr, rstd_ptr, residual_ptr, slope_ptr, statistic_offsets,
                      in_channels, NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr, ACTIVATE: tl.constexpr):
     """act((x - mean) rstd + residual) at `offsets` (0 outside in_tile), float32: each step optional. The channels'
@@ -99,7 +99,7 @@ def _activated_input(x_ptr, offsets, in_tile, mean_ptr, rstd_ptr, residual_ptr, 
     return tl.where(in_tile, x, 0.0)
 
 
-@_triton_jit
+@triton_jit
 def _convolution_kernel(x_ptr, mean_ptr, rstd_ptr, residual_ptr, slope_ptr, activated_ptr, weight_hi_ptr,
                         weight_lo_ptr, bias_ptr, out_ptr, partial_ptr, in_channels, out_channels, vertices,
                         padded_vertices, NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr, ACTIVATE: tl.constexpr,
@@ -151,13 +151,13 @@ def _convolution_kernel(x_ptr, mean_ptr, rstd_ptr, residual_ptr, slope_ptr, acti
     tl.store(partial + out_channels, tl.sum(centred * centred, axis=0), mask=in_outs)
 
 
-@_triton_jit
+@triton_jit
 def _tile_count(tile, vertices, BLOCK_N: tl.constexpr):
     """The real columns (below `vertices`) of tile `tile`, as float32."""
     return tl.minimum(tl.maximum(vertices - tile * BLOCK_N, 0), BLOCK_N).to(tl.float32)
 
 
-@_triton_jit
+@triton_jit
 def _statistics_kernel(partial_ptr, mean_ptr, rstd_ptr, channels, tiles, vertices, eps, BLOCK_N: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     """Channels [c * BLOCK_C, ...) of batch element b for program (c, b): the tiles' means and centred sums of
@@ -179,7 +179,7 @@ def _statistics_kernel(partial_ptr, mean_ptr, rstd_ptr, channels, tiles, vertice
     tl.store(rstd_ptr + batch * channels + outs, 1.0 / tl.sqrt_rn(squares / vertices + eps), mask=in_outs)
 
 
-@_triton_jit
+@triton_jit
 def _rows_kernel(x_ptr, mean_ptr, rstd_ptr, residual_ptr, slope_ptr, out_ptr, channels, padded_vertices, unit_eps,
                  NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr, ACTIVATE: tl.constexpr, UNIT: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -271,7 +271,7 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
            for piece in weight) or (bias is not None and bias.shape != (out_channels,)):
         raise ValueError(f"weight must be a KernelWeight of ({in_channels}, C_out) float16 pieces and bias (C_out,), "
                          f"got {tuple(weight.hi.shape)} and {None if bias is None else tuple(bias.shape)}")
-    _validate_tile(tile, ("vertices", "output channels", "input channels"))
+    validate_tile(tile, ("vertices", "output channels", "input channels"))
     block_n, block_c, block_k, num_warps = tile
     mean, rstd, residual_arg, slope_arg = _activation_arguments(x, statistics, residual, slope)
     tiles = triton.cdiv(padded_vertices, block_n)
@@ -279,7 +279,7 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
     partial = x.new_empty(batch, tiles, 2, out_channels)
     activated = torch.empty_like(x) if keep_input else x
     out_statistics = Statistics(x.new_empty(batch, out_channels), x.new_empty(batch, out_channels))
-    with _on_device(x), _reported_as_not_fitting():
+    with on_device(x), _reported_as_not_fitting():
         _convolution_kernel[(triton.cdiv(out_channels, block_c), tiles, batch)](
             x, mean, rstd, residual_arg, slope_arg, activated, weight.hi, weight.lo,
             x if bias is None else bias.float(), out, partial, in_channels, out_channels, vertices, padded_vertices,
@@ -308,7 +308,7 @@ def normalized_rows(x: torch.Tensor, *, statistics: Statistics | None = None, re
     mean, rstd, residual_arg, slope_arg = _activation_arguments(x, statistics, residual, slope)
     batch, channels, padded_vertices = x.shape
     out = torch.empty_like(x)
-    with _on_device(x), _reported_as_not_fitting():
+    with on_device(x), _reported_as_not_fitting():
         _rows_kernel[(triton.cdiv(padded_vertices, ROWS_BLOCK), batch)](
             x, mean, rstd, residual_arg, slope_arg, out, channels, padded_vertices,
             0.0 if unit_eps is None else unit_eps, NORMALIZE=statistics is not None, RESIDUAL=residual is not None,

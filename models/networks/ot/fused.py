@@ -26,15 +26,13 @@ pass over C.
 Each kernel reads C as float32 or as 16-bit fixed point (int16, common.py's `fixed_point_similarity`), which halves
 the bytes every pass reads.
 
-triton is imported only if it is installed (CPU-only installs have none). With TRITON_INTERPRET=1 set before
-triton is imported, the kernels run in Triton's interpreter on CPU tensors (the tests do this without a GPU).
+triton is imported only if it is installed (CPU-only installs have none; triton_support.py). With TRITON_INTERPRET=1
+set before triton is imported, the kernels run in Triton's interpreter on CPU tensors (the tests do this without a
+GPU).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -42,22 +40,14 @@ import torch
 from models.networks.layers import ALIGNMENT, aligned
 from models.networks.ot.common import (LOG_DIVISION_EPS, SIMILARITY_LEVELS, SIMILARITY_STEP, bounded_shift,
                                        log_kernel_of, log_marginal_update)
+from models.networks.triton_support import INTERPRETED, on_device, tl, triton, triton_jit, validate_tile
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: `fused_pass_supported` then answers False
-    triton = tl = None
 # The kernels take exp(x) as exp2(x log2 e) with the product folded into the multiply-add that forms x: tl.exp2 is the
 # hardware's ex2 (results below 2^-126 flushed to 0), where tl.exp adds a multiply and the instructions that keep
 # subnormal results. The forward pass issued half the instructions it did with tl.exp (Nsight Compute, 206.1M against
 # 388.5M at batch 8 and N = M = 6890; docs/benchmarks.md, twenty-first session).
 LOG2_E = 1.0 / math.log(2.0)
 _LOG2_E = None if tl is None else tl.constexpr(LOG2_E)
-# Triton's interpreter is chosen when triton is imported (its library functions are compiled then), so whether it
-# runs CPU tensors is known from then on. Older triton releases have no `knobs` and read the variable themselves.
-_INTERPRETED = triton is not None and bool(
-    triton.knobs.runtime.interpret if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # The widest row a program holds in registers: with at most 32 warps each thread keeps LANES_PER_THREAD lanes of every
 # row-wide value (the row, a per-column vector or two, the column sums).
@@ -89,13 +79,7 @@ LANES_PER_THREAD = 32
 PLAN_COLUMN_SUMS_LANES_PER_THREAD = 16
 
 
-def _triton_jit(function: Callable) -> Callable:
-    """triton.jit(function) where triton is installed (it compiles at the first launch), else function as it is,
-    so that this module imports without triton."""
-    return function if triton is None else triton.jit(function)
-
-
-@_triton_jit
+@triton_jit
 def _row_lanes(num_pose, readable_pose, BLOCK_M: tl.constexpr):
     """A program's lanes 0..BLOCK_M - 1 of a row, the mask of those inside the row (below M) and the mask of those
     a load may read (below `_readable_width`)."""
@@ -103,7 +87,7 @@ def _row_lanes(num_pose, readable_pose, BLOCK_M: tl.constexpr):
     return columns, columns < num_pose, columns < readable_pose
 
 
-@_triton_jit
+@triton_jit
 def _program_rows(similarity_ptr, batch_stride, num_identity, rows_per_program):
     """Program (p, b)'s p, its batch element b, a pointer to b's first row of C, and its rows [first, last)."""
     program = tl.program_id(0)
@@ -113,7 +97,7 @@ def _program_rows(similarity_ptr, batch_stride, num_identity, rows_per_program):
             tl.minimum(first + rows_per_program, num_identity))
 
 
-@_triton_jit
+@triton_jit
 def _similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable):
     """One row of C (batch_ptr: its batch element's first row) at the lanes `columns`, as loaded (q for a
     fixed-point C), in float32.
@@ -128,7 +112,7 @@ def _similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable):
     return tl.where(in_row, similarity_row, 0.0)
 
 
-@_triton_jit
+@triton_jit
 def _int16_to_float(value):
     """An int16 tensor in float32, exactly, with integer and float additions instead of the conversion instruction,
     which runs on the unit that also takes every exp2 (the passes' bottleneck): 1.5 * 2^23 + q, for |q| < 2^22, is
@@ -136,7 +120,7 @@ def _int16_to_float(value):
     return (value.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
-@_triton_jit
+@triton_jit
 def _log2_kernel_row(similarity_row, log2_scale, log2_offset):
     """x with exp2(x) = exp(s + offset) for s = (C - 1) / epsilon: C_loaded log2_scale + log2_offset, where
     log2_scale is similarity_step log2(e) / epsilon and log2_offset is (offset - 1 / epsilon) log2(e)
@@ -144,7 +128,7 @@ def _log2_kernel_row(similarity_row, log2_scale, log2_offset):
     return tl.fma(similarity_row, log2_scale, log2_offset)
 
 
-@_triton_jit
+@triton_jit
 def _pose_log2_offsets(log_b_ptr, shift, batch, num_pose, columns, in_row, log2_bias):
     """(log_b[m] - shift) log2(e) + log2_bias at the lanes `columns` of batch element `batch`: the offsets
     `_log2_kernel_row` takes for terms exp(s + log b - shift). Lanes past M get -inf, so that their terms are 0."""
@@ -152,7 +136,7 @@ def _pose_log2_offsets(log_b_ptr, shift, batch, num_pose, columns, in_row, log2_
     return (log_b - shift) * _LOG2_E + log2_bias
 
 
-@_triton_jit
+@triton_jit
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
                                program_shift_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
                                rows_per_program, log2_scale, log2_bias, log_num_identity, log_division_eps,
@@ -189,7 +173,7 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
     tl.store(program_shift_ptr + partial, program_shift)
 
 
-@_triton_jit
+@triton_jit
 def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr, column_coefficient_ptr,
                                 row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
                                 partial_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
@@ -220,14 +204,14 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
     tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, grad_log_b, mask=in_row)
 
 
-@_triton_jit
+@triton_jit
 def _rounded_to_levels(similarity, levels):
     """clamp(C, -1, 1) * levels rounded half away from zero, in float32: common.py's `fixed_point_similarity`."""
     scaled = tl.minimum(tl.maximum(similarity, -1.0), 1.0) * levels
     return tl.where(scaled >= 0, tl.floor(scaled + 0.5), tl.ceil(scaled - 0.5))
 
 
-@_triton_jit
+@triton_jit
 def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num_identity, num_pose, readable_pose,
                                fixed_row_stride, batch_stride, row_stride, fixed_batch_stride, rows_per_program,
                                levels, log2_scale, log2_bias, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -249,12 +233,12 @@ def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num
     tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, column_sum, mask=in_row)
 
 
-@_triton_jit
+@triton_jit
 def _add_four(total, x, y, z, other_total, other_x, other_y, other_z):
     return total + other_total, x + other_x, y + other_y, z + other_z
 
 
-@_triton_jit
+@triton_jit
 def _plan_warp_kernel(similarity_ptr, log_b_ptr, shift_ptr, points_ptr, warp_ptr, total_ptr, num_identity, num_pose,
                       readable_pose, batch_stride, row_stride, rows_per_program, log2_scale, log2_bias,
                       BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -281,7 +265,7 @@ def _plan_warp_kernel(similarity_ptr, log_b_ptr, shift_ptr, points_ptr, warp_ptr
         tl.store(warp_ptr + index * 3 + 2, warp_z / total)
 
 
-@_triton_jit
+@triton_jit
 def _plan_column_sums_kernel(similarity_ptr, log_b_ptr, shift_ptr, row_weights_ptr, partial_ptr, num_identity,
                              num_pose, readable_pose, batch_stride, row_stride, rows_per_program, log2_scale,
                              log2_bias, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -311,7 +295,7 @@ def _plan_column_sums_kernel(similarity_ptr, log_b_ptr, shift_ptr, row_weights_p
     tl.store(partial_row + 3 * num_pose, sum_3, mask=in_row)
 
 
-@_triton_jit
+@triton_jit
 def _fixed_point_product_kernel(left_ptr, right_ptr, fixed_point_ptr, partial_ptr, num_identity, num_pose, depth,
                                 padded_pose, left_batch_stride, right_batch_stride, fixed_batch_stride, levels,
                                 log2_scale, log2_bias, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -344,7 +328,7 @@ def _fixed_point_product_kernel(left_ptr, right_ptr, fixed_point_ptr, partial_pt
     tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, tl.sum(terms, axis=0), mask=columns < num_pose)
 
 
-@_triton_jit
+@triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
                                  num_pose, readable_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
                                  log2_scale, log2_bias, inverse_epsilon, RANK: tl.constexpr,
@@ -388,7 +372,7 @@ def unsupported_reason(similarity: torch.Tensor) -> str | None:
         return (f"the fused Sinkhorn passes need a float32 or fixed-point (int16) (B, N, M) similarity with "
                 f"contiguous rows, got a {'' if rows_contiguous else 'non-contiguous '}{similarity.dtype} tensor "
                 f"of shape {tuple(similarity.shape)}")
-    if not (similarity.is_cuda or (similarity.device.type == "cpu" and _INTERPRETED)):
+    if not (similarity.is_cuda or (similarity.device.type == "cpu" and INTERPRETED)):
         return (f"the fused Sinkhorn passes run on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set "
                 f"before triton was imported), got one on {similarity.device}")
     if similarity.shape[2] > MAX_FUSED_POSE_VERTICES:
@@ -518,11 +502,6 @@ def _log2_constants(similarity: torch.Tensor, epsilon: float) -> tuple[float, fl
     return step * LOG2_E / epsilon, -LOG2_E / epsilon
 
 
-def _on_device(similarity: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launches on similarity's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(similarity.device) if similarity.is_cuda else contextlib.nullcontext()
-
-
 def _merge_column_partials(partial: torch.Tensor, program_shift: torch.Tensor,
                            column_shift: torch.Tensor) -> torch.Tensor:
     """Column sums shifted by column_shift from the programs' partial sums, each shifted by its program's own.
@@ -578,7 +557,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     log_a = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
     program_shift = similarity.new_empty(batch, layout.programs, dtype=torch.float32)
-    with _on_device(similarity):
+    with on_device(similarity):
         _row_column_forward_kernel[(layout.programs, batch)](
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
@@ -626,7 +605,7 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
     grad_log_a = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     row_coefficient = similarity.new_empty(batch, num_identity, dtype=torch.float32)
     partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
-    with _on_device(similarity):
+    with on_device(similarity):
         _row_column_backward_kernel[(layout.programs, batch)](
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
@@ -667,7 +646,7 @@ def fused_plan_warp(similarity: torch.Tensor, log_b: torch.Tensor, shift: torch.
     layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
     warp = similarity.new_empty(batch, num_identity, 3, dtype=torch.float32)
     total = similarity.new_empty(batch, num_identity, dtype=torch.float32)
-    with _on_device(similarity):
+    with on_device(similarity):
         _plan_warp_kernel[(layout.programs, batch)](
             similarity, log_b.contiguous(), shift.contiguous(), pose_points, warp, total, num_identity, num_pose,
             _readable_width(similarity), similarity.stride(0), similarity.stride(1), layout.rows_per_program,
@@ -706,7 +685,7 @@ def fused_plan_column_sums(similarity: torch.Tensor, log_b: torch.Tensor, shift:
     layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps,
                             PLAN_COLUMN_SUMS_LANES_PER_THREAD)
     partial = similarity.new_empty(batch, layout.programs, 4, num_pose, dtype=torch.float32)
-    with _on_device(similarity):
+    with on_device(similarity):
         _plan_column_sums_kernel[(layout.programs, batch)](
             similarity, log_b.contiguous(), shift.contiguous(), row_weights.contiguous(), partial, num_identity,
             num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
@@ -742,23 +721,13 @@ def fused_fixed_point_column_pass(similarity: torch.Tensor, epsilon: float, *, p
     fixed_row_stride = aligned(num_pose)  # as common.py's `fixed_point_similarity` pads
     fixed_point = similarity.new_empty(batch, num_identity, fixed_row_stride, dtype=torch.int16)
     partial = similarity.new_empty(batch, layout.programs, num_pose, dtype=torch.float32)
-    with _on_device(similarity):
+    with on_device(similarity):
         _fixed_point_column_kernel[(layout.programs, batch)](
             similarity, fixed_point, partial, num_identity, num_pose, _readable_width(similarity), fixed_row_stride,
             similarity.stride(0), similarity.stride(1), fixed_point.stride(0), layout.rows_per_program,
             float(SIMILARITY_LEVELS), *_log2_constants(fixed_point, epsilon), BLOCK_M=layout.block,
             NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     return fixed_point[..., :num_pose], partial.sum(1)
-
-
-def _validate_tile(tile: tuple[int, ...], sides: tuple[str, ...]) -> None:
-    """ValueError unless `tile` is its sides, each at least the 16 a product on the tensor cores needs, then a warp
-    count, all powers of two."""
-    names = (*sides, "warps")
-    if len(tile) != len(names) or any(isinstance(size, bool) or not isinstance(size, int) or size < 1
-                                      or size & (size - 1) for size in tile) or min(tile[:-1]) < 16:
-        raise ValueError(f"tile must be {('three', 'four')[len(names) - 3]} powers of two ({', '.join(names)}), all "
-                         f"but the warps at least 16, got {tile!r}")
 
 
 # The fixed-point product's tile (identity rows, pose columns, contraction, warps): 128 x 128 fp32 accumulators at 8
@@ -796,7 +765,7 @@ def fused_fixed_point_product(left: torch.Tensor, right: torch.Tensor, num_pose:
         raise ValueError(f"fused_fixed_point_product takes float16 (B, N, D) and (B, D, M') with M' = "
                          f"{aligned(num_pose) if num_pose > 0 else 'aligned(M)'} for M = {num_pose}, got "
                          f"{left.dtype} {tuple(left.shape)} and {right.dtype} {tuple(right.shape)}")
-    _validate_tile(tile, ("rows", "columns", "contraction"))
+    validate_tile(tile, ("rows", "columns", "contraction"))
     left, right = left.contiguous(), right.contiguous()
     batch, num_identity, depth = left.shape
     padded_pose = right.shape[2]
@@ -805,7 +774,7 @@ def fused_fixed_point_product(left: torch.Tensor, right: torch.Tensor, num_pose:
     block_n, block_m, block_k, num_warps = tile
     row_blocks = triton.cdiv(num_identity, block_n)
     partial = left.new_empty(batch, row_blocks, num_pose, dtype=torch.float32)
-    with _on_device(left):
+    with on_device(left):
         _fixed_point_product_kernel[(row_blocks, triton.cdiv(padded_pose, block_m), batch)](
             left, right, fixed_point, partial, num_identity, num_pose, depth, padded_pose, left.stride(0),
             right.stride(0), fixed_point.stride(0), float(SIMILARITY_LEVELS),
@@ -849,13 +818,13 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
     if padding < 0 or gradient_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"padding must be >= 0 and gradient_dtype float16, bfloat16 or float32, got {padding} and "
                          f"{gradient_dtype}")
-    _validate_tile(tile, ("rows", "columns"))
+    validate_tile(tile, ("rows", "columns"))
     _validate_fused_inputs(similarity, epsilon)
     block_n, block_m, num_warps = tile
     padded_pose = num_pose + padding
     gradient = similarity.new_empty(batch, num_identity, padded_pose, dtype=gradient_dtype)
     grid = (triton.cdiv(num_identity, block_n), triton.cdiv(padded_pose, block_m), batch)
-    with _on_device(similarity):
+    with on_device(similarity):
         _similarity_gradient_kernel[grid](
             similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose,
             _readable_width(similarity), padded_pose, similarity.stride(0), similarity.stride(1),
