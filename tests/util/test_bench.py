@@ -68,17 +68,21 @@ def test_kernel_table_lists_device_kernels_per_call_by_self_time():
     assert len(lines) == 3  # the CPU operator and the two annotations are left out
 
 
+def _kernel_bench(tmp_path, monkeypatch, *flags: str) -> dict:
+    """util.bench's JSON for `flags` on the GPU, or on the CPU (Triton's interpreter), one warm-up and two repeats."""
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cuda" if torch.cuda.is_available() else "cpu", *flags,
+                                      "--warmup", "1", "--repeats", "2", "--out", str(out)])
+    bench.main()
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not fused.fused_pass_supported(torch.empty(1, 1, 1, device="cuda" if torch.cuda.is_available()
                                                               else "cpu")),
                     reason="the fused Sinkhorn passes need triton (a GPU, or its interpreter on the CPU)")
 def test_fused_passes_mode_times_both_forms(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "fused.json"
-    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cuda" if torch.cuda.is_available() else "cpu",
-                                      "--fused_passes", "--vertices", "40", "--batch", "2", "--warmup", "1",
-                                      "--repeats", "2", "--out", str(out)])
-    bench.main()
-    results = json.loads(out.read_text())
+    results = _kernel_bench(tmp_path, monkeypatch, "--fused_passes", "--vertices", "40", "--batch", "2")
     assert set(results) == {"2", "1"}
     for row in results.values():
         assert row["separate_ms"] > 0
@@ -217,12 +221,7 @@ def test_a_graphed_step_that_cannot_be_captured_is_a_capture_error(monkeypatch, 
                                                                    else "cpu")) is not None,
                     reason="the feature kernels need triton (a GPU, or its interpreter on the CPU)")
 def test_feature_layers_mode_times_the_compiled_layer_and_each_kernel_layout(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "layers.json"
-    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cuda" if torch.cuda.is_available() else "cpu",
-                                      "--feature_layers", "--vertices", "20", "--batch", "1", "--warmup", "1",
-                                      "--repeats", "2", "--out", str(out)])
-    bench.main()
-    results = json.loads(out.read_text())
+    results = _kernel_bench(tmp_path, monkeypatch, "--feature_layers", "--vertices", "20", "--batch", "1")
     default = "x".join(map(str, feature_kernels.CONVOLUTION_TILE))
     assert set(results) == {"kept", "not_kept"}
     for row in results.values():
