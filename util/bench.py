@@ -131,12 +131,15 @@ def time_median(step: Callable[[], object], device: torch.device, warmup: int, r
 
 def tile_time(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float | None:
     """`time_median` of a kernel launched at one tile, or None where the tile needs more shared memory than the GPU
-    has (Triton refuses such a launch), so that one tile too large does not end a sweep of them."""
+    has (Triton refuses such a launch, which feature_kernels.py reports as KernelsDoNotFit), so that one tile too
+    large does not end a sweep of them."""
     from triton.runtime.errors import OutOfResources
+
+    from models.networks.feature_kernels import KernelsDoNotFit
 
     try:
         return time_median(step, device, warmup, repeats)
-    except OutOfResources:
+    except (OutOfResources, KernelsDoNotFit):
         return None
 
 
@@ -487,11 +490,8 @@ def bench_feature_layers(device: torch.device, batch: int, vertices: int, warmup
         return out, mean, torch.rsqrt(variance + INSTANCE_NORM_EPS), activated
 
     def times(step: Callable[[], object]) -> dict[str, float] | None:
-        try:
-            return {"ms": time_median(step, device, warmup, repeats),
-                    "back_to_back_ms": time_back_to_back(step, device, repeats)}
-        except feature_kernels.KernelsDoNotFit:
-            return None
+        ms = tile_time(step, device, warmup, repeats)
+        return None if ms is None else {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats)}
 
     results = {}
     with torch.no_grad():

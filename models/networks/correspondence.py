@@ -232,7 +232,6 @@ class Correspondence(nn.Module):
                 and not torch.compiler.is_compiling() and self.kernels_fit
                 and feature_kernels.unsupported_reason(points) is None)
 
-    @torch.compiler.disable  # the kernels run as they are, under a compiled forward too
     def forward_by_kernels(self, identity_points: torch.Tensor, pose_points: torch.Tensor,
                            identity_vertices: int | None = None,
                            pose_vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

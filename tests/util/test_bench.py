@@ -146,6 +146,11 @@ def test_tile_time_is_none_for_a_tile_the_gpu_cannot_launch():
         raise OutOfResources(300_000, 232_448, "shared memory")
 
     assert bench.tile_time(too_large, torch.device("cpu"), 1, 2) is None
+
+    def too_large_a_layer():  # feature_kernels.py reports the same refusal in its own words
+        raise feature_kernels.KernelsDoNotFit("the feature kernels do not fit this GPU")
+
+    assert bench.tile_time(too_large_a_layer, torch.device("cpu"), 1, 2) is None
     assert bench.tile_time(lambda: None, torch.device("cpu"), 1, 2) >= 0
     with pytest.raises(ValueError):  # other failures still stop the sweep
         bench.tile_time(lambda: int("x"), torch.device("cpu"), 1, 2)
