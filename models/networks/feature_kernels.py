@@ -32,10 +32,10 @@ _HALF_SIGNIFICAND_MASK = None if tl is None else tl.constexpr(HALF_SIGNIFICAND_M
 
 # A convolution program's tile: (vertices, output channels, input channels a step, warps), and its pipeline stages
 # where a block may take at least CONVOLUTION_STAGES_SHARED_MEMORY bytes of shared memory (3 stages ask 129 KiB with
-# the input kept; else CONVOLUTION_FEW_STAGES, 81 KiB). One 256-channel layer at 16 x 6896 columns on the H100
-# (docs/benchmarks.md, twenty-fourth session): 0.432 ms with its input kept and 0.403 without, against 0.504 and 0.468
-# for the compiled split product, normalisation and statistics it replaces; 0.45 to 0.53 ms for the other tiles and
-# stages timed.
+# the input kept; else CONVOLUTION_FEW_STAGES, 81 KiB). One 256-channel layer at 16 x 6896 columns (docs/benchmarks.md):
+# on an H200 through `normalized_convolution`, 0.394 ms with its input kept and 0.340 without, against 0.478 and 0.481
+# for the compiled arithmetic it replaces (twenty-fifth session); on the H100 launched directly, 0.334 and 0.231 ms
+# (twenty-fourth).
 CONVOLUTION_TILE = (128, 128, 32, 8)
 CONVOLUTION_STAGES = 3
 CONVOLUTION_FEW_STAGES = 2
@@ -59,15 +59,15 @@ class KernelsDoNotFit(RuntimeError):
 
 
 class KernelWeight(NamedTuple):
-    """A 1x1 convolution's weight W (C_out, C_in) as the convolution kernel reads it: W^T split into fp16 pieces,
-    W^T = hi + lo (layers.py's `half_pieces`), each (C_in, C_out), contiguous."""
+    """A 1x1 convolution's weight W (C_out, C_in) as the convolution kernel reads it: split into fp16 pieces,
+    W = hi + lo (layers.py's `half_pieces`), each (C_out, C_in), contiguous."""
     hi: torch.Tensor
     lo: torch.Tensor
 
 
 def kernel_weight(weight: torch.Tensor) -> KernelWeight:
     """`KernelWeight` of weight (C_out, C_in): formed once per weight value by callers that run many layers."""
-    return KernelWeight(*(piece.t().contiguous() for piece in half_pieces(weight.float())))
+    return KernelWeight(*(piece.contiguous() for piece in half_pieces(weight.float())))
 
 
 def unsupported_reason(x: torch.Tensor) -> str | None:
@@ -86,7 +86,8 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
 def _activated_input(x_ptr, offsets, in_tile, mean_ptr, rstd_ptr, residual_ptr, slope_ptr, statistic_offsets,
                      in_channels, NORMALIZE: tl.constexpr, RESIDUAL: tl.constexpr, ACTIVATE: tl.constexpr):
     """act((x - mean) rstd + residual) at `offsets` (0 outside in_tile), float32: each step optional. The channels'
-    statistics are at `statistic_offsets` (1, channels), those inside the tensor where in_channels."""
+    statistics are at `statistic_offsets` (a row or a column of channels), those inside the tensor where
+    in_channels."""
     x = tl.load(x_ptr + offsets, mask=in_tile, other=0.0)
     if NORMALIZE:
         mean = tl.load(mean_ptr + statistic_offsets, mask=in_channels, other=0.0)
@@ -106,23 +107,24 @@ def _convolution_kernel(x_ptr, mean_ptr, rstd_ptr, residual_ptr, slope_ptr, acti
                         KEEP_INPUT: tl.constexpr, BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     """Output channels [c * BLOCK_C, ...) at vertices [n * BLOCK_N, ...) of batch element b for program (c, n, b);
-    see `normalized_convolution`. The output tile is held transposed (vertices x channels): the activated input is
-    then the product's left operand, which the tensor cores take from registers."""
+    see `normalized_convolution`. W's pieces are the products' left operand and the activated input's, split in
+    registers, the right one, which Triton stages in shared memory for the tensor cores. (With the input as the left
+    operand, taken from registers, Triton waited for each product before loading the next tile: docs/benchmarks.md.)"""
     channel_block, vertex_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = vertex_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    columns = vertex_block * BLOCK_N + tl.arange(0, BLOCK_N)
     outs = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     depths = tl.arange(0, BLOCK_K)
-    in_rows = rows < padded_vertices
+    in_columns = columns < padded_vertices
     in_outs = outs < out_channels
     in_batch = batch.to(tl.int64) * in_channels * padded_vertices
-    product = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    product = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
     for start in tl.range(0, in_channels, BLOCK_K):
         channels = start + depths
         in_depth = channels < in_channels
-        offsets = in_batch + channels[None, :].to(tl.int64) * padded_vertices + rows[:, None]  # (BLOCK_N, BLOCK_K)
-        in_tile = in_rows[:, None] & in_depth[None, :]
+        offsets = in_batch + channels[:, None].to(tl.int64) * padded_vertices + columns[None, :]  # (BLOCK_K, BLOCK_N)
+        in_tile = in_depth[:, None] & in_columns[None, :]
         x = _activated_input(x_ptr, offsets, in_tile, mean_ptr, rstd_ptr, residual_ptr, slope_ptr,
-                             batch * in_channels + channels[None, :], in_depth[None, :], NORMALIZE, RESIDUAL,
+                             batch * in_channels + channels[:, None], in_depth[:, None], NORMALIZE, RESIDUAL,
                              ACTIVATE)
         if KEEP_INPUT:
             if channel_block == 0:
@@ -130,25 +132,25 @@ def _convolution_kernel(x_ptr, mean_ptr, rstd_ptr, residual_ptr, slope_ptr, acti
         x_hi = (x.to(tl.int32, bitcast=True) & _HALF_SIGNIFICAND_MASK).to(tl.float32, bitcast=True)
         x_lo = (x - x_hi).to(tl.float16)
         x_hi = x_hi.to(tl.float16)
-        weight_offsets = channels[:, None] * out_channels + outs[None, :]  # (BLOCK_K, BLOCK_C) of W^T
-        in_weights = in_depth[:, None] & in_outs[None, :]
+        weight_offsets = outs[:, None] * in_channels + channels[None, :]  # (BLOCK_C, BLOCK_K) of W
+        in_weights = in_outs[:, None] & in_depth[None, :]
         weight_hi = tl.load(weight_hi_ptr + weight_offsets, mask=in_weights, other=0.0)
         weight_lo = tl.load(weight_lo_ptr + weight_offsets, mask=in_weights, other=0.0)
-        product = tl.dot(x_hi, weight_hi, product)
-        product = tl.dot(x_hi, weight_lo, product)
-        product = tl.dot(x_lo, weight_hi, product)
+        product = tl.dot(weight_hi, x_hi, product)
+        product = tl.dot(weight_lo, x_hi, product)
+        product = tl.dot(weight_hi, x_lo, product)
     if BIAS:
-        product += tl.load(bias_ptr + outs, mask=in_outs, other=0.0)[None, :]
-    out_offsets = (batch.to(tl.int64) * out_channels * padded_vertices + outs[None, :].to(tl.int64) * padded_vertices
-                   + rows[:, None])
-    tl.store(out_ptr + out_offsets, product, mask=in_rows[:, None] & in_outs[None, :])
-    real = rows < vertices
+        product += tl.load(bias_ptr + outs, mask=in_outs, other=0.0)[:, None]
+    out_offsets = (batch.to(tl.int64) * out_channels * padded_vertices + outs[:, None].to(tl.int64) * padded_vertices
+                   + columns[None, :])
+    tl.store(out_ptr + out_offsets, product, mask=in_outs[:, None] & in_columns[None, :])
+    real = columns < vertices
     count = tl.maximum(tl.sum(real.to(tl.float32), axis=0), 1.0)
-    tile_mean = tl.sum(tl.where(real[:, None], product, 0.0), axis=0) / count
-    centred = tl.where(real[:, None], product - tile_mean[None, :], 0.0)
+    tile_mean = tl.sum(tl.where(real[None, :], product, 0.0), axis=1) / count
+    centred = tl.where(real[None, :], product - tile_mean[:, None], 0.0)
     partial = partial_ptr + ((batch * tl.num_programs(1) + vertex_block) * 2) * out_channels + outs
     tl.store(partial, tile_mean, mask=in_outs)
-    tl.store(partial + out_channels, tl.sum(centred * centred, axis=0), mask=in_outs)
+    tl.store(partial + out_channels, tl.sum(centred * centred, axis=1), mask=in_outs)
 
 
 @triton_jit
@@ -266,10 +268,10 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
     """
     _validate_input(x, vertices)
     batch, in_channels, padded_vertices = x.shape
-    out_channels = weight.hi.shape[1]
-    if any(piece.shape != (in_channels, out_channels) or piece.dtype != torch.float16 or not piece.is_contiguous()
+    out_channels = weight.hi.shape[0]
+    if any(piece.shape != (out_channels, in_channels) or piece.dtype != torch.float16 or not piece.is_contiguous()
            for piece in weight) or (bias is not None and bias.shape != (out_channels,)):
-        raise ValueError(f"weight must be a KernelWeight of ({in_channels}, C_out) float16 pieces and bias (C_out,), "
+        raise ValueError(f"weight must be a KernelWeight of (C_out, {in_channels}) float16 pieces and bias (C_out,), "
                          f"got {tuple(weight.hi.shape)} and {None if bias is None else tuple(bias.shape)}")
     validate_tile(tile, ("vertices", "output channels", "input channels"))
     block_n, block_c, block_k, num_warps = tile
