@@ -50,14 +50,12 @@ class PoseTransferModel(PairModel):
         """The published checkpoint files: <label>_net_G.pth and <label>_net_Corr.pth."""
         return {"G": self.G, "Corr": self.corr}
 
-    def compile_networks(self, correspondence: bool = True) -> None:
-        """The generator with its autocast (`refine`) and, unless told not to, the correspondence network (whose
-        warp compiles its own passes and is left out of the graph: `sinkhorn_warp_stored` breaks it). Left eager,
-        Corr runs its layers as Triton kernels at inference (`Correspondence.uses_kernels`): util.bench's
-        "-kernels" variants compare the two."""
+    def compile_networks(self) -> None:
+        """The generator with its autocast (`refine`) and the correspondence network's layer path (whose warp
+        compiles its own passes and is left out of the graph: `sinkhorn_warp_stored` breaks it). Corr's inference
+        on batches of pairs still runs its layers as Triton kernels (`Correspondence.compile_layers`)."""
         self.refine = torch.compile(self.refine)
-        if correspondence:
-            self.corr.compile()
+        self.corr.compile_layers()
 
     def refine(self, warp_points: torch.Tensor, identity_features: torch.Tensor,
                vertices: int | None = None) -> torch.Tensor:

@@ -58,8 +58,7 @@ FEATURE_LAYER_STAGES = (2, 3)
 # name -> (ot, precision, compile, tf32, fold_linear). The first is the faithful reference every ratio is
 # against: exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with
 # PyTorch's default TF32 convolutions, as the published code ran on this GPU. Half-precision variants fold
-# the generator's affine layers as --fold_linear auto does; "-unfolded" ones do not. compile "generator" compiles
-# the generator alone: the correspondence network stays eager and runs its layer kernels at inference.
+# the generator's affine layers as --fold_linear auto does; "-unfolded" ones do not.
 VARIANTS = {
     "reference": ("dense", "fp32", False, False, False),
     "reference-tf32": ("dense", "fp32", False, True, False),
@@ -68,7 +67,6 @@ VARIANTS = {
     "fast-fp16": ("stored", "fp16", False, False, True),
     "fast-fp16-compiled-unfolded": ("stored", "fp16", True, False, False),
     "fast-fp16-compiled": ("stored", "fp16", True, False, True),
-    "fast-fp16-compiled-kernels": ("stored", "fp16", "generator", False, True),
     "fast-bf16-compiled": ("stored", "bf16", True, False, True),
     "chunked-fp16-compiled": ("chunked", "fp16", True, False, True),
 }
@@ -162,7 +160,7 @@ def build(variant: str, device: torch.device) -> PoseTransferModel:
     torch.manual_seed(0)
     model = PoseTransferModel(ot=ot, precision=precision, fold_linear=fold_linear).to(device)
     if compiled:
-        model.compile_networks(correspondence=compiled != "generator")
+        model.compile_networks()
     return model
 
 

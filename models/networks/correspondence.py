@@ -180,6 +180,13 @@ def auto_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points:
     return warp(identity_theta, pose_phi, pose_points, half_dtype)
 
 
+# The smallest batch of pairs for which `forward` takes the layer kernels once its layers are compiled
+# (`Correspondence.compile_layers`). Against Inductor's code of the same layers, compiled inference with CUDA graphs on
+# an H200 (docs/benchmarks.md, twenty-fifth session, calls 1 and 3): one pair 2.07 ms against 1.92, 2 pairs 646.3
+# pairs/s against 689.5, 4 pairs 794.3 against 787.5, 8 pairs 894.4 against 859.3, 32 pairs 988.3 against 895.8.
+COMPILED_KERNELS_MIN_BATCH = 4
+
+
 # --ot choices. "dense" is the published computation and the reference the others are tested against.
 WARPS: dict[str, WarpFunction] = {"dense": dense_warp, "stored": stored_warp, "chunked": chunked_warp,
                                   "auto": auto_warp}
@@ -211,6 +218,7 @@ class Correspondence(nn.Module):
         self.warp = warp
         self.half_dtype = half_dtype
         self.kernels_fit = True  # until a kernel of `forward_by_kernels` needs more of the GPU than it has
+        self.kernels_min_batch = 1  # COMPILED_KERNELS_MIN_BATCH once `compile_layers` has run
         # Each convolution's KernelWeight with the weight, its storage and its version it was formed from
         # (`_kernel_weight`).
         self._kernel_weights: dict[PointwiseConv1d, tuple[nn.Parameter, int, int, KernelWeight]] = {}
@@ -225,12 +233,19 @@ class Correspondence(nn.Module):
 
     def uses_kernels(self, points: torch.Tensor) -> bool:
         """Whether `forward` runs as Triton kernels (`forward_by_kernels`): at inference (no gradient) on the fast
-        path (a half dtype), eager (compiled, Inductor fuses the same layers about as well: docs/benchmarks.md), on a
-        GPU the kernels support and fit. Compiled, the answer comes before the device query, which Dynamo would not
-        trace."""
+        path (a half dtype), on a GPU the kernels support and fit, for batches of at least `kernels_min_batch`
+        pairs, and not inside a compiled forward (`nn.Module.compile`, which then keeps Inductor's code of the
+        layers; the answer comes before the device query, which Dynamo would not trace)."""
         return (self.half_dtype is not None and points.is_cuda and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and self.kernels_fit
-                and feature_kernels.unsupported_reason(points) is None)
+                and points.shape[0] >= self.kernels_min_batch and feature_kernels.unsupported_reason(points) is None)
+
+    def compile_layers(self) -> None:
+        """torch.compile `forward_by_layers` in place, and take the kernels from COMPILED_KERNELS_MIN_BATCH pairs
+        on: `forward` stays eager to choose, since Inductor's code of the layers is the faster for one pair and the
+        kernels for batches."""
+        self.forward_by_layers = torch.compile(self.forward_by_layers)
+        self.kernels_min_batch = COMPILED_KERNELS_MIN_BATCH
 
     def forward_by_kernels(self, identity_points: torch.Tensor, pose_points: torch.Tensor,
                            identity_vertices: int | None = None,
@@ -312,6 +327,13 @@ class Correspondence(nn.Module):
             except feature_kernels.KernelsDoNotFit as err:
                 warnings.warn(f"{err}; the correspondence network runs its layers as before", stacklevel=2)
                 self.kernels_fit = False
+        return self.forward_by_layers(identity_points, pose_points, identity_vertices, pose_vertices)
+
+    def forward_by_layers(self, identity_points: torch.Tensor, pose_points: torch.Tensor,
+                          identity_vertices: int | None = None,
+                          pose_vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` through the layers (what autograd, the CPU and the reference path run; same arguments and
+        results)."""
         return self._forward(identity_points, pose_points, identity_vertices, pose_vertices, self.features,
                              self._unit_projection)
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from models.networks import init_weights
+from models.networks.correspondence import COMPILED_KERNELS_MIN_BATCH
 from models.npt_model import NPTModel
 from models.pose_transfer_model import PoseTransferModel
 
@@ -53,4 +54,17 @@ def test_compiled_model_graphs_carry_the_autocast_dtype(captured_graphs, make_mo
         expected = eager.transfer(identity_points, pose_points)["fake_points"]
         actual = compiled.transfer(identity_points, pose_points)["fake_points"]
     assert captured_graphs and _autocast_dtypes(captured_graphs) == {dtype}
+    torch.testing.assert_close(actual, expected)
+
+
+def test_compiled_ver2ver_runs_corr_through_its_compiled_layers(captured_graphs):
+    """Corr's forward stays eager (it picks the layer kernels for batches on a GPU) and calls its compiled layers."""
+    model = _ver2ver("fp16").eval()
+    points = torch.rand(1, 3, 40, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model.corr(points, points)
+        assert not captured_graphs
+        model.compile_networks()
+        actual = model.corr(points, points)
+    assert captured_graphs and model.corr.kernels_min_batch == COMPILED_KERNELS_MIN_BATCH
     torch.testing.assert_close(actual, expected)

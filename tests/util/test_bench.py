@@ -237,13 +237,3 @@ def test_feature_layers_mode_times_the_compiled_layer_and_each_kernel_layout(tmp
         assert row["compiled"] is not None and row[f"{default}, 3 stages"] is not None
     printed = capsys.readouterr().out
     assert "feature layer, 2 x 256 x 20, input kept: compiled" in printed and "input not kept" in printed
-
-
-def test_the_kernels_variant_compiles_the_generator_and_leaves_corr_eager():
-    """Left eager, Corr runs its layer kernels at inference; compiled, Inductor's code."""
-    import inspect
-
-    kernels = bench.build("fast-fp16-compiled-kernels", torch.device("cpu"))
-    compiled = bench.build("fast-fp16-compiled", torch.device("cpu"))
-    assert not inspect.ismethod(kernels.refine) and not inspect.ismethod(compiled.refine)  # torch.compile'd
-    assert kernels.corr._compiled_call_impl is None and compiled.corr._compiled_call_impl is not None

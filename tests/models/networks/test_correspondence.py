@@ -55,7 +55,7 @@ def test_half_precision_gradients_keep_the_float32_forward(warp, compiled):
     half.load_state_dict(exact.state_dict())
     if compiled:
         torch._dynamo.reset()
-        half.compile()
+        half.compile_layers()
     generator = torch.Generator().manual_seed(1)
     identity_points, pose_points = (torch.rand(2, 3, 50, generator=generator) - 0.5 for _ in range(2))
     upstream = torch.randn(2, 50, 3, generator=generator)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from models.networks import feature_kernels
-from models.networks.correspondence import Correspondence, instance_norm, normalize_features
+from models.networks.correspondence import (COMPILED_KERNELS_MIN_BATCH, Correspondence, instance_norm,
+                                             normalize_features)
 from models.networks.feature_kernels import Statistics, kernel_weight, normalized_convolution, normalized_rows
 from models.networks.layers import INSTANCE_NORM_EPS
 
@@ -135,6 +136,20 @@ def test_kernel_path_only_at_gpu_inference_on_the_fast_path() -> None:
         assert not corr.uses_kernels(points)
     corr.half_dtype = torch.float16
     assert not corr.uses_kernels(points)  # gradients enabled
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the kernel path runs on a GPU")
+def test_compiled_layers_leave_the_kernels_to_batches() -> None:
+    """Once its layers are compiled, Corr takes Inductor's code for one pair and the kernels from
+    COMPILED_KERNELS_MIN_BATCH pairs on."""
+    corr = _correspondence()
+    with torch.no_grad():
+        assert corr.uses_kernels(torch.zeros(1, 3, 8, device=DEVICE))  # eager layers: the kernels for one pair too
+    corr.compile_layers()
+    assert corr.kernels_min_batch == COMPILED_KERNELS_MIN_BATCH > 1
+    with torch.no_grad():
+        assert not corr.uses_kernels(torch.zeros(COMPILED_KERNELS_MIN_BATCH - 1, 3, 8, device=DEVICE))
+        assert corr.uses_kernels(torch.zeros(COMPILED_KERNELS_MIN_BATCH, 3, 8, device=DEVICE))
 
 
 @pytest.mark.parametrize("change,message", [
