@@ -26,8 +26,7 @@ started=$SECONDS
 copy_logs() {  # every loss log so far into $OUT, so a call cut off by its time limit still returns them
   for log in /tmp/compare/runs/*/animal/loss_log.txt; do
     [ -f "$log" ] || continue
-    run=$(basename "$(dirname "$(dirname "$log")")")
-    cp "$log" "$OUT/loss_${run%%[0-9]*}_seed${run##*[a-z]}.txt"
+    cp "$log" "$OUT/loss_$(basename "$(dirname "$(dirname "$log")")").txt"  # loss_<path>_seed<k>.txt
   done
 }
 
@@ -61,19 +60,19 @@ start_runs() {  # make and pack the set, start every run detached
     for seed in $seeds; do
       setsid nohup python3 train.py --dataset_mode animal --dataroot "$data" --gpu_ids 0 --loader packed \
         --niter 1 --niter_decay 0 --epoch_size $((steps * 8)) --print_freq 8 --display_freq 100000000 \
-        --save_latest_freq 100000000 --seed "$seed" --checkpoints_dir "/tmp/compare/runs/$path$seed" $flags \
-        > "/tmp/compare/$path$seed.log" 2>&1 &
-      echo $! > "/tmp/compare/$path$seed.pid"
+        --save_latest_freq 100000000 --seed "$seed" --checkpoints_dir "/tmp/compare/runs/${path}_seed$seed" $flags \
+        > "/tmp/compare/${path}_seed$seed.log" 2>&1 &
+      echo $! > "/tmp/compare/${path}_seed$seed.pid"
     done
   done
 }
 
 finish() {  # the logs so far into $OUT, seed 1's fast checkpoint tested with both paths, the comparison
   copy_logs
-  if [ -f /tmp/compare/runs/fast1/animal/latest_net_G.pth ]; then
+  if [ -f /tmp/compare/runs/fast_seed1/animal/latest_net_G.pth ]; then
     for path in reference fast; do
       flags=""; [ "$path" = reference ] && flags="--ot dense --precision fp32"
-      python3 test.py --dataset_mode animal --dataroot "$data" --gpu_ids 0 --checkpoints_dir /tmp/compare/runs/fast1 \
+      python3 test.py --dataset_mode animal --dataroot "$data" --gpu_ids 0 --checkpoints_dir /tmp/compare/runs/fast_seed1 \
         --test_list "$data/test_list" --results_dir "/tmp/compare/results_$path" $flags 2>&1 | grep "mean PMD" \
         | sed "s/^/$path path: /" | tee -a "$OUT/test_pmd.txt"
     done
