@@ -201,9 +201,10 @@ class Correspondence(nn.Module):
     (`split_product`, 1.4e-6 relative error against float32's 2.9e-7), and the backward's matrix products after
     the first layer (the convolutions' and C's) run in that dtype (`mixed_product`), which moves the gradients
     by half-precision rounding. The stored warp then keeps C as 16-bit fixed point (steps of 1 / 32767, which
-    moved warp_out by 1.4e-6 to 3.5e-5 relative in float64 tests), half the bytes of every pass over it. At eager
-    inference on a GPU each 1x1 convolution is then one Triton kernel that also normalises and activates its input
-    and splits it in registers (`forward_by_kernels`, feature_kernels.py). None: plain float32 throughout, the
+    moved warp_out by 1.4e-6 to 3.5e-5 relative in float64 tests), half the bytes of every pass over it. At inference
+    on a GPU each 1x1 convolution is then one Triton kernel that also normalises and activates its input and splits
+    it in registers (`forward_by_kernels`, feature_kernels.py): eager for every batch, and with the layers compiled
+    (`compile_layers`) for batches of COMPILED_KERNELS_MIN_BATCH pairs and more. None: plain float32 throughout, the
     published arithmetic.
     """
 
