@@ -1,6 +1,6 @@
 """Mean training loss of the last steps of loss_<path>_seed<k>.txt logs, per path: mean and spread over seeds.
 
-    python scripts/compare_losses.py DIR [DIR ...] [--last 200]
+    python scripts/compare_losses.py DIR [DIR ...] [--last 200] [--windows]
 
 Each log line "(epoch: e, iters: i, ...) edge: x rec: y lr: z" is one logged step; the loss is rec + edge
 (both logged with their weights). With the reference present it prints, for every other path (fast, storedfp32),
@@ -9,7 +9,8 @@ both paths the same initial weights and the same pairs in the same order (train.
 which is issue 4's comparison ("trained 2000 steps from the same seed and data"), so the seeds' spread of pair draws
 cancels within each pair of runs.
 Runs that stopped at different points (a run cut off by a time limit) are compared over the same pairs: every mean
-is then taken up to the last point every run reached, and a line says so.
+is then taken up to the last point every run reached, and a line says so. --windows also prints, seed by seed, each
+path / reference - 1 over every window of --last steps: how far two runs drift apart before the last window.
 """
 import argparse
 import math
@@ -41,6 +42,14 @@ def last_mean(path: Path, count: int, until: int | None = None) -> float:
     return statistics.mean(totals[-count:])
 
 
+def window_means(path: Path, count: int, until: int | None = None) -> list[tuple[int, float]]:
+    """(pairs seen at its last step, mean loss) of each window of `count` logged steps of one log at or before
+    `until` pairs (None: its end), consecutive and the last ending there; a shorter first remainder is left out."""
+    steps = [(pairs, total) for pairs, total in logged_steps(path) if until is None or pairs <= until]
+    return [(steps[end - 1][0], statistics.mean(total for _, total in steps[end - count:end]))
+            for end in range(len(steps), count - 1, -count)][::-1]
+
+
 def relative_difference(fast: list[float], reference: list[float]) -> tuple[float, float]:
     """mean(fast) / mean(reference) - 1 and its standard error from the seeds' spread (nan with one seed)."""
     mean_fast, mean_reference = statistics.mean(fast), statistics.mean(reference)
@@ -66,6 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--last", type=int, default=200, help="logged steps averaged at the end of each run")
+    parser.add_argument("--windows", action="store_true", help="also print each path / reference - 1 seed by seed "
+                        "over every window of --last logged steps, not only the last: how far runs drift apart")
     args = parser.parse_args()
     logs = [log for folder in args.folders for log in folder.glob("loss_*_seed*.txt")]
     if not logs:
@@ -79,9 +90,11 @@ def main() -> None:
             print(f"the runs stopped at different points ({min(ends, key=ends.get).name} at {common_end} pairs, "
                   f"{max(ends, key=ends.get).name} at {max(ends.values())}); every mean below is over the last "
                   f"{args.last} logged steps up to {common_end} pairs, which every run reached")
+        windows = defaultdict(dict)
         for log in logs:
             match = NAME.search(log.name)
             runs[match["path"]][int(match["seed"])] = last_mean(log, args.last, common_end)
+            windows[match["path"]][int(match["seed"])] = window_means(log, args.last, common_end)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -98,6 +111,11 @@ def main() -> None:
             per_seed = ", ".join(f"{difference:+.1%}" for difference in differences.values())
             print(f"paired by seed {list(differences)}: mean of {path} / reference - 1 = {paired:+.2%}, standard "
                   f"error {paired_error:.2%} (per seed {per_seed})")
+        for seed in sorted(windows[path].keys() & windows["reference"].keys()) if args.windows else []:
+            pairs = [(mine, theirs) for mine, theirs in zip(windows[path][seed], windows["reference"][seed])
+                     if mine[0] == theirs[0]]
+            print(f"{path} / reference - 1, seed {seed}, windows of {args.last} logged steps ending at pairs "
+                  + ", ".join(f"{end}: {mean / reference - 1:+.1%}" for (end, mean), (_, reference) in pairs))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ finish() {  # the logs so far into $OUT, seed 1's fast checkpoint tested with bo
         | sed "s/^/$path path: /" | tee -a "$OUT/test_pmd.txt"
     done
   fi
-  python3 scripts/compare_losses.py "$OUT"
+  python3 scripts/compare_losses.py "$OUT" --windows
 }
 
 case "${PHASE:?set PHASE=once, 1 or 2}" in

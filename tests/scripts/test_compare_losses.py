@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from scripts.compare_losses import last_mean, paired_difference, relative_difference
+from scripts.compare_losses import last_mean, paired_difference, relative_difference, window_means
 from tests.cli import assert_one_line_error, run_script
 
 
@@ -65,6 +65,22 @@ def test_every_other_path_is_compared_with_the_reference(tmp_path):
     assert "fast / reference - 1 = +10.00%" in result.stdout
     assert "storedfp32 / reference - 1 = -10.00%" in result.stdout
     assert "mean of storedfp32 / reference - 1 = -10.00%" in result.stdout
+
+
+def test_window_means_end_at_the_last_step_and_drop_a_short_first_remainder(tmp_path):
+    write_log(tmp_path / "loss_fast_seed1.txt", [100.0, 1.0, 3.0, 5.0, 7.0])
+    assert window_means(tmp_path / "loss_fast_seed1.txt", 2) == [(24, 2.0), (40, 6.0)]
+    assert window_means(tmp_path / "loss_fast_seed1.txt", 2, until=32) == [(16, 50.5), (32, 4.0)]
+
+
+def test_windows_compare_each_seed_over_every_window(tmp_path):
+    write_log(tmp_path / "loss_reference_seed1.txt", [10.0, 10.0, 20.0, 20.0])
+    write_log(tmp_path / "loss_fast_seed1.txt", [11.0, 11.0, 19.0, 19.0])
+    result = run_script("scripts/compare_losses.py", str(tmp_path), "--last", "2", "--windows")
+    assert result.returncode == 0, result.stderr
+    assert ("fast / reference - 1, seed 1, windows of 2 logged steps ending at pairs 16: +10.0%, 32: -5.0%"
+            in result.stdout)
+    assert "windows of" not in run_script("scripts/compare_losses.py", str(tmp_path), "--last", "2").stdout
 
 
 def test_no_logs_and_empty_logs_are_one_line_errors(tmp_path):
