@@ -235,7 +235,7 @@ class Correspondence(nn.Module):
     def uses_kernels(self, points: torch.Tensor) -> bool:
         """Whether `forward` runs as Triton kernels (`forward_by_kernels`): at inference (no gradient) on the fast
         path (a half dtype), on a GPU the kernels support and fit, for batches of at least `kernels_min_batch`
-        pairs, and not inside a compiled forward (`nn.Module.compile`, which then keeps Inductor's code of the
+        pairs, and not while Dynamo traces the forward (Corr or the model compiled whole keeps Inductor's code of the
         layers; the answer comes before the device query, which Dynamo would not trace)."""
         return (self.half_dtype is not None and points.is_cuda and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and self.kernels_fit
