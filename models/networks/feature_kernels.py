@@ -14,8 +14,9 @@ product. Here one kernel does a layer:
 - `normalized_rows`: act((x - mean) rstd + residual), optionally divided by each vertex's L2 norm over channels
   (`normalize_features`), for the activations no convolution reads next.
 
-Inference only (no autograd): `Correspondence.forward_by_kernels` runs them, which eager inference on a GPU with a
-half dtype takes. With TRITON_INTERPRET=1 set before triton is imported the kernels run on CPU tensors (the tests).
+Inference only (no autograd): `Correspondence.forward_by_kernels` runs them, which inference on a GPU with a half
+dtype takes (eager for every batch; with Corr's layers compiled, for batches of several pairs: `uses_kernels`). With
+TRITON_INTERPRET=1 set before triton is imported the kernels run on CPU tensors (the tests).
 """
 from __future__ import annotations
 
