@@ -91,8 +91,14 @@ def main() -> None:
                   f"{max(ends, key=ends.get).name} at {max(ends.values())}); every mean below is over the last "
                   f"{args.last} logged steps up to {common_end} pairs, which every run reached")
         windows = defaultdict(dict)
+        sources = {}
         for log in logs:
             match = NAME.search(log.name)
+            run = (match["path"], int(match["seed"]))
+            if run in sources:
+                raise ValueError(f"two logs of {run[0]} seed {run[1]}: {sources[run]} and {log}; pass folders that "
+                                 f"hold each path's seed once")
+            sources[run] = log
             runs[match["path"]][int(match["seed"])] = last_mean(log, args.last, common_end)
             windows[match["path"]][int(match["seed"])] = window_means(log, args.last, common_end)
     except ValueError as error:

@@ -103,3 +103,13 @@ def test_runs_that_stopped_early_are_compared_over_the_pairs_every_run_reached(t
             "40); every mean below is over the last 2 logged steps up to 24 pairs") in result.stdout
     assert "fast       seeds [1]: last-2 mean loss 10.0000" in result.stdout
     assert "fast / reference - 1 = +0.00%" in result.stdout
+
+
+def test_the_same_run_in_two_folders_is_a_one_line_error(tmp_path):
+    """Two logs of one path and seed would otherwise leave one of them out of every mean without a word."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_log(tmp_path / folder / "loss_reference_seed1.txt", [10.0])
+    result = run_script("scripts/compare_losses.py", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert_one_line_error(result.returncode, result.stderr, "two logs of reference seed 1",
+                          "pass folders that hold each path's seed once")
