@@ -100,7 +100,8 @@ def main() -> None:
                                  f"hold each path's seed once")
             sources[run] = log
             runs[match["path"]][int(match["seed"])] = last_mean(log, args.last, common_end)
-            windows[match["path"]][int(match["seed"])] = window_means(log, args.last, common_end)
+            if args.windows:
+                windows[match["path"]][int(match["seed"])] = window_means(log, args.last, common_end)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -117,7 +118,7 @@ def main() -> None:
             per_seed = ", ".join(f"{difference:+.1%}" for difference in differences.values())
             print(f"paired by seed {list(differences)}: mean of {path} / reference - 1 = {paired:+.2%}, standard "
                   f"error {paired_error:.2%} (per seed {per_seed})")
-        for seed in sorted(windows[path].keys() & windows["reference"].keys()) if args.windows else []:
+        for seed in sorted(windows[path].keys() & windows["reference"].keys()):
             pairs = [(mine, theirs) for mine, theirs in zip(windows[path][seed], windows["reference"][seed])
                      if mine[0] == theirs[0]]
             print(f"{path} / reference - 1, seed {seed}, windows of {args.last} logged steps ending at pairs "

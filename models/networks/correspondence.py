@@ -305,7 +305,7 @@ class Correspondence(nn.Module):
                                 vertices: int | None) -> torch.Tensor:
         """`_unit_projection` as feature_kernels.py's kernels."""
         projected, _, _ = normalized_convolution(features, self._kernel_weight(projection), projection.bias,
-                                                 vertices or features.shape[2])
+                                                 features.shape[2] if vertices is None else vertices)
         return normalized_rows(projected, unit_eps=FEATURE_NORM_EPS)[..., :vertices]
 
     def forward(self, identity_points: torch.Tensor, pose_points: torch.Tensor, identity_vertices: int | None = None,
