@@ -27,7 +27,8 @@ from typing import NamedTuple
 import torch
 
 from models.networks.layers import HALF_SIGNIFICAND_MASK, INSTANCE_NORM_EPS, half_pieces
-from models.networks.triton_support import INTERPRETED, on_device, tl, triton, triton_jit, validate_tile
+from models.networks.triton_support import (INTERPRETED, block_shared_memory, on_device, tl, triton, triton_jit,
+                                            validate_tile)
 
 _HALF_SIGNIFICAND_MASK = None if tl is None else tl.constexpr(HALF_SIGNIFICAND_MASK)
 
@@ -217,10 +218,9 @@ def _activation_arguments(x: torch.Tensor, statistics: Statistics | None, residu
 
 def _stages(x: torch.Tensor) -> int:
     """The convolution's pipeline stages on x's device (CONVOLUTION_STAGES where its shared memory allows)."""
-    if not x.is_cuda:
-        return CONVOLUTION_STAGES
-    available = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 0)
-    return CONVOLUTION_STAGES if available >= CONVOLUTION_STAGES_SHARED_MEMORY else CONVOLUTION_FEW_STAGES
+    available = block_shared_memory(x)
+    return CONVOLUTION_STAGES if available is None or available >= CONVOLUTION_STAGES_SHARED_MEMORY else (
+        CONVOLUTION_FEW_STAGES)
 
 
 @contextlib.contextmanager

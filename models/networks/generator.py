@@ -26,6 +26,8 @@ from torch.nn.utils import spectral_norm
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.spectral_norm import SpectralNorm
 
+from models.networks import elain_kernels
+from models.networks.elain_kernels import activated_elain_map
 from models.networks.layers import PointwiseConv1d, accumulated_product, aligned, product, runs_on_tensor_cores
 
 ELAIN_EPS = 1e-5
@@ -175,22 +177,31 @@ class ElaIN(nn.Module):
             identity_features, vertices)
         return _with_bias(gamma_products, gamma_bias), _with_bias(beta_products, beta_bias), condition_mean
 
-    def folded_identity_products(self, identity_features: torch.Tensor,
-                                 vertices: int | None = None) -> tuple[torch.Tensor, ...]:
-        """The folded condition before its bias: gamma_id = P_gamma + b_gamma and beta_id = P_beta + b_beta with
-        P_gamma, P_beta (B, C, N') from one product of the identity features with the composed (2C x Cid) weight,
-        b_gamma, b_beta (C, 1) the composed biases, and the condition's mean (B, C, 1) in `statistics_dtype`: the
-        mean of the (affine) condition is the condition of the mean."""
+    def folded_condition(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The condition [gamma_id; beta_id] = [mlp_gamma; mlp_beta](mlp_same(f)) of the identity features f as one
+        affine map: its composed weight (2C, Cid) and bias (2C,), the gamma rows first."""
         same_weight = self.mlp_same.weight.squeeze(-1)  # (C, Cid)
         outer_weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight]).squeeze(-1)  # (2C, C)
         weight = outer_weight @ same_weight  # (2C, Cid)
         bias = outer_weight @ self.mlp_same.bias + torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias])  # (2C,)
+        return weight, bias
+
+    def condition_mean(self, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
+        """The mean of mlp_same's output over the first `vertices` columns (None: all), (B, C, 1) in
+        `statistics_dtype`: the mean of the (affine) condition is the condition of the mean."""
+        mean_features = identity_features[..., :vertices].mean(dim=2, keepdim=True)  # (B, Cid, 1)
+        return self.mlp_same.on_statistics(mean_features).to(statistics_dtype(identity_features))
+
+    def folded_identity_products(self, identity_features: torch.Tensor,
+                                 vertices: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The folded condition before its bias: gamma_id = P_gamma + b_gamma and beta_id = P_beta + b_beta with
+        P_gamma, P_beta (B, C, N') from one product of the identity features with the composed weight
+        (`folded_condition`), b_gamma, b_beta (C, 1) the composed biases, and `condition_mean`."""
+        weight, bias = self.folded_condition()
         gamma_beta = product(weight.expand(identity_features.shape[0], -1, -1), identity_features)  # (B, 2C, N')
         gamma_products, beta_products = gamma_beta.chunk(2, dim=1)
         gamma_bias, beta_bias = bias.unsqueeze(-1).chunk(2)  # (C, 1) each
-        mean_features = identity_features[..., :vertices].mean(dim=2, keepdim=True)  # (B, Cid, 1)
-        condition_mean = self.mlp_same.on_statistics(mean_features).to(statistics_dtype(identity_features))
-        return gamma_products, beta_products, gamma_bias, beta_bias, condition_mean
+        return gamma_products, beta_products, gamma_bias, beta_bias, self.condition_mean(identity_features, vertices)
 
     def statistics(self, x: torch.Tensor, condition_mean: torch.Tensor,
                    vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,13 +234,27 @@ class ElaIN(nn.Module):
 
     def activated(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """leaky_relu(self(x, identity_features, vertices)), what every ElaIN of the generator is followed by;
-        with fold_linear, map and activation are one `_ActivatedElaINMap` (the same values)."""
+        with fold_linear, map and activation are one `_ActivatedElaINMap` (the same values), or at inference on a
+        GPU one kernel with the condition's product (`activated_by_kernel`)."""
         if not self.fold_linear:
             return F.leaky_relu(self(x, identity_features, vertices), LEAKY_SLOPE)
+        if elain_kernels.applies(x):
+            return self.activated_by_kernel(x, identity_features, vertices)
         gamma_products, beta_products, gamma_bias, beta_bias, condition_mean = self.folded_identity_products(
             identity_features, vertices)
         return _ActivatedElaINMap.apply(x, gamma_products, beta_products, gamma_bias, beta_bias,
                                         *self.statistics(x, condition_mean, vertices))
+
+
+    def activated_by_kernel(self, x: torch.Tensor, identity_features: torch.Tensor,
+                            vertices: int | None = None) -> torch.Tensor:
+        """`activated` with fold_linear, no autograd: the condition's product, the map and the activation as one
+        kernel (elain_kernels.py), which writes neither gamma_id nor beta_id. Same arguments and values up to
+        rounding; x in half precision."""
+        weight, bias = self.folded_condition()
+        mean, std, blend = self.statistics(x, self.condition_mean(identity_features, vertices), vertices)
+        return activated_elain_map(x.contiguous(), identity_features.contiguous(), weight.to(x.dtype).contiguous(),
+                                   bias, mean, std, blend, LEAKY_SLOPE)
 
 
 class ElaINBlock(nn.Module):

@@ -35,6 +35,14 @@ def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def block_shared_memory(tensor: torch.Tensor) -> int | None:
+    """The shared memory one block may take on tensor's GPU, in bytes; None on the CPU (the interpreter has no
+    limit)."""
+    if not tensor.is_cuda:
+        return None
+    return getattr(torch.cuda.get_device_properties(tensor.device), "shared_memory_per_block_optin", 0)
+
+
 def validate_tile(tile: tuple[int, ...], sides: tuple[str, ...]) -> None:
     """ValueError unless `tile` is its sides, each at least the 16 a product on the tensor cores needs, then a warp
     count, all powers of two."""
