@@ -45,8 +45,11 @@ CONVOLUTION_STAGES_SHARED_MEMORY = 160 * 1024
 # Vertices a `normalized_rows` program holds (each with all channels), and its warps.
 ROWS_BLOCK = 32
 ROWS_WARPS = 4
-# The channels a statistics program combines.
-STATISTICS_BLOCK = 128
+# The channels a statistics program combines, and the tiles it reads a step. With 128 channels and one tile a step, the
+# 13 combinations of an inference at batch 8 took 0.366 ms on the H100 (28 us each, 32 programs of 108 dependent
+# loads; docs/benchmarks.md, twenty-sixth session).
+STATISTICS_BLOCK = 32
+STATISTICS_TILES = 64
 
 
 class Statistics(NamedTuple):
@@ -156,29 +159,32 @@ def _convolution_kernel(x_ptr, mean_ptr, rstd_ptr, residual_ptr, slope_ptr, acti
 
 
 @triton_jit
-def _tile_count(tile, vertices, BLOCK_N: tl.constexpr):
-    """The real columns (below `vertices`) of tile `tile`, as float32."""
-    return tl.minimum(tl.maximum(vertices - tile * BLOCK_N, 0), BLOCK_N).to(tl.float32)
-
-
-@triton_jit
 def _statistics_kernel(partial_ptr, mean_ptr, rstd_ptr, channels, tiles, vertices, eps, BLOCK_N: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     """Channels [c * BLOCK_C, ...) of batch element b for program (c, b): the tiles' means and centred sums of
-    squares (B, tiles, 2, C) combined over the first `vertices` columns (Chan et al.'s pairwise formula)."""
+    squares (B, tiles, 2, C) combined over the first `vertices` columns (Chan et al.'s pairwise formula), BLOCK_T
+    tiles a step, each weighted by its count of real columns."""
     channel_block, batch = tl.program_id(0), tl.program_id(1)
     outs = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     in_outs = outs < channels
-    first = partial_ptr + batch * tiles * 2 * channels + outs
+    steps = tl.arange(0, BLOCK_T)
+    first = partial_ptr + batch * tiles * 2 * channels + outs[None, :]
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for tile in range(0, tiles):
-        total += _tile_count(tile, vertices, BLOCK_N) * tl.load(first + tile * 2 * channels, mask=in_outs, other=0.0)
+    for start in range(0, tiles, BLOCK_T):
+        tile = start + steps
+        count = tl.minimum(tl.maximum(vertices - tile * BLOCK_N, 0), BLOCK_N).to(tl.float32)[:, None]
+        in_block = (tile < tiles)[:, None] & in_outs[None, :]
+        total += tl.sum(count * tl.load(first + tile[:, None] * 2 * channels, mask=in_block, other=0.0), axis=0)
     mean = total / vertices
     squares = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for tile in range(0, tiles):
-        deviation = tl.load(first + tile * 2 * channels, mask=in_outs, other=0.0) - mean
-        squares += (tl.load(first + tile * 2 * channels + channels, mask=in_outs, other=0.0)
-                    + _tile_count(tile, vertices, BLOCK_N) * deviation * deviation)
+    for start in range(0, tiles, BLOCK_T):
+        tile = start + steps
+        count = tl.minimum(tl.maximum(vertices - tile * BLOCK_N, 0), BLOCK_N).to(tl.float32)[:, None]
+        in_block = (tile < tiles)[:, None] & in_outs[None, :]
+        tile_first = first + tile[:, None] * 2 * channels
+        deviation = tl.load(tile_first, mask=in_block, other=0.0) - mean[None, :]
+        squares += tl.sum(tl.load(tile_first + channels, mask=in_block, other=0.0) + count * deviation * deviation,
+                          axis=0)
     tl.store(mean_ptr + batch * channels + outs, mean, mask=in_outs)
     tl.store(rstd_ptr + batch * channels + outs, 1.0 / tl.sqrt_rn(squares / vertices + eps), mask=in_outs)
 
@@ -292,7 +298,7 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
             num_stages=_stages(x) if stages is None else stages)
         _statistics_kernel[(triton.cdiv(out_channels, STATISTICS_BLOCK), batch)](
             partial, *out_statistics, out_channels, tiles, vertices, INSTANCE_NORM_EPS, BLOCK_N=block_n,
-            BLOCK_C=STATISTICS_BLOCK)
+            BLOCK_C=STATISTICS_BLOCK, BLOCK_T=STATISTICS_TILES)
     return out, out_statistics, activated if keep_input else None
 
 

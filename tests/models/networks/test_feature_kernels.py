@@ -101,6 +101,20 @@ def test_rows_equal_the_layers_they_replace() -> None:
     assert torch.allclose(unit, normalize_features(instance_norm(x, 30)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tiles_a_step", [2, feature_kernels.STATISTICS_TILES])
+def test_statistics_combine_the_tiles_in_steps(monkeypatch: pytest.MonkeyPatch, tiles_a_step: int) -> None:
+    """Seven tiles of 16 columns (the last one padding only), combined two at a time (four steps, the last one short)
+    or all in one step: the output's statistics over its first 90 columns."""
+    monkeypatch.setattr(feature_kernels, "STATISTICS_TILES", tiles_a_step)
+    generator = torch.Generator().manual_seed(8)
+    x = (torch.randn(2, 24, 100, generator=generator) * 2 + 3).to(DEVICE)
+    weight = (torch.randn(40, 24, generator=generator) * 0.3).to(DEVICE)
+    out, statistics, _ = normalized_convolution(x, kernel_weight(weight), None, 90, tile=TILE)
+    expected = _statistics(out, 90)
+    assert torch.allclose(statistics.mean, expected.mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(statistics.rstd, expected.rstd, rtol=1e-5, atol=1e-6)
+
+
 def _correspondence() -> Correspondence:
     torch.manual_seed(0)
     corr = Correspondence(ngf=8, half_dtype=torch.float16).to(DEVICE).eval()
