@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from models.networks.triton_support import (INTERPRETED, block_shared_memory, on_device, tl, triton, triton_jit,
-                                            validate_tile)
+from models.networks.triton_support import (block_shared_memory, on_device, tl, triton, triton_jit,
+                                            unsupported_device_reason, validate_tile)
 
 # A program's tile: (vertices, output channels, feature channels a step, warps) and its pipeline stages, where a block
 # may take ELAIN_SHARED_MEMORY bytes of shared memory (192 KiB at three stages with float32 features); else
@@ -31,16 +31,10 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the kernel cannot take x, in one sentence, or None when it can."""
-    if triton is None:
-        return "the ElaIN kernel needs triton, which is not installed"
-    if not (x.is_cuda or (x.device.type == "cpu" and INTERPRETED)):
-        return (f"the ElaIN kernel runs on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set before "
-                f"triton was imported), got one on {x.device}")
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "the ElaIN kernel needs a GPU with fp16 and bf16 tensor cores of compute capability 8.0 or later"
-    if x.dtype not in HALF_DTYPES:
-        return f"the ElaIN kernel takes float16 or bfloat16 activations, got {x.dtype}"
-    return None
+    reason = unsupported_device_reason(x, "the ElaIN kernels")
+    if reason is None and x.dtype not in HALF_DTYPES:
+        return f"the ElaIN kernels take float16 or bfloat16 activations, got {x.dtype}"
+    return reason
 
 
 def default_tile(x: torch.Tensor) -> tuple[tuple[int, int, int, int], int]:

@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 
 from models.networks.layers import HALF_SIGNIFICAND_MASK, INSTANCE_NORM_EPS, half_pieces
-from models.networks.triton_support import (INTERPRETED, block_shared_memory, on_device, tl, triton, triton_jit,
-                                            validate_tile)
+from models.networks.triton_support import (block_shared_memory, on_device, tl, triton, triton_jit,
+                                            unsupported_device_reason, validate_tile)
 
 _HALF_SIGNIFICAND_MASK = None if tl is None else tl.constexpr(HALF_SIGNIFICAND_MASK)
 
@@ -77,14 +77,7 @@ def kernel_weight(weight: torch.Tensor) -> KernelWeight:
 
 def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the kernels cannot take x, in one sentence, or None when they can."""
-    if triton is None:
-        return "the feature kernels need triton, which is not installed"
-    if not (x.is_cuda or (x.device.type == "cpu" and INTERPRETED)):
-        return (f"the feature kernels run on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set before "
-                f"triton was imported), got one on {x.device}")
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "the feature kernels need a GPU with fp16 tensor cores of compute capability 8.0 or later"
-    return None
+    return unsupported_device_reason(x, "the feature kernels")
 
 
 @triton_jit

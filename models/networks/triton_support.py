@@ -35,6 +35,20 @@ def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def unsupported_device_reason(x: torch.Tensor, kernels: str) -> str | None:
+    """Why `kernels` (their name for the sentence, plural) cannot run on x's device, in one sentence, or None when
+    they can: triton is installed and x is a CUDA tensor on a GPU with fp16 tensor cores (compute capability 8.0 or
+    later), or a CPU tensor under Triton's interpreter."""
+    if triton is None:
+        return f"{kernels} need triton, which is not installed"
+    if not (x.is_cuda or (x.device.type == "cpu" and INTERPRETED)):
+        return (f"{kernels} run on CUDA tensors (on CPU ones only if TRITON_INTERPRET=1 was set before triton was "
+                f"imported), got one on {x.device}")
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return f"{kernels} need a GPU with fp16 tensor cores of compute capability 8.0 or later"
+    return None
+
+
 def block_shared_memory(tensor: torch.Tensor) -> int | None:
     """The shared memory one block may take on tensor's GPU, in bytes; None on the CPU (the interpreter has no
     limit)."""
