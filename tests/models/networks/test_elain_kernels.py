@@ -80,6 +80,14 @@ def test_elain_kernel_path_equals_autograd_path() -> None:
     assert _relative(out, expected) < 1e-2
 
 
+def test_small_gpus_get_the_small_tile(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.zeros(1, 4, 8, device=DEVICE, dtype=torch.float16)
+    for available, expected in ((None, elain_kernels.ELAIN_TILE), (227 * 1024, elain_kernels.ELAIN_TILE),
+                                (99 * 1024, elain_kernels.ELAIN_SMALL_TILE)):
+        monkeypatch.setattr(elain_kernels, "block_shared_memory", lambda tensor, available=available: available)
+        assert elain_kernels.default_tile(x)[0] == expected
+
+
 def test_kernel_only_at_gpu_inference_in_half_precision() -> None:
     x = torch.zeros(1, 4, 8, device=DEVICE, dtype=torch.float16)
     with torch.no_grad():
