@@ -4,6 +4,7 @@
     python -m util.bench --device cpu --vertices 500 --sweep "" --loader_pairs 0   # a quick CPU check
     python -m util.bench --fused_passes                   # the fused Sinkhorn kernels alone (a GPU)
     python -m util.bench --feature_layers                 # one of Corr's layers: compiled against its kernel
+    python -m util.bench --elain_maps                     # the generator's ElaIN maps: compiled against the kernel
     ncu -k regex:_kernel python -m util.bench --fused_launches 3   # their hardware counters (Nsight Compute)
     python -m util.bench --profile fast-fp16-compiled     # where a training step's time goes: operators,
                                                           # kernels, matrix products by shape and their rates
@@ -54,6 +55,10 @@ PRODUCT_TILES = [(128, 256, 64, 8), (256, 128, 64, 8), (64, 128, 64, 4), (128, 1
 # default (`--feature_layers`).
 FEATURE_LAYER_TILES = [(128, 128, 64, 8), (64, 128, 64, 4)]
 FEATURE_LAYER_STAGES = (2, 3)
+# Tiles (vertices, output channels, feature channels, warps) and stages of the ElaIN kernel timed besides its default
+# (`--elain_maps`), and the generator's ElaIN widths at ngf 64.
+ELAIN_MAP_TILES = [((128, 128, 32, 8), 3), ((128, 64, 64, 8), 3), ((64, 128, 64, 8), 3), ((128, 64, 64, 8), 4)]
+ELAIN_MAP_CHANNELS = (1024, 512, 256)
 
 # name -> (ot, precision, compile, tf32, fold_linear). The first is the faithful reference every ratio is
 # against: exact float32 (TF32 off), as train.py and test.py run it. "reference-tf32" is the same code with
@@ -506,6 +511,52 @@ def bench_feature_layers(device: torch.device, batch: int, vertices: int, warmup
     return results
 
 
+def bench_elain_maps(device: torch.device, batch: int, vertices: int, warmup: int, repeats: int) -> dict:
+    """One ElaIN of each of the generator's widths at `batch` pairs, as fp16 inference runs it: the condition's
+    product and the map with its activation as the compiled generator makes them of the autograd path's arithmetic
+    (cuBLAS's product, then Inductor's pass; the condition's mean included), against elain_kernels.activated_elain_map
+    by tile and pipeline stages, with the identity features in float32 (as the generator passes them) and in fp16
+    (converted beforehand). x's statistics are given to both. Times as `bench_feature_layers`'s."""
+    from models.networks import elain_kernels
+    from models.networks.generator import LEAKY_SLOPE, ElaIN, _ActivatedElaINMap
+    from models.networks.layers import aligned
+
+    generator = torch.Generator(device=device).manual_seed(4)
+    columns = aligned(vertices)
+    features = torch.randn(batch, 256, columns, device=device, generator=generator)
+    half_features = features.half()
+
+    def times(step: Callable[[], object]) -> dict[str, float] | None:
+        ms = tile_time(step, device, warmup, repeats)
+        return None if ms is None else {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats)}
+
+    results = {}
+    for channels in ELAIN_MAP_CHANNELS:
+        norm = ElaIN(channels, 256, fold_linear=True).to(device)
+        x = torch.randn(batch, channels, columns, device=device, generator=generator).half()
+        with torch.no_grad(), torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"):
+            weight, bias = norm.folded_condition()
+            statistics = norm.statistics(x, norm.condition_mean(features, vertices), vertices)
+        weight = weight.half().contiguous()
+
+        @torch.compile
+        def products_then_map(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"):
+                return _ActivatedElaINMap.apply(x, *norm.folded_identity_products(features, vertices)[:4],
+                                                *statistics)
+
+        with torch.no_grad():
+            row = {"compiled": times(lambda: products_then_map(x))}
+            for (tile, stages), (kind, identity) in itertools.product(
+                    dict.fromkeys([(elain_kernels.ELAIN_TILE, elain_kernels.ELAIN_STAGES), *ELAIN_MAP_TILES]),
+                    (("float32", features), ("fp16", half_features))):
+                row[f"{'x'.join(map(str, tile))}, {stages} stages, {kind} features"] = times(
+                    lambda: elain_kernels.activated_elain_map(x, identity, weight, bias, *statistics, LEAKY_SLOPE,
+                                                              tile=tile, stages=stages))
+        results[str(channels)] = row
+    return results
+
+
 def launch_fused_passes(device: torch.device, batch: int, vertices: int, launches: int) -> None:
     """Each kernel of fused.py at its default layout, `launches` times, untimed, on `fused_pass_inputs`: the
     fixed-point product of random features, the fixed-point conversion with the first column pass, then the forward
@@ -624,6 +675,9 @@ def main() -> None:
     parser.add_argument("--feature_layers", action="store_true", help="only time one of Corr's 256-channel "
                         "layers on both meshes of --batch pairs: the compiled arithmetic against the layer kernel "
                         "(feature_kernels.py) by tile and pipeline stages (a GPU with triton)")
+    parser.add_argument("--elain_maps", action="store_true", help="only time one ElaIN of each of the generator's "
+                        "widths on --batch pairs: the compiled product and map against the ElaIN kernel "
+                        "(elain_kernels.py) by tile, pipeline stages and the features' dtype (a GPU with triton)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     check_arguments(args)
@@ -652,6 +706,20 @@ def main() -> None:
         results = bench_feature_layers(device, args.batch, args.vertices, args.warmup, args.repeats)
         for kept, row in results.items():
             print(f"feature layer, {2 * args.batch} x 256 x {args.vertices}, input {kept.replace('_', ' ')}: "
+                  + ", ".join(f"{name} " + ("does not fit" if ms is None else
+                                            f"{ms['ms']:.3f} ms ({ms['back_to_back_ms']:.3f} back to back)")
+                              for name, ms in row.items()))
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return
+    if args.elain_maps:
+        from models.networks import elain_kernels
+        reason = elain_kernels.unsupported_reason(torch.empty(1, device=device, dtype=torch.float16))
+        if reason is not None:
+            raise RuntimeError(reason)
+        results = bench_elain_maps(device, args.batch, args.vertices, args.warmup, args.repeats)
+        for channels, row in results.items():
+            print(f"ElaIN map, {args.batch} x {channels} x {args.vertices}: "
                   + ", ".join(f"{name} " + ("does not fit" if ms is None else
                                             f"{ms['ms']:.3f} ms ({ms['back_to_back_ms']:.3f} back to back)")
                               for name, ms in row.items()))

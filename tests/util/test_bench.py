@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from models.networks import feature_kernels
+from models.networks import elain_kernels, feature_kernels
 from models.networks.ot import fused
 from util import bench
 
@@ -237,3 +237,20 @@ def test_feature_layers_mode_times_the_compiled_layer_and_each_kernel_layout(tmp
         assert row["compiled"] is not None and row[f"{default}, 3 stages"] is not None
     printed = capsys.readouterr().out
     assert "feature layer, 2 x 256 x 20, input kept: compiled" in printed and "input not kept" in printed
+
+
+@pytest.mark.skipif(elain_kernels.unsupported_reason(torch.empty(1, dtype=torch.float16, device="cuda" if
+                                                                 torch.cuda.is_available() else "cpu")) is not None,
+                    reason="the ElaIN kernel needs triton (a GPU, or its interpreter on the CPU)")
+def test_elain_maps_mode_times_the_compiled_map_and_each_kernel_layout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "ELAIN_MAP_CHANNELS", (32, 16))
+    results = _kernel_bench(tmp_path, monkeypatch, "--elain_maps", "--vertices", "20", "--batch", "1")
+    default = f"{'x'.join(map(str, elain_kernels.ELAIN_TILE))}, {elain_kernels.ELAIN_STAGES} stages"
+    assert set(results) == {"32", "16"}
+    for row in results.values():
+        names = list(row)
+        assert names[:3] == ["compiled", f"{default}, float32 features", f"{default}, fp16 features"]
+        assert len(names) == 1 + 2 * (1 + len(bench.ELAIN_MAP_TILES))
+        assert all(times["ms"] > 0 and times["back_to_back_ms"] > 0 for times in row.values())
+    printed = capsys.readouterr().out
+    assert "ElaIN map, 1 x 32 x 20: compiled" in printed and "ElaIN map, 1 x 16 x 20" in printed
