@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from models.networks.layers import HALF_DTYPES
 from models.networks.triton_support import (block_shared_memory, on_device, tl, triton, triton_jit,
                                             unsupported_device_reason, validate_tile)
 
@@ -26,7 +27,6 @@ ELAIN_STAGES = 3
 ELAIN_SHARED_MEMORY = 128 * 1024
 ELAIN_SMALL_TILE = (128, 128, 32, 8)
 ELAIN_FEW_STAGES = 2
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def unsupported_reason(x: torch.Tensor) -> str | None:
@@ -122,6 +122,9 @@ def activated_elain_map(x: torch.Tensor, identity_features: torch.Tensor, weight
     reason = unsupported_reason(x)
     if reason is not None:
         raise RuntimeError(reason)
+    if x.dim() != 3 or identity_features.dim() != 3:
+        raise ValueError(f"x and identity_features must be (B, C, N') tensors, got shapes {tuple(x.shape)} and "
+                         f"{tuple(identity_features.shape)}")
     batch, channels, padded_vertices = x.shape
     feature_channels = identity_features.shape[1]
     for name, value, shape, dtypes in (
@@ -129,17 +132,18 @@ def activated_elain_map(x: torch.Tensor, identity_features: torch.Tensor, weight
             ("identity_features", identity_features, (batch, feature_channels, padded_vertices),
              (x.dtype, torch.float32)),
             ("weight", weight, (2 * channels, feature_channels), (x.dtype,))):
-        if tuple(value.shape) != tuple(shape) or value.dtype not in dtypes or not value.is_contiguous():
+        if (tuple(value.shape) != tuple(shape) or value.dtype not in dtypes or not value.is_contiguous()
+                or value.device != x.device):
             raise ValueError(f"{name} must be a contiguous {' or '.join(map(str, dtypes))} tensor of shape "
-                             f"{tuple(shape)}, got {value.dtype} {tuple(value.shape)}"
+                             f"{tuple(shape)} on {x.device}, got {value.dtype} {tuple(value.shape)} on {value.device}"
                              f"{'' if value.is_contiguous() else ' (not contiguous)'}")
-    for name, value in (("mean", mean), ("std", std), ("blend", blend)):
-        if value.numel() != batch * channels:
-            raise ValueError(f"{name} must have one value per batch element and channel, (B, C) = "
-                             f"{(batch, channels)}, got {tuple(value.shape)}")
+    for name, value in (("mean", mean), ("std", std), ("blend", blend), ("bias", bias)):
+        count = 2 * channels if name == "bias" else batch * channels
+        if value.numel() != count or value.device != x.device:
+            raise ValueError(f"{name} must have {count} values on {x.device} (" + (
+                "gamma's, then beta's" if name == "bias" else "one per batch element and channel") +
+                f"), got {tuple(value.shape)} on {value.device}")
     statistics = [value.reshape(batch, channels).float().contiguous() for value in (mean, std, blend)]
-    if bias.numel() != 2 * channels:
-        raise ValueError(f"bias must have {2 * channels} values (gamma's, then beta's), got {tuple(bias.shape)}")
     default_tile_of_x, default_stages = default_tile(x)
     tile = default_tile_of_x if tile is None else tile
     stages = default_stages if stages is None else stages

@@ -15,7 +15,8 @@ the block's two C x C products and its C-channel sum. The folded weights are mad
 (spectral norm's power iteration included, once a call as unfolded), so training, gradients and checkpoints are
 unchanged; only the rounding differs. With it, each ElaIN's map and the leaky ReLU after it are also one
 autograd.Function whose backward is written out (`_ActivatedElaINMap`): the same values, fewer passes over the
-activations in backward.
+activations in backward; at eager inference on a GPU, one Triton kernel with the condition's product
+(elain_kernels.py).
 """
 from __future__ import annotations
 
@@ -234,8 +235,8 @@ class ElaIN(nn.Module):
 
     def activated(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """leaky_relu(self(x, identity_features, vertices)), what every ElaIN of the generator is followed by;
-        with fold_linear, map and activation are one `_ActivatedElaINMap` (the same values), or at inference on a
-        GPU one kernel with the condition's product (`activated_by_kernel`)."""
+        with fold_linear, map and activation are one `_ActivatedElaINMap` (the same values), or at eager inference on
+        a GPU one kernel with the condition's product (`activated_by_kernel`, where `elain_kernels.applies`)."""
         if not self.fold_linear:
             return F.leaky_relu(self(x, identity_features, vertices), LEAKY_SLOPE)
         if elain_kernels.applies(x):
@@ -244,7 +245,6 @@ class ElaIN(nn.Module):
             identity_features, vertices)
         return _ActivatedElaINMap.apply(x, gamma_products, beta_products, gamma_bias, beta_bias,
                                         *self.statistics(x, condition_mean, vertices))
-
 
     def activated_by_kernel(self, x: torch.Tensor, identity_features: torch.Tensor,
                             vertices: int | None = None) -> torch.Tensor:

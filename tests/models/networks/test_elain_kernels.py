@@ -132,7 +132,8 @@ def test_generator_inference_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) -
     (lambda args: {**args, "identity_features": args["identity_features"].transpose(1, 2)}, "not contiguous"),
     (lambda args: {**args, "bias": args["bias"][:3]}, "bias must have 32 values"),
     (lambda args: {**args, "tile": (16, 16, 8, 4)}, "powers of two"),
-    (lambda args: {**args, "mean": torch.ones(2, 15)}, "mean must have one value per"),
+    (lambda args: {**args, "mean": torch.ones(2, 15, device=DEVICE)}, r"mean must have 32 values on .* \(one per "),
+    (lambda args: {**args, "x": args["x"][0]}, r"must be \(B, C, N'\) tensors"),
 ])
 def test_bad_arguments_get_one_line(change, message: str) -> None:
     arguments = {"x": torch.zeros(2, 16, 16, device=DEVICE, dtype=torch.float16),
