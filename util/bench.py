@@ -698,31 +698,25 @@ def main() -> None:
     if args.fused_launches:
         launch_fused_passes(device, args.batch, args.vertices, args.fused_launches)
         return
-    if args.feature_layers:
-        from models.networks import feature_kernels
-        reason = feature_kernels.unsupported_reason(torch.empty(1, device=device))
+    if args.feature_layers or args.elain_maps:
+        from models.networks import elain_kernels, feature_kernels
+        if args.feature_layers:
+            reason = feature_kernels.unsupported_reason(torch.empty(1, device=device))
+            bench_layers = bench_feature_layers
+            labels = {kept: f"feature layer, {2 * args.batch} x 256 x {args.vertices}, input {kept.replace('_', ' ')}"
+                      for kept in ("kept", "not_kept")}
+        else:
+            reason = elain_kernels.unsupported_reason(torch.empty(1, device=device, dtype=torch.float16))
+            bench_layers = bench_elain_maps
+            labels = {str(channels): f"ElaIN map, {args.batch} x {channels} x {args.vertices}"
+                      for channels in ELAIN_MAP_CHANNELS}
         if reason is not None:
             raise RuntimeError(reason)
-        results = bench_feature_layers(device, args.batch, args.vertices, args.warmup, args.repeats)
-        for kept, row in results.items():
-            print(f"feature layer, {2 * args.batch} x 256 x {args.vertices}, input {kept.replace('_', ' ')}: "
-                  + ", ".join(f"{name} " + ("does not fit" if ms is None else
-                                            f"{ms['ms']:.3f} ms ({ms['back_to_back_ms']:.3f} back to back)")
-                              for name, ms in row.items()))
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1))
-        return
-    if args.elain_maps:
-        from models.networks import elain_kernels
-        reason = elain_kernels.unsupported_reason(torch.empty(1, device=device, dtype=torch.float16))
-        if reason is not None:
-            raise RuntimeError(reason)
-        results = bench_elain_maps(device, args.batch, args.vertices, args.warmup, args.repeats)
-        for channels, row in results.items():
-            print(f"ElaIN map, {args.batch} x {channels} x {args.vertices}: "
-                  + ", ".join(f"{name} " + ("does not fit" if ms is None else
-                                            f"{ms['ms']:.3f} ms ({ms['back_to_back_ms']:.3f} back to back)")
-                              for name, ms in row.items()))
+        results = bench_layers(device, args.batch, args.vertices, args.warmup, args.repeats)
+        for key, row in results.items():
+            print(f"{labels[key]}: " + ", ".join(f"{name} " + ("does not fit" if ms is None else
+                                                 f"{ms['ms']:.3f} ms ({ms['back_to_back_ms']:.3f} back to back)")
+                                                 for name, ms in row.items()))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return
