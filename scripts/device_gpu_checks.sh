@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks that need no quiet machine (no timings): the GPU tests of the Triton kernels, the split and aligned
-# products, the CUDA graphs (inference and the graphed training step) and util.bench's kernel time, and
-# torch.profiler kernel tables (where the time goes) of the fast path's training step and of its inference at one
+# GPU checks that need no quiet machine (no timings): the GPU tests of the Triton kernels (the Sinkhorn passes, Corr's
+# layers, the ElaIN maps), the split and aligned products, the CUDA graphs (inference and the graphed training step)
+# and util.bench's kernel time, and torch.profiler kernel tables (where the time goes) of the fast path's training step and of its inference at one
 # pair and at 8. Writes $OUT/gpu_checks.txt. Sourced setup expected (scripts/device_setup.sh);
 # scripts/device_reproduce.sh PHASE=1 runs it alongside the data generation when GPU_CHECKS=1.
 set -uo pipefail
@@ -14,6 +14,9 @@ kernel_table() {  # seconds, then util.bench's profile options: the per-kernel t
 }
 
 {
+  echo "== GPU tests: Corr's layer kernels and the ElaIN kernel"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/models/networks/test_feature_kernels.py \
+    tests/models/networks/test_elain_kernels.py 2>&1 | tail -5
   echo "== GPU tests: Triton kernels, split and aligned products, stored warp, CUDA graphs, the graphed training step"
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/models/networks/test_ot_fused.py \
     tests/models/networks/test_layers.py tests/models/networks/test_ot.py tests/models/test_cuda_graphs.py \
