@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU checks that need no quiet machine (no timings): the GPU tests of the Triton kernels (the Sinkhorn passes, Corr's
 # layers, the ElaIN maps), the split and aligned products, the CUDA graphs (inference and the graphed training step)
-# and util.bench's kernel time, and torch.profiler kernel tables (where the time goes) of the fast path's training step and of its inference at one
-# pair and at 8. Writes $OUT/gpu_checks.txt. Sourced setup expected (scripts/device_setup.sh);
-# scripts/device_reproduce.sh PHASE=1 runs it alongside the data generation when GPU_CHECKS=1.
+# and util.bench's kernel time, and torch.profiler kernel tables (where the time goes) of the fast path's training
+# step and of its inference at one pair and at 8. Writes $OUT/gpu_checks.txt. Sourced setup expected
+# (scripts/device_setup.sh); scripts/device_reproduce.sh PHASE=1 runs it alongside the data generation when
+# GPU_CHECKS=1.
 set -uo pipefail
 
 kernel_table() {  # seconds, then util.bench's profile options: the per-kernel table of its output
