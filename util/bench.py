@@ -192,6 +192,13 @@ def make_training_step(model: PoseTransferModel, batch: dict, device: torch.devi
     return functools.partial(step, batch)
 
 
+def layer_times(step: Callable[[], object], device: torch.device, warmup: int,
+                repeats: int) -> dict[str, float] | None:
+    """A kernel layout's `tile_time` (None where it does not fit the GPU) and its `time_back_to_back`, in ms."""
+    ms = tile_time(step, device, warmup, repeats)
+    return None if ms is None else {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats)}
+
+
 def time_back_to_back(step: Callable[[], object], device: torch.device, steps: int) -> float:
     """Mean milliseconds of `steps` calls issued back to back and synchronised once, as a training loop runs
     between its loss prints: where the GPU is the bottleneck, launching the next kernels overlaps its work."""
@@ -492,11 +499,8 @@ def bench_feature_layers(device: torch.device, batch: int, vertices: int, warmup
         variance, mean = torch.var_mean(out[..., :vertices], dim=2, unbiased=False)
         return out, mean, torch.rsqrt(variance + INSTANCE_NORM_EPS), activated
 
-    def times(step: Callable[[], object]) -> dict[str, float] | None:
-        ms = tile_time(step, device, warmup, repeats)
-        return None if ms is None else {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats)}
-
     results = {}
+    times = functools.partial(layer_times, device=device, warmup=warmup, repeats=repeats)
     with torch.no_grad():
         for kept in (True, False):
             residual_input = residual if kept else None
@@ -526,10 +530,7 @@ def bench_elain_maps(device: torch.device, batch: int, vertices: int, warmup: in
     features = torch.randn(batch, 256, columns, device=device, generator=generator)
     half_features = features.half()
 
-    def times(step: Callable[[], object]) -> dict[str, float] | None:
-        ms = tile_time(step, device, warmup, repeats)
-        return None if ms is None else {"ms": ms, "back_to_back_ms": time_back_to_back(step, device, repeats)}
-
+    times = functools.partial(layer_times, device=device, warmup=warmup, repeats=repeats)
     results = {}
     for channels in ELAIN_MAP_CHANNELS:
         norm = ElaIN(channels, 256, fold_linear=True).to(device)

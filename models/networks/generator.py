@@ -41,6 +41,16 @@ def statistics_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def elain_moments(x: torch.Tensor, vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ElaIN's mean and std of x (B, C, N') over its first `vertices` columns (None: all), each (B, C, 1) in
+    `statistics_dtype` (float32 even under mixed precision: a sum over N vertices in half precision loses the mean)."""
+    statistics = x[..., :vertices].to(statistics_dtype(x))
+    mean = statistics.mean(dim=2, keepdim=True)  # (B, C, 1)
+    # Unbiased variance, unlike the InstanceNorm1d layers of Corr (SPEC.md; parity depends on it).
+    std = torch.sqrt(statistics.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
+    return mean, std
+
+
 def spectral_normalized_weight(conv: nn.Module) -> torch.Tensor:
     """conv.weight as calling conv would use it: its spectral_norm pre-hook is run first (one power iteration in
     training mode, as a call makes), so that the weight can be folded into another product without calling conv."""
@@ -204,18 +214,16 @@ class ElaIN(nn.Module):
         gamma_bias, beta_bias = bias.unsqueeze(-1).chunk(2)  # (C, 1) each
         return gamma_products, beta_products, gamma_bias, beta_bias, self.condition_mean(identity_features, vertices)
 
-    def statistics(self, x: torch.Tensor, condition_mean: torch.Tensor,
-                   vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x's mean and std and the blend weight w, each (B, C, 1) in `statistics_dtype` (float32 even under mixed
-        precision: a sum over N vertices in half precision loses the mean), from x (B, C, N') over its first
-        `vertices` columns and the condition's mean (B, C, 1)."""
-        statistics = x[..., :vertices].to(statistics_dtype(x))
-        mean = statistics.mean(dim=2, keepdim=True)  # (B, C, 1)
-        # Unbiased variance, unlike the InstanceNorm1d layers of Corr (SPEC.md; parity depends on it).
-        std = torch.sqrt(statistics.var(dim=2, keepdim=True, unbiased=True) + ELAIN_EPS)  # (B, C, 1)
+    def statistics(self, x: torch.Tensor, condition_mean: torch.Tensor, vertices: int | None = None,
+                   moments: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x's mean and std (`elain_moments`, or `moments` where the caller has them) and the blend weight w, each
+        (B, C, 1) in `statistics_dtype`, from x (B, C, N') over its first `vertices` columns and the condition's mean
+        (B, C, 1)."""
+        mean, std = elain_moments(x, vertices) if moments is None else moments
         stacked = torch.cat([condition_mean, mean], dim=1)  # (B, 2C, 1)
         weight = self.mlp_weight.on_statistics(stacked) if self.fold_linear else self.mlp_weight(stacked)
-        return mean, std, weight.to(statistics.dtype)
+        return mean, std, weight.to(mean.dtype)
 
     def forward(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """
@@ -233,26 +241,29 @@ class ElaIN(nn.Module):
                                                        *self.statistics(x, condition_mean, vertices))
         return x_hat * one_plus_gamma + beta
 
-    def activated(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
+    def activated(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None,
+                  moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """leaky_relu(self(x, identity_features, vertices)), what every ElaIN of the generator is followed by;
         with fold_linear, map and activation are one `_ActivatedElaINMap` (the same values), or at eager inference on
-        a GPU one kernel with the condition's product (`activated_by_kernel`, where `elain_kernels.applies`)."""
+        a GPU one kernel with the condition's product (`activated_by_kernel`, where `elain_kernels.applies`). With
+        fold_linear, `moments` are x's (`elain_moments`) where the caller has them (two ElaINs of a block read the
+        same x)."""
         if not self.fold_linear:
             return F.leaky_relu(self(x, identity_features, vertices), LEAKY_SLOPE)
         if elain_kernels.applies(x):
-            return self.activated_by_kernel(x, identity_features, vertices)
+            return self.activated_by_kernel(x, identity_features, vertices, moments)
         gamma_products, beta_products, gamma_bias, beta_bias, condition_mean = self.folded_identity_products(
             identity_features, vertices)
         return _ActivatedElaINMap.apply(x, gamma_products, beta_products, gamma_bias, beta_bias,
-                                        *self.statistics(x, condition_mean, vertices))
+                                        *self.statistics(x, condition_mean, vertices, moments))
 
-    def activated_by_kernel(self, x: torch.Tensor, identity_features: torch.Tensor,
-                            vertices: int | None = None) -> torch.Tensor:
+    def activated_by_kernel(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None,
+                            moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`activated` with fold_linear, no autograd: the condition's product, the map and the activation as one
         kernel (elain_kernels.py), which writes neither gamma_id nor beta_id. Same arguments and values up to
         rounding; x in half precision."""
         weight, bias = self.folded_condition()
-        mean, std, blend = self.statistics(x, self.condition_mean(identity_features, vertices), vertices)
+        mean, std, blend = self.statistics(x, self.condition_mean(identity_features, vertices), vertices, moments)
         return activated_elain_map(x.contiguous(), identity_features.contiguous(), weight.to(x.dtype).contiguous(),
                                    bias, mean, std, blend, LEAKY_SLOPE)
 
@@ -273,8 +284,9 @@ class ElaINBlock(nn.Module):
                  vertices: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs of the block's two output convolutions, conv_s and conv_1, each (B, C, N'):
         lrelu(norm_s(x)) and lrelu(norm_1(conv_0(lrelu(norm_0(x)))))."""
-        shortcut_input = self.norm_s.activated(x, identity_features, vertices)
-        dx = self.conv_0(self.norm_0.activated(x, identity_features, vertices))
+        moments = elain_moments(x, vertices) if self.norm_s.fold_linear else None  # norm_s's and norm_0's
+        shortcut_input = self.norm_s.activated(x, identity_features, vertices, moments)
+        dx = self.conv_0(self.norm_0.activated(x, identity_features, vertices, moments))
         return shortcut_input, self.norm_1.activated(dx, identity_features, vertices)
 
     def forward(self, x: torch.Tensor, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
