@@ -426,7 +426,7 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
         row_sum, log_a, column_shift, _ = fused.fused_row_column_forward(stored_similarity, log_b, shift,
                                                                          stored.SINKHORN_EPSILON, 1.0)
         backward_inputs = (stored_similarity, log_a, column_shift, torch.randn_like(log_b), shift, row_sum, log_b,
-                           stored.SINKHORN_EPSILON)
+                           stored.SINKHORN_EPSILON, 1.0)
 
         def pass_times(**layout) -> dict[str, float]:
             return {"forward_ms": time_median(lambda: fused.fused_row_column_forward(
@@ -580,7 +580,7 @@ def launch_fused_passes(device: torch.device, batch: int, vertices: int, launche
         fused.fused_plan_column_sums(fixed_point, inputs.log_b, inputs.shift, torch.cat([warp, warp[..., :1]], 2),
                                      epsilon)
         fused.fused_row_column_backward(fixed_point, log_a, column_shift, column_sum, inputs.shift, row_sum,
-                                        inputs.log_b, epsilon)
+                                        inputs.log_b, epsilon, 1.0)
         fused.fused_similarity_gradient(fixed_point, inputs.row_factors, inputs.column_factors, epsilon,
                                         torch.float16, inputs.padding)
     synchronize(device)

@@ -1,6 +1,6 @@
-"""Triton kernels compiled for Hopper (sm_90a) without a GPU: their PTX, and what Triton's bundled ptxas reports of
-them (registers a thread, spills). For kernels that name their arguments as models/networks/ot/fused.py's do
-(tests/models/networks/test_ot_fused.py).
+"""Triton kernels compiled for Hopper (sm_90a) without a GPU: their PTX, what Triton's bundled ptxas reports of
+them (registers a thread, spills) and the machine instructions of their main loop. For kernels that name their
+arguments as models/networks/ot/fused.py's do (tests/models/networks/test_ot_fused.py).
 
 Integer arguments that launches at N = M = 6890 get as multiples of 16 in padded rows (strides, widths) are declared
 so, and so are the pointers, as Triton specialises them at a launch. Needs triton without its interpreter
@@ -8,13 +8,14 @@ so, and so are the pointers, as Triton specialises them at a launch. Needs trito
 """
 from __future__ import annotations
 
+import collections
 import re
 import subprocess
 import tempfile
 from pathlib import Path
 
 FLOAT_ARGUMENTS = {"similarity_step", "inverse_epsilon", "log_num_identity", "log_division_eps", "levels",
-                   "log2_scale", "log2_bias"}
+                   "log2_scale", "log2_bias", "log2_kappa"}
 MULTIPLES_OF_16 = {"readable_pose", "padded_pose", "fixed_row_stride", "batch_stride", "row_stride",
                    "fixed_batch_stride", "column_factor_stride", "depth", "left_batch_stride", "right_batch_stride"}
 # Pointers other than C (`similarity_ptr`, whose type is given) that are not float32.
@@ -43,16 +44,50 @@ def hopper_ptx(kernel, similarity_type: str, constexprs: dict[str, int], num_war
     return compiled.asm["ptx"]
 
 
-def ptxas_usage(ptx: str) -> dict[str, int]:
-    """Registers a thread and bytes of spill stores that Triton's bundled ptxas reports for `ptx` on sm_90a."""
+def _bundled_tool(*names: str) -> Path:
+    """The first of `names` among the CUDA tools Triton bundles (its newest ptxas reads the PTX versions it writes)."""
     import triton
 
     folder = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    ptxas = next(path for path in (folder / "ptxas-blackwell", folder / "ptxas") if path.exists())
+    return next(path for path in (folder / name for name in names) if path.exists())
+
+
+def _assemble(ptx: str, scratch: str, *flags: str) -> tuple[Path, str]:
+    """`ptx` assembled for sm_90a by Triton's bundled ptxas into a cubin in the folder `scratch`: its path and
+    ptxas's report."""
+    source = Path(scratch) / "kernel.ptx"
+    source.write_text(ptx)
+    cubin = source.with_suffix(".cubin")
+    report = subprocess.run([str(_bundled_tool("ptxas-blackwell", "ptxas")), *flags, "-arch=sm_90a", str(source),
+                             "-o", str(cubin)], capture_output=True, text=True, check=True).stderr
+    return cubin, report
+
+
+def ptxas_usage(ptx: str) -> dict[str, int]:
+    """Registers a thread and bytes of spill stores that Triton's bundled ptxas reports for `ptx` on sm_90a."""
     with tempfile.TemporaryDirectory() as scratch:
-        source = Path(scratch) / "kernel.ptx"
-        source.write_text(ptx)
-        report = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(source), "-o", str(source.with_suffix(".o"))],
-                                capture_output=True, text=True, check=True).stderr
+        _, report = _assemble(ptx, scratch, "-v")
     return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
             "spill_store_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1))}
+
+
+def loop_opcodes(ptx: str) -> collections.Counter:
+    """The opcodes (MUFU, FFMA, ..., without modifiers) of the largest loop in `ptx`'s sm_90a machine code, from a
+    backward branch's target to the branch, both branches of any `if` inside it counted: what a row pass issues a
+    row, where each MUFU (exp2, log, reciprocal) takes the XU pipe, an eighth of the FMA pipes' rate."""
+    with tempfile.TemporaryDirectory() as scratch:
+        cubin, _ = _assemble(ptx, scratch)
+        listing = subprocess.run([str(_bundled_tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True,
+                                 check=True).stdout
+    opcodes, labels, loop = [], {}, []
+    for line in listing.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        instruction = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
+        if label:
+            labels[label.group(1)] = len(opcodes)
+        elif instruction:
+            opcodes.append(instruction.group(1).split(".")[0])
+            target = re.search(r"(\.L_x_\d+)", instruction.group(2)) if opcodes[-1] == "BRA" else None
+            if target and target.group(1) in labels and len(opcodes) - labels[target.group(1)] > len(loop):
+                loop = opcodes[labels[target.group(1)]:]
+    return collections.Counter(loop)

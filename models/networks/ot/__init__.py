@@ -24,9 +24,10 @@ magnified about 33 times (keep TF32 matmuls off on GPUs for the same reason). Co
 shared by the forms are in common.py.
 """
 from models.networks.ot.chunked import SINKHORN_CHUNK_SIZE, sinkhorn_warp_chunked
-from models.networks.ot.common import SINKHORN_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS
+from models.networks.ot.common import (MAX_LOG_KERNEL_RANGE, SINKHORN_DIVISION_EPS, SINKHORN_EPSILON,
+                                       SINKHORN_ITERATIONS)
 from models.networks.ot.dense import sinkhorn_warp_dense, sinkhorn_warp_logdomain
-from models.networks.ot.stored import MAX_LOG_KERNEL_RANGE, similarity_warp_stored, sinkhorn_warp_stored
+from models.networks.ot.stored import similarity_warp_stored, sinkhorn_warp_stored
 
 __all__ = ["MAX_LOG_KERNEL_RANGE", "SINKHORN_CHUNK_SIZE", "SINKHORN_DIVISION_EPS", "SINKHORN_EPSILON",
            "SINKHORN_ITERATIONS", "similarity_warp_stored", "sinkhorn_warp_chunked", "sinkhorn_warp_dense",

@@ -16,6 +16,9 @@ LOG_DIVISION_EPS = math.log(SINKHORN_DIVISION_EPS)
 # log K = (C - 1) / epsilon by at most 5.1e-4 at epsilon 0.03; float16 would move C near 1 by up to 2.4e-4.
 SIMILARITY_LEVELS = 32767
 SIMILARITY_STEP = 1.0 / SIMILARITY_LEVELS
+# The widest range of log K a bounded shift may span (`bounded_shift`): exp(-80) is 1.8e-35, well above
+# float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
+MAX_LOG_KERNEL_RANGE = 80.0
 
 
 def validate_schedule(epsilon: float, iterations: int) -> None:
@@ -24,6 +27,14 @@ def validate_schedule(epsilon: float, iterations: int) -> None:
         raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"Sinkhorn iterations must be a non-negative int, got {iterations!r}")
+
+
+def validate_similarity_bound(similarity_bound: float, epsilon: float) -> None:
+    """ValueError unless similarity_bound lies in (0, MAX_LOG_KERNEL_RANGE * epsilon / 2]."""
+    if not 0 < similarity_bound <= MAX_LOG_KERNEL_RANGE * epsilon / 2:
+        raise ValueError(f"similarity_bound must lie in (0, {MAX_LOG_KERNEL_RANGE * epsilon / 2:g}] at epsilon "
+                         f"{epsilon:g} (a wider one could underflow whole rows), got {similarity_bound!r}; "
+                         f"pass None to shift by the maxima")
 
 
 def validate_pose_points(pose_points: torch.Tensor, batch: int, num_pose: int) -> None:
@@ -99,7 +110,7 @@ def bounded_shift(log_weights: torch.Tensor, similarity_bound: float | None, eps
     With |C| <= similarity_bound, log K = (C - 1) / epsilon lies in [(-bound - 1) / epsilon,
     (bound - 1) / epsilon], so max(log_weights) + (bound - 1) / epsilon bounds every logit of a row (or
     column), and the largest of them lies at most 2 * bound / epsilon below it (about 67 for cosine
-    similarities at epsilon 0.03, checked below 80 by `sinkhorn_warp_stored`): shifted by this bound, every
+    similarities at epsilon 0.03, checked below 80 by `validate_similarity_bound`): shifted by this bound, every
     weight is at most 1 and each row's largest at least exp(-80), far above float32's smallest normal number.
     """
     if similarity_bound is None:

@@ -39,7 +39,7 @@ import torch
 
 from models.networks.layers import ALIGNMENT, aligned
 from models.networks.ot.common import (LOG_DIVISION_EPS, SIMILARITY_LEVELS, SIMILARITY_STEP, bounded_shift,
-                                       log_kernel_of, log_marginal_update)
+                                       log_kernel_of, log_marginal_update, validate_similarity_bound)
 from models.networks.triton_support import INTERPRETED, on_device, tl, triton, triton_jit, validate_tile
 
 # The kernels take exp(x) as exp2(x log2 e) with the product folded into the multiply-add that forms x: tl.exp2 is the
@@ -131,41 +131,61 @@ def _log2_kernel_row(similarity_row, log2_scale, log2_offset):
 @triton_jit
 def _pose_log2_offsets(log_b_ptr, shift, batch, num_pose, columns, in_row, log2_bias):
     """(log_b[m] - shift) log2(e) + log2_bias at the lanes `columns` of batch element `batch`: the offsets
-    `_log2_kernel_row` takes for terms exp(s + log b - shift). Lanes past M get -inf, so that their terms are 0."""
+    `_log2_kernel_row` takes for terms exp(s + log b - shift) or, with log2_bias = -kappa log2(e), the log2 of
+    their pose factors (`_kernel_row`). Lanes past M get -inf, so that their terms are 0."""
     log_b = tl.load(log_b_ptr + batch * num_pose + columns, mask=in_row, other=float("-inf"))
     return (log_b - shift) * _LOG2_E + log2_bias
 
 
 @triton_jit
+def _kernel_row(similarity_row, log2_scale, log2_bias, log2_kappa):
+    """exp(s + kappa) at every lane of a loaded row of C, s = (C - 1) / epsilon, kappa = (1 - similarity_bound) /
+    epsilon (log2_kappa = kappa log2(e)): exp((C - bound) / epsilon), which lies in [exp(-2 bound / epsilon), 1]
+    for |C| <= bound, above float32's smallest normal number for every bound the passes accept
+    (`_validate_fused_inputs`).
+
+    The row-column passes take each term exp(s + v - shift), v an entry of log a or log b and shift a bound of the
+    terms, as this times exp(v - shift - kappa), formed once a row or once a lane; for `bounded_shift`'s shift that
+    factor is exp(v - max v), at most 1. One exponential an element where the passes took two, and since both
+    factors are at most 1, their product flushes to 0 only where the term's own exponential would.
+    """
+    return tl.exp2(_log2_kernel_row(similarity_row, log2_scale, log2_bias + log2_kappa))
+
+
+@triton_jit
 def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum_ptr, log_a_ptr, partial_ptr,
                                program_shift_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
-                               rows_per_program, log2_scale, log2_bias, log_num_identity, log_division_eps,
-                               BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+                               rows_per_program, log2_scale, log2_bias, log2_kappa, log_num_identity,
+                               log_division_eps, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_forward`.
 
-    The column sums are shifted by the largest log a of the program's rows so far: when a row raises it, the
-    sums are rescaled by exp(old - new) (0 for the first row, whose old shift is -inf).
+    Each element's exponential is `_kernel_row`'s, shared by its row and column terms. The column terms are
+    exp(s + kappa) exp(log a[n] - shift), shift the largest log a of the program's rows so far: when a row raises
+    it, the sums are rescaled by exp(old - new) (0 for the first row, whose old shift is -inf). So the column sums
+    are shifted by shift - kappa, which is `bounded_shift` of that largest log a.
     """
     program, batch, batch_ptr, first, last = _program_rows(similarity_ptr, batch_stride, num_identity,
                                                            rows_per_program)
     columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     row_shift = tl.load(row_shift_ptr + batch)
-    row_log2_offset = _pose_log2_offsets(log_b_ptr, row_shift, batch, num_pose, columns, in_row, log2_bias)
+    # exp(log b[m] - row_shift - kappa), 0 past M.
+    pose_factor = tl.exp2(_pose_log2_offsets(log_b_ptr, row_shift, batch, num_pose, columns, in_row, -log2_kappa))
     column_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     program_shift = tl.full([], float("-inf"), tl.float32)
     for row in tl.range(first, last, num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        similarity_row = _similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable)
-        row_sum = tl.sum(tl.exp2(_log2_kernel_row(similarity_row, log2_scale, row_log2_offset)), axis=0)
+        kernel_row = _kernel_row(_similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable),
+                                 log2_scale, log2_bias, log2_kappa)
+        row_sum = tl.sum(kernel_row * pose_factor, axis=0)
         row_lse = row_shift + tl.log(row_sum)
         # logaddexp(row_lse, log 1e-8). tl has no log1p (libdevice's does not run in the interpreter); log(1 + x)
         # is off by less than 6e-8 absolute.
         high = tl.maximum(row_lse, log_division_eps)
         log_a = -log_num_identity - (high + tl.log(1.0 + tl.exp(tl.minimum(row_lse, log_division_eps) - high)))
-        shift = tl.maximum(program_shift, log_a)
-        column_terms = tl.exp2(_log2_kernel_row(similarity_row, log2_scale, (log_a - shift) * _LOG2_E + log2_bias))
-        column_sum = column_sum * tl.exp2((program_shift - shift) * _LOG2_E) + column_terms
-        program_shift = shift
+        if log_a > program_shift:  # rare after the first rows: the multiply by exp2(0) = 1 is skipped, not rounded
+            column_sum = column_sum * tl.exp2((program_shift - log_a) * _LOG2_E)
+            program_shift = log_a
+        column_sum += kernel_row * tl.exp2((log_a - program_shift) * _LOG2_E)
         tl.store(row_sum_ptr + index, row_sum)
         tl.store(log_a_ptr + index, log_a)
     partial = batch * tl.num_programs(0) + program
@@ -177,31 +197,35 @@ def _row_column_forward_kernel(similarity_ptr, log_b_ptr, row_shift_ptr, row_sum
 def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr, column_coefficient_ptr,
                                 row_shift_ptr, row_sum_ptr, log_b_prev_ptr, grad_log_a_ptr, row_coefficient_ptr,
                                 partial_ptr, num_identity, num_pose, readable_pose, batch_stride, row_stride,
-                                rows_per_program, log2_scale, log2_bias, log_division_eps, BLOCK_M: tl.constexpr,
-                                NUM_STAGES: tl.constexpr):
-    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`."""
+                                rows_per_program, log2_scale, log2_bias, log2_kappa, log_division_eps,
+                                BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Rows [p * rows_per_program, ...) of batch element b for program (p, b); see `fused_row_column_backward`.
+    Each element's exponential is `_kernel_row`'s; a row's factor multiplies its sum, the pose factor the program's
+    column sums once, at the end."""
     program, batch, batch_ptr, first, last = _program_rows(similarity_ptr, batch_stride, num_identity,
                                                            rows_per_program)
     columns, in_row, in_readable = _row_lanes(num_pose, readable_pose, BLOCK_M)
     column_shift = tl.load(column_shift_ptr + batch)
     row_shift = tl.load(row_shift_ptr + batch)
-    # Lanes past M have coefficient 0 (and log b = -inf), so that all their terms are 0.
+    # Lanes past M have coefficient 0, so that all their terms are 0.
     column_coefficient = tl.load(column_coefficient_ptr + batch * num_pose + columns, mask=in_row, other=0.0)
-    column_log2_offset = _pose_log2_offsets(log_b_prev_ptr, row_shift, batch, num_pose, columns, in_row, log2_bias)
     grad_log_b = tl.zeros([BLOCK_M], dtype=tl.float32)
     for row in tl.range(first, last, num_stages=NUM_STAGES):
         index = batch * num_identity + row
-        similarity_row = _similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable)
-        row_log2_offset = (tl.load(log_a_prev_ptr + index) - column_shift) * _LOG2_E + log2_bias
-        grad_log_a = tl.sum(tl.exp2(_log2_kernel_row(similarity_row, log2_scale, row_log2_offset))
-                            * column_coefficient, axis=0)
+        kernel_row = _kernel_row(_similarity_row(batch_ptr, row, row_stride, columns, in_row, in_readable),
+                                 log2_scale, log2_bias, log2_kappa)
+        row_factor = tl.exp2((tl.load(log_a_prev_ptr + index) - column_shift) * _LOG2_E - log2_kappa)
+        grad_log_a = tl.sum(kernel_row * column_coefficient, axis=0) * row_factor
         row_sum = tl.load(row_sum_ptr + index)
         row_coefficient = (-tl.sigmoid(row_shift + tl.log(row_sum) - log_division_eps) * grad_log_a) / row_sum
-        grad_log_b += tl.exp2(_log2_kernel_row(similarity_row, log2_scale, column_log2_offset)) * row_coefficient
+        grad_log_b += kernel_row * row_coefficient
         tl.store(grad_log_a_ptr + index, grad_log_a)
         tl.store(row_coefficient_ptr + index, row_coefficient)
+    # exp(log b_prev[m] - row_shift - kappa), 0 past M (never stored).
+    pose_factor = tl.exp2(_pose_log2_offsets(log_b_prev_ptr, row_shift, batch, num_pose, columns, in_row,
+                                             -log2_kappa))
     partial = batch * tl.num_programs(0) + program
-    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, grad_log_b, mask=in_row)
+    tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, grad_log_b * pose_factor, mask=in_row)
 
 
 @triton_jit
@@ -421,15 +445,18 @@ def fused_pass_supported(similarity: torch.Tensor) -> bool:
 
 def _validate_fused_inputs(similarity: torch.Tensor, epsilon: float, programs_per_batch: int | None = None,
                            pipeline_stages: int | None = None, num_warps: int | None = None,
-                           **vectors: tuple[torch.Tensor, str]) -> None:
+                           similarity_bound: float | None = None, **vectors: tuple[torch.Tensor, str]) -> None:
     """ValueError unless similarity is (B, N, M) with N, M >= 1, epsilon > 0, programs_per_batch,
-    pipeline_stages and num_warps None or a positive int (num_warps a power of two), and each named (vector,
-    dims) float32 of shape dims ("BN": (B, N), "BM": (B, M), "B": (B,)) on similarity's device; then RuntimeError
-    when the kernels cannot read similarity (`fused_pass_supported`)."""
+    pipeline_stages and num_warps None or a positive int (num_warps a power of two), similarity_bound None or in
+    (0, MAX_LOG_KERNEL_RANGE * epsilon / 2], and each named (vector, dims) float32 of shape dims ("BN": (B, N),
+    "BM": (B, M), "B": (B,)) on similarity's device; then RuntimeError when the kernels cannot read similarity
+    (`fused_pass_supported`)."""
     if similarity.dim() != 3 or similarity.shape[1] == 0 or similarity.shape[2] == 0:
         raise ValueError(f"similarity must have shape (B, N, M) with N, M >= 1, got {tuple(similarity.shape)}")
     if not epsilon > 0:
         raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
+    if similarity_bound is not None:
+        validate_similarity_bound(similarity_bound, epsilon)
     for name, value in (("programs_per_batch", programs_per_batch), ("pipeline_stages", pipeline_stages),
                         ("num_warps", num_warps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -502,6 +529,11 @@ def _log2_constants(similarity: torch.Tensor, epsilon: float) -> tuple[float, fl
     return step * LOG2_E / epsilon, -LOG2_E / epsilon
 
 
+def _log2_kappa(epsilon: float, similarity_bound: float) -> float:
+    """kappa log2(e) of `_kernel_row`, kappa = (1 - similarity_bound) / epsilon."""
+    return (1.0 - similarity_bound) * LOG2_E / epsilon
+
+
 def _merge_column_partials(partial: torch.Tensor, program_shift: torch.Tensor,
                            column_shift: torch.Tensor) -> torch.Tensor:
     """Column sums shifted by column_shift from the programs' partial sums, each shifted by its program's own.
@@ -526,9 +558,10 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
     With s = (C - 1) / epsilon and L = log 1e-8:
     row_sum[n] = sum_m exp(s[n, m] + log_b[m] - row_shift), log_a[n] = -log N - logaddexp(row_shift +
     log row_sum[n], L), column_shift = max_n log_a[n] + (similarity_bound - 1) / epsilon and
-    column_sum[m] = sum_n exp(s[n, m] + log_a[n] - column_shift), for each batch element. Each term is
-    exp2(C_loaded log2_scale + offset log2(e)) in one multiply-add (`_log2_kernel_row`), which rounds differently
-    from exp(s + offset) by a few float32 ulps of its exponent.
+    column_sum[m] = sum_n exp(s[n, m] + log_a[n] - column_shift), for each batch element. An element's row and
+    column terms share one exponential, exp(s + kappa) (`_kernel_row`), times a factor of its column or of its
+    row; each factor and the exponential come from exp2 of one multiply-add, which round differently from
+    exp(s + offset) by a few float32 ulps.
 
     Args:
         similarity: C, float32 or fixed point (int16, common.py's `fixed_point_similarity`) (B, N, M), rows
@@ -537,7 +570,8 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         log_b: float32 (B, M).
         row_shift: float32 (B,), an upper bound of s + log b over each batch element (`bounded_shift`).
         epsilon: entropic temperature.
-        similarity_bound: the bound on |C| that places column_shift above every column logit.
+        similarity_bound: the bound on |C| that places column_shift above every column logit, in (0,
+            MAX_LOG_KERNEL_RANGE * epsilon / 2].
         programs_per_batch: programs P that split each batch element's rows, or None for a few per SM.
         pipeline_stages: rows in flight in a program's loop, or None for `_pipeline_stages` (for benchmarks; more
             than the default may exceed a GPU's shared memory and fail to launch).
@@ -549,8 +583,8 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         column_shift: float32 (B,).
         column_sum: float32 (B, M).
     """
-    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps, log_b=(log_b, "BM"),
-                           row_shift=(row_shift, "B"))
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps, similarity_bound,
+                           log_b=(log_b, "BM"), row_shift=(row_shift, "B"))
     batch, num_identity, num_pose = similarity.shape
     layout = _launch_layout(similarity, programs_per_batch, pipeline_stages, num_warps)
     row_sum = similarity.new_empty(batch, num_identity, dtype=torch.float32)
@@ -561,17 +595,19 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
         _row_column_forward_kernel[(layout.programs, batch)](
             similarity, log_b.contiguous(), row_shift.contiguous(), row_sum, log_a, partial, program_shift,
             num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            layout.rows_per_program, *_log2_constants(similarity, epsilon), math.log(num_identity),
-            LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
-    column_shift = bounded_shift(program_shift, similarity_bound, epsilon)  # from the largest log a of all programs
+            layout.rows_per_program, *_log2_constants(similarity, epsilon), _log2_kappa(epsilon, similarity_bound),
+            math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages,
+            num_warps=layout.num_warps)
+    program_shift = program_shift + (similarity_bound - 1.0) / epsilon  # the shift of each program's column sums
+    column_shift = program_shift.amax(1)
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
 
 def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor, column_shift: torch.Tensor,
                               column_coefficient: torch.Tensor, row_shift: torch.Tensor, row_sum: torch.Tensor,
-                              log_b_prev: torch.Tensor, epsilon: float, *, programs_per_batch: int | None = None,
-                              pipeline_stages: int | None = None, num_warps: int | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              log_b_prev: torch.Tensor, epsilon: float, similarity_bound: float, *,
+                              programs_per_batch: int | None = None, pipeline_stages: int | None = None,
+                              num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dlog a_{t-1}, then the row coefficients and dlog b_{t-1} from it, in one read of C.
 
     The reverse-mode passes of one Sinkhorn step pair (`_StoredSinkhornWarp`). With s = (C - 1) / epsilon
@@ -590,13 +626,14 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
         row_sum: float32 (B, N), positive.
         log_b_prev: float32 (B, M), the log b that row pass read.
         epsilon: entropic temperature.
+        similarity_bound: the forward's bound on |C|.
         programs_per_batch, pipeline_stages, num_warps: as in `fused_row_column_forward`.
     Returns:
         grad_log_a: float32 (B, N).
         row_coefficient: float32 (B, N).
         grad_log_b: float32 (B, M).
     """
-    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps,
+    _validate_fused_inputs(similarity, epsilon, programs_per_batch, pipeline_stages, num_warps, similarity_bound,
                            log_a_prev=(log_a_prev, "BN"),
                            column_shift=(column_shift, "B"), column_coefficient=(column_coefficient, "BM"),
                            row_shift=(row_shift, "B"), row_sum=(row_sum, "BN"), log_b_prev=(log_b_prev, "BM"))
@@ -610,8 +647,8 @@ def fused_row_column_backward(similarity: torch.Tensor, log_a_prev: torch.Tensor
             similarity, log_a_prev.contiguous(), column_shift.contiguous(), column_coefficient.contiguous(),
             row_shift.contiguous(), row_sum.contiguous(), log_b_prev.contiguous(), grad_log_a, row_coefficient,
             partial, num_identity, num_pose, _readable_width(similarity), similarity.stride(0), similarity.stride(1),
-            layout.rows_per_program, *_log2_constants(similarity, epsilon), LOG_DIVISION_EPS,
-            BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
+            layout.rows_per_program, *_log2_constants(similarity, epsilon), _log2_kappa(epsilon, similarity_bound),
+            LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages, num_warps=layout.num_warps)
     return grad_log_a, row_coefficient, partial.sum(1)
 
 

@@ -16,15 +16,11 @@ from models.networks.layers import (half_copies, half_product_gradients, product
                                     split_products_run_on)
 from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, bounded_shift,
                                        fixed_point_similarity, log_kernel_of, log_marginal_update, row_blocks,
-                                       validate_chunk_size, validate_feature_inputs, validate_similarity_inputs,
-                                       working_dtype)
+                                       validate_chunk_size, validate_feature_inputs, validate_similarity_bound,
+                                       validate_similarity_inputs, working_dtype)
 from models.networks.ot.fused import (fused_fixed_point_column_pass, fused_fixed_point_product, fused_pass_supported,
                                       fused_plan_column_sums, fused_plan_warp, fused_row_column_backward,
                                       fused_row_column_forward, fused_similarity_gradient)
-
-# The widest range of log K a bounded shift may span (`bounded_shift`): exp(-80) is 1.8e-35, well above
-# float32's smallest normal number (1.2e-38), so no row or column can underflow as a whole.
-MAX_LOG_KERNEL_RANGE = 80.0
 
 
 def _weighted_sums(weights: torch.Tensor, vectors: torch.Tensor, dim: int) -> torch.Tensor:
@@ -483,7 +479,7 @@ def _forward_saving(ctx, similarity: torch.Tensor, pose_points: torch.Tensor, ep
     ctx.save_for_backward(similarity, pose_points, warp, *kept, *itertools.chain(*vectors))
     ctx.group_lengths = [len(group) for group in vectors]
     ctx.epsilon, ctx.chunk_size, ctx.compiled = epsilon, chunk_size, compiled
-    ctx.bounded = similarity_bound is not None
+    ctx.similarity_bound = similarity_bound
     ctx.kept_count = len(kept)
     return warp
 
@@ -500,21 +496,23 @@ def _saved_backward(ctx, grad_warp: torch.Tensor, gradient_dtype: torch.dtype | 
     with torch.autocast(similarity.device.type, enabled=False):
         grad_similarity, grad_points = _stored_backward(
             similarity, pose_points, warp, grad_warp.to(warp.dtype), vectors, ctx.epsilon, blocks, ctx.compiled,
-            ctx.bounded, similarity_needs_grad, gradient_dtype or similarity.dtype, padding)
+            ctx.similarity_bound, similarity_needs_grad, gradient_dtype or similarity.dtype, padding)
     return grad_similarity, grad_points, kept
 
 
 def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: torch.Tensor,
                      grad_warp: torch.Tensor, vectors: list[list[torch.Tensor]], epsilon: float,
-                     blocks: list[slice], compiled: bool, bounded: bool, similarity_needs_grad: bool,
+                     blocks: list[slice], compiled: bool, similarity_bound: float | None, similarity_needs_grad: bool,
                      gradient_dtype: torch.dtype, padding: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients (similarity, pose_points) of <grad_warp, warp_out>; see `_StoredSinkhornWarp`.
 
-    `bounded`: the forward shifted by `bounded_shift`, so dL/dC comes from `_bounded_similarity_gradient`.
+    `similarity_bound`: the forward's; with one, it shifted by `bounded_shift`, so dL/dC comes from
+    `_bounded_similarity_gradient`.
     dL/dC comes in gradient_dtype with `padding` zero columns (`_gradient_layout`).
     """
     log_a, log_b, column_max, column_sum, row_max, row_sum, (plan_max, plan_sum) = vectors
     run = functools.partial(_run_pass, compiled)
+    bounded = similarity_bound is not None
     fused = _fused_passes(similarity, compiled, bounded, blocks)
     # Softmax term: P (g.x[m] - g.out[n]) = exp(s + log b_T - plan_max) * ([g, -g.out] / plan_sum @ [x, 1]^T).
     row_weights = torch.cat([grad_warp, -(grad_warp * warp).sum(2, keepdim=True)], dim=2) / plan_sum.unsqueeze(2)
@@ -537,7 +535,7 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
         if fused:  # both passes below in one read of C; every shift is one number per batch element
             _, row_coefficient, grad_log_b = fused_row_column_backward(
                 similarity, log_a[step - 1], column_max[step - 1][:, 0], column_coefficients[-1],
-                row_max[step - 2][:, 0], row_sum[step - 2], log_b[step - 1], epsilon)
+                row_max[step - 2][:, 0], row_sum[step - 2], log_b[step - 1], epsilon, similarity_bound)
             row_coefficients.append(row_coefficient)
             continue
         grad_log_a = _over_row_blocks(blocks, lambda rows: run(
@@ -651,7 +649,5 @@ def similarity_warp_stored(identity_theta: torch.Tensor, pose_phi: torch.Tensor,
 def _validate_stored_options(chunk_size: int | None, similarity_bound: float | None, epsilon: float) -> None:
     if chunk_size is not None:
         validate_chunk_size(chunk_size)
-    if similarity_bound is not None and not 0 < similarity_bound <= MAX_LOG_KERNEL_RANGE * epsilon / 2:
-        raise ValueError(f"similarity_bound must lie in (0, {MAX_LOG_KERNEL_RANGE * epsilon / 2:g}] at epsilon "
-                         f"{epsilon:g} (a wider one could underflow whole rows), got {similarity_bound!r}; "
-                         f"pass None to shift by the maxima")
+    if similarity_bound is not None:
+        validate_similarity_bound(similarity_bound, epsilon)

@@ -214,7 +214,7 @@ def test_invalid_inputs_raise():
     backward_inputs = list(_backward_inputs(2, 5, 6, seed=22))
     backward_inputs[5] = backward_inputs[5][:, :4]
     with pytest.raises(ValueError, match=r"row_sum must be a float32 tensor of shape \(2, 5\)"):
-        fused.fused_row_column_backward(*backward_inputs)
+        fused.fused_row_column_backward(*backward_inputs, SIMILARITY_BOUND)
     non_contiguous = similarity.transpose(1, 2).contiguous().transpose(1, 2)
     with pytest.raises(RuntimeError, match="the fused Sinkhorn passes need"):
         fused.fused_row_column_forward(non_contiguous, log_b, row_shift, EPSILON, SIMILARITY_BOUND)
@@ -261,8 +261,8 @@ def _assert_backward_matches_naive(shape, programs_per_batch, seed: int, row_pad
         inputs = _fixed_point(inputs)
     expected = fused.fused_row_column_backward_naive(*inputs)
     inputs = (_padded_rows(inputs[0], row_padding), *inputs[1:])
-    actual = fused.fused_row_column_backward(*_to_kernel_device(inputs), programs_per_batch=programs_per_batch,
-                                             **layout)
+    actual = fused.fused_row_column_backward(*_to_kernel_device(inputs), SIMILARITY_BOUND,
+                                             programs_per_batch=programs_per_batch, **layout)
     for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual, expected):
         _assert_gradient_close(name, value, reference)
 
@@ -657,10 +657,50 @@ def test_fused_passes_keep_rows_and_columns_far_below_the_shift():
                        torch.randn(2, 13, generator=torch.Generator().manual_seed(51)), inputs[2],
                        expected[0].float(), log_b, EPSILON)
     expected_gradients = fused.fused_row_column_backward_naive(*backward_inputs)
-    actual_gradients = fused.fused_row_column_backward(*_to_kernel_device(backward_inputs))
+    actual_gradients = fused.fused_row_column_backward(*_to_kernel_device(backward_inputs), SIMILARITY_BOUND)
     for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual_gradients,
                                       expected_gradients):
         _assert_gradient_close(name, value, reference)
+
+
+@requires_kernels
+@pytest.mark.parametrize("fixed_point", [False, True])
+# The interpreter's sigmoid of the backward's very negative log-sum-exps (1 / (1 + exp(-x)), 0 as it should be).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_fused_passes_keep_terms_of_a_narrow_bound_at_a_small_epsilon(fixed_point):
+    """At epsilon 0.01 with |C| <= 0.4 (the widest bound allowed there), s = (C - 1) / epsilon reaches -140 and
+    exp(s) is 0 in float32, but every term relative to its bounded shift lies within exp(-80) of its largest. A row
+    and a column whose every C is -0.4 sit at that end: the passes must keep them as the float64 references do."""
+    epsilon, bound = 0.01, 0.4
+    similarity = bound * _cosine_similarity(2, 11, 13, torch.Generator().manual_seed(52))
+    similarity[0, 0] = -bound  # (N, M) row 0 of batch 0
+    similarity[1, :, 0] = -bound  # column 0 of batch 1
+    noise = torch.randn(2, 13, generator=torch.Generator().manual_seed(53), dtype=torch.float64)
+    log_b = (noise - math.log(13)).float()
+    inputs = (similarity.float(), log_b, log_b.amax(1) + (bound - 1.0) / epsilon)
+    if fixed_point:  # a fixed-point C holds q / LEVELS; scaled by the bound it stays within it
+        inputs = _fixed_point(inputs)
+    expected = fused.fused_row_column_forward_naive(*inputs, epsilon, bound)
+    actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), epsilon, bound)
+    for name, value, reference in zip(("row_sum", "log_a", "column_shift", "column_sum"), actual, expected):
+        assert torch.isfinite(value).all() and (name in ("log_a", "column_shift") or (value.cpu() > 0).all()), name
+        _assert_close(name, value, reference, *((SUM_TOLERANCE, 0) if "sum" in name else (0, LOG_TOLERANCE)))
+    backward_inputs = (inputs[0], expected[1].float(), expected[2].float(),
+                       torch.randn(2, 13, generator=torch.Generator().manual_seed(54)), inputs[2],
+                       expected[0].float(), log_b, epsilon)
+    expected_gradients = fused.fused_row_column_backward_naive(*backward_inputs)
+    actual_gradients = fused.fused_row_column_backward(*_to_kernel_device(backward_inputs), bound)
+    for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual_gradients,
+                                      expected_gradients):
+        _assert_gradient_close(name, value, reference)
+
+
+def test_fused_passes_refuse_a_bound_too_wide_for_epsilon():
+    similarity, log_b, row_shift = _forward_inputs(2, 5, 6, seed=23)
+    with pytest.raises(ValueError, match=r"similarity_bound must lie in \(0, 1.2\] at epsilon 0.03"):
+        fused.fused_row_column_forward(similarity, log_b, row_shift, EPSILON, 1.3)
+    with pytest.raises(ValueError, match="similarity_bound must lie in"):
+        fused.fused_row_column_backward(*_backward_inputs(2, 5, 6, seed=24), 0.0)
 
 
 def test_shared_memory_shortfall_counts_the_pipelined_rows():
@@ -740,3 +780,30 @@ def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte
     # The fixed-point product on Hopper's warpgroup tensor cores, its int16 tile stored 16 bytes at a time.
     assert counts["product"].get("wgmma.mma_async", 0) > 0 and set(counts["product"]) <= {
         "wgmma.mma_async", "st.global.v4.b32", "st.global.b32"}, counts
+
+
+_LOOP_EXPONENTIALS_SCRIPT = """
+import json
+from models.networks.ot import fused
+from util.triton_offline import hopper_ptx, loop_opcodes
+
+counts = {}
+for name, kernel in (("forward", fused._row_column_forward_kernel), ("backward", fused._row_column_backward_kernel)):
+    counts[name] = loop_opcodes(hopper_ptx(kernel, "*i16", {"BLOCK_M": 8192, "NUM_STAGES": 3},
+                                           8192 // (32 * fused.LANES_PER_THREAD)))["MUFU"]
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs triton")
+def test_row_column_passes_take_one_exponential_an_element():
+    """The row-column passes' loops, compiled for an H100, issue one MUFU (the XU pipe's exp2) per lane of a thread
+    and a few a row (the log a update's log and exp, the rescale's exp2), where two exponentials an element took
+    twice the lanes: the XU pipe bounded those passes (docs/benchmarks.md, twenty-first session)."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _LOOP_EXPONENTIALS_SCRIPT], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[3], env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    for kernel, exponentials in counts.items():
+        assert fused.LANES_PER_THREAD <= exponentials <= fused.LANES_PER_THREAD + 4, counts
