@@ -442,7 +442,8 @@ def bench_fused_passes(device: torch.device, batch: int, vertices: int, warmup: 
             "similarity_gradient": {
                 "x".join(map(str, tile)): time_median(
                     lambda: fused.fused_similarity_gradient(stored_similarity, row_factors, column_factors,
-                                                            stored.SINKHORN_EPSILON, torch.float16, padding, tile=tile),
+                                                            stored.SINKHORN_EPSILON, 1.0, torch.float16, padding,
+                                                            tile=tile),
                     device, warmup, repeats)
                 for tile in dict.fromkeys([fused.GRADIENT_TILE, *GRADIENT_TILES])},
             "plan_warp": {
@@ -581,7 +582,7 @@ def launch_fused_passes(device: torch.device, batch: int, vertices: int, launche
                                      epsilon)
         fused.fused_row_column_backward(fixed_point, log_a, column_shift, column_sum, inputs.shift, row_sum,
                                         inputs.log_b, epsilon, 1.0)
-        fused.fused_similarity_gradient(fixed_point, inputs.row_factors, inputs.column_factors, epsilon,
+        fused.fused_similarity_gradient(fixed_point, inputs.row_factors, inputs.column_factors, epsilon, 1.0,
                                         torch.float16, inputs.padding)
     synchronize(device)
 

@@ -37,6 +37,18 @@ def validate_similarity_bound(similarity_bound: float, epsilon: float) -> None:
                          f"pass None to shift by the maxima")
 
 
+def kernel_offset(similarity_bound: float, epsilon: float) -> float:
+    """kappa = (1 - similarity_bound) / epsilon, with exp(s + kappa) = exp((C - bound) / epsilon) in
+    [exp(-2 bound / epsilon), 1] for |C| <= bound: a normal float32 for every bound `validate_similarity_bound`
+    admits, where exp(s) alone flushes to 0 for (C - 1) / epsilon below -87.
+
+    The bounded forms take each term exp(s + v - shift) (v a Sinkhorn vector's entry, shift its `bounded_shift`) as
+    exp(s + kappa) times exp(v - shift - kappa) = exp(v - max v), a factor of its row or column at most 1: one
+    exponential an element, and a product that flushes to 0 only where the term's own exponential would.
+    """
+    return (1.0 - similarity_bound) / epsilon
+
+
 def validate_pose_points(pose_points: torch.Tensor, batch: int, num_pose: int) -> None:
     """ValueError unless pose_points is (batch, num_pose, 3)."""
     if pose_points.shape != (batch, num_pose, 3):

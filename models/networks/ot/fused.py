@@ -12,8 +12,8 @@ torch epilogue adds the P partials in a fixed order, so results are deterministi
   of s + log a (one forward Sinkhorn step pair of `_StoredSinkhornWarp`, s = log K = (C - 1) / epsilon).
 - `fused_row_column_backward`: the reverse-mode passes of the same pair, dlog a and then dlog b.
 Both take the bounded shifts of common.py's `bounded_shift` (one number per batch element), which need no
-pass over C.
-- `fused_similarity_gradient`: dL/dC = exp(s) (U V^T) / epsilon of the bounded backward, written in half
+pass over C, and one exponential an element, exp(s + kappa) (`_kernel_row`), shared by its row and column terms.
+- `fused_similarity_gradient`: dL/dC = exp(s + kappa) (U V^T) / epsilon of the bounded backward, written in half
   precision and padded, in one read of C (Inductor's version of this pass wrote U V^T out first), U V^T a product on
   the tensor cores.
 - `fused_plan_warp`: the final softmax's warp, sum_m softmax_m(s + log b) pose_points[m], a row pass like the
@@ -39,7 +39,7 @@ import torch
 
 from models.networks.layers import ALIGNMENT, aligned
 from models.networks.ot.common import (LOG_DIVISION_EPS, SIMILARITY_LEVELS, SIMILARITY_STEP, bounded_shift,
-                                       log_kernel_of, log_marginal_update, validate_similarity_bound)
+                                       kernel_offset, log_kernel_of, log_marginal_update, validate_similarity_bound)
 from models.networks.triton_support import INTERPRETED, on_device, tl, triton, triton_jit, validate_tile
 
 # The kernels take exp(x) as exp2(x log2 e) with the product folded into the multiply-add that forms x: tl.exp2 is the
@@ -70,7 +70,9 @@ WIDE_ROW_LANES = 8192
 # Lanes of a row each thread holds (num_warps = BLOCK_M / (32 x this), between 4 and 32 warps): every row-wide value
 # is this many registers a thread. With the exp2 passes (twenty-first session) 32 lanes (8 warps; forward 128
 # registers a thread, so two programs share an SM) beat 16 in the same call on one H100: a training step's kernels
-# 27.74 against 28.38 ms, batched inference 726 against 700 pairs/s (docs/benchmarks.md). Before them 16 won.
+# 27.74 against 28.38 ms, batched inference 726 against 700 pairs/s (docs/benchmarks.md). Before them 16 won. With one
+# exponential an element (`_kernel_row`) the backward takes 128 registers too, not 190, so two of its programs also
+# share an SM (ptxas for sm_90a, int16 C, 8192 lanes).
 LANES_PER_THREAD = 32
 # `fused_plan_column_sums` keeps four sums a lane: at 32 lanes a thread its kernel takes 235 registers a thread, at 16
 # lanes 122 (ptxas for sm_90a, no spills at either), so it launches twice the warps. At batch 8 and 6890 vertices on
@@ -139,16 +141,9 @@ def _pose_log2_offsets(log_b_ptr, shift, batch, num_pose, columns, in_row, log2_
 
 @triton_jit
 def _kernel_row(similarity_row, log2_scale, log2_bias, log2_kappa):
-    """exp(s + kappa) at every lane of a loaded row of C, s = (C - 1) / epsilon, kappa = (1 - similarity_bound) /
-    epsilon (log2_kappa = kappa log2(e)): exp((C - bound) / epsilon), which lies in [exp(-2 bound / epsilon), 1]
-    for |C| <= bound, above float32's smallest normal number for every bound the passes accept
-    (`_validate_fused_inputs`).
-
-    The row-column passes take each term exp(s + v - shift), v an entry of log a or log b and shift a bound of the
-    terms, as this times exp(v - shift - kappa), formed once a row or once a lane; for `bounded_shift`'s shift that
-    factor is exp(v - max v), at most 1. One exponential an element where the passes took two, and since both
-    factors are at most 1, their product flushes to 0 only where the term's own exponential would.
-    """
+    """exp(s + kappa) at every element of a loaded row or tile of C, s = (C - 1) / epsilon, kappa = common.py's
+    `kernel_offset` (log2_kappa = kappa log2(e)): with the factors exp(v - shift - kappa) of a row or a lane, the
+    terms exp(s + v - shift) at one exponential an element (the row-column passes took two)."""
     return tl.exp2(_log2_kernel_row(similarity_row, log2_scale, log2_bias + log2_kappa))
 
 
@@ -355,7 +350,7 @@ def _fixed_point_product_kernel(left_ptr, right_ptr, fixed_point_ptr, partial_pt
 @triton_jit
 def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_ptr, gradient_ptr, num_identity,
                                  num_pose, readable_pose, padded_pose, batch_stride, row_stride, column_factor_stride,
-                                 log2_scale, log2_bias, inverse_epsilon, RANK: tl.constexpr,
+                                 log2_scale, log2_bias, log2_kappa, inverse_epsilon, RANK: tl.constexpr,
                                  RANK_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One (BLOCK_N, BLOCK_M) tile of dL/dC for program (row block, column block, b); see
     `fused_similarity_gradient`. Lanes from num_pose to padded_pose store zeros.
@@ -381,7 +376,7 @@ def _similarity_gradient_kernel(similarity_ptr, row_factors_ptr, column_factors_
                              + ranks[:, None] * column_factor_stride + columns[None, :],
                              mask=in_ranks[:, None] & in_columns[None, :], other=0.0)  # (RANK_PADDED, BLOCK_M)
     outer = tl.dot(row_factors, column_factors, input_precision="tf32x3")
-    gradient = tl.exp2(_log2_kernel_row(similarity, log2_scale, log2_bias)) * outer * inverse_epsilon
+    gradient = _kernel_row(similarity, log2_scale, log2_bias, log2_kappa) * outer * inverse_epsilon
     gradient = tl.where(inside, gradient, 0.0)
     tl.store(gradient_ptr + (batch * num_identity + rows[:, None]).to(tl.int64) * padded_pose + columns[None, :],
              gradient.to(gradient_ptr.dtype.element_ty), mask=in_rows[:, None] & (columns[None, :] < padded_pose))
@@ -530,8 +525,8 @@ def _log2_constants(similarity: torch.Tensor, epsilon: float) -> tuple[float, fl
 
 
 def _log2_kappa(epsilon: float, similarity_bound: float) -> float:
-    """kappa log2(e) of `_kernel_row`, kappa = (1 - similarity_bound) / epsilon."""
-    return (1.0 - similarity_bound) * LOG2_E / epsilon
+    """kappa log2(e) of `_kernel_row`, kappa common.py's `kernel_offset`."""
+    return kernel_offset(similarity_bound, epsilon) * LOG2_E
 
 
 def _merge_column_partials(partial: torch.Tensor, program_shift: torch.Tensor,
@@ -830,17 +825,19 @@ MIN_PADDED_RANK = 16
 
 
 def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tensor, column_factors: torch.Tensor,
-                              epsilon: float, gradient_dtype: torch.dtype, padding: int, *,
+                              epsilon: float, similarity_bound: float, gradient_dtype: torch.dtype, padding: int, *,
                               tile: tuple[int, int, int] = GRADIENT_TILE) -> torch.Tensor:
-    """dL/dC = exp((C - 1) / epsilon) (U V^T) / epsilon in one read of C, written in gradient_dtype with
-    `padding` zero columns: stored.py's `_bounded_similarity_gradient` (its float32 reference) as one kernel.
+    """dL/dC = exp(s + kappa) (U V^T) / epsilon in one read of C (s = (C - 1) / epsilon, kappa common.py's
+    `kernel_offset`), written in gradient_dtype with `padding` zero columns: stored.py's
+    `_bounded_similarity_gradient` (its float32 reference) as one kernel.
 
     Args:
         similarity: C, float32 or fixed point (int16, common.py's `fixed_point_similarity`) (B, N, M), rows
             contiguous; see `fused_pass_supported`.
         row_factors: U, float32 (B, N, R); column_factors: V, float32 (B, M, R) stored pose-major, as (B, R, M)
             (stored.py's `_pose_major`).
-        epsilon: entropic temperature. gradient_dtype: float16, bfloat16 or float32. padding: >= 0.
+        epsilon: entropic temperature. similarity_bound: the forward's bound on |C|.
+        gradient_dtype: float16, bfloat16 or float32. padding: >= 0.
         tile: (rows, columns, warps) of a program, powers of two, rows and columns at least 16 (for benchmarks).
     Returns:
         dL/dC, (B, N, M + padding) in gradient_dtype.
@@ -856,7 +853,7 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
         raise ValueError(f"padding must be >= 0 and gradient_dtype float16, bfloat16 or float32, got {padding} and "
                          f"{gradient_dtype}")
     validate_tile(tile, ("rows", "columns"))
-    _validate_fused_inputs(similarity, epsilon)
+    _validate_fused_inputs(similarity, epsilon, similarity_bound=similarity_bound)
     block_n, block_m, num_warps = tile
     padded_pose = num_pose + padding
     gradient = similarity.new_empty(batch, num_identity, padded_pose, dtype=gradient_dtype)
@@ -865,7 +862,8 @@ def fused_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tenso
         _similarity_gradient_kernel[grid](
             similarity, row_factors.contiguous(), column_factors, gradient, num_identity, num_pose,
             _readable_width(similarity), padded_pose, similarity.stride(0), similarity.stride(1),
-            column_factors.stride(2), *_log2_constants(similarity, epsilon), 1.0 / epsilon, RANK=rank,
+            column_factors.stride(2), *_log2_constants(similarity, epsilon), _log2_kappa(epsilon, similarity_bound),
+            1.0 / epsilon, RANK=rank,
             RANK_PADDED=max(MIN_PADDED_RANK, triton.next_power_of_2(rank)), BLOCK_N=block_n, BLOCK_M=block_m,
             num_warps=num_warps)
     return gradient

@@ -15,9 +15,9 @@ from torch.autograd.function import once_differentiable
 from models.networks.layers import (half_copies, half_product_gradients, product, split_operands, split_product,
                                     split_products_run_on)
 from models.networks.ot.common import (LOG_DIVISION_EPS, SINKHORN_EPSILON, SINKHORN_ITERATIONS, bounded_shift,
-                                       fixed_point_similarity, log_kernel_of, log_marginal_update, row_blocks,
-                                       validate_chunk_size, validate_feature_inputs, validate_similarity_bound,
-                                       validate_similarity_inputs, working_dtype)
+                                       fixed_point_similarity, kernel_offset, log_kernel_of, log_marginal_update,
+                                       row_blocks, validate_chunk_size, validate_feature_inputs,
+                                       validate_similarity_bound, validate_similarity_inputs, working_dtype)
 from models.networks.ot.fused import (fused_fixed_point_column_pass, fused_fixed_point_product, fused_pass_supported,
                                       fused_plan_column_sums, fused_plan_warp, fused_row_column_backward,
                                       fused_row_column_forward, fused_similarity_gradient)
@@ -176,11 +176,13 @@ def _similarity_gradient(similarity: torch.Tensor, log_b: torch.Tensor, plan_max
 
 
 def _bounded_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Tensor, column_factors: torch.Tensor,
-                                 epsilon: float, gradient_dtype: torch.dtype, padding: int) -> torch.Tensor:
-    """dL/dC for k identity rows when every shift is a bound, one per batch element: exp(s) (U V^T) / epsilon.
+                                 epsilon: float, kappa: float, gradient_dtype: torch.dtype,
+                                 padding: int) -> torch.Tensor:
+    """dL/dC for k identity rows when every shift is a bound, one per batch element: exp(s + kappa) (U V^T) /
+    epsilon, kappa = `kernel_offset` of the bound.
 
-    Then each term's exp(s + x[n] + y[m] - shift) is exp(s) exp(x[n] - shift) exp(y[m]) with the vector factors
-    formed once (`_bounded_gradient_factors`), so the pass takes one exponential per element, not 2T.
+    Then each term's exp(s + v - shift) is exp(s + kappa) exp(v - shift - kappa) with the vector factors formed
+    once (`_bounded_gradient_factors`), so the pass takes one exponential per element, not 2T.
 
     Args:
         similarity: (B, k, M); row_factors U: (B, k, R); column_factors V: (B, M, R).
@@ -188,7 +190,7 @@ def _bounded_similarity_gradient(similarity: torch.Tensor, row_factors: torch.Te
     Returns:
         dL/dC, (B, k, M + padding) in gradient_dtype.
     """
-    kernel = torch.exp(log_kernel_of(similarity, epsilon, row_factors.dtype))
+    kernel = torch.exp(log_kernel_of(similarity, epsilon, row_factors.dtype) + kappa)
     return _gradient_layout(kernel * _outer_sum(row_factors, column_factors) / epsilon, gradient_dtype, padding)
 
 
@@ -202,21 +204,23 @@ def _gradient_layout(grad: torch.Tensor, gradient_dtype: torch.dtype, padding: i
 
 def _bounded_gradient_factors(log_b: torch.Tensor, plan_max: torch.Tensor, row_weights: torch.Tensor,
                               column_weights: torch.Tensor, column_terms: list[tuple[torch.Tensor, ...]],
-                              row_terms: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """U (B, N, R) and V (B, M, R), R = 4 + 2T - 1, with dL/ds = exp(s) U V^T: `_similarity_gradient`'s terms
-    factored, for shifts that are the same over a whole row or column (`bounded_shift`).
+                              row_terms: list[tuple[torch.Tensor, ...]],
+                              kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (B, N, R) and V (B, M, R), R = 4 + 2T - 1, with dL/ds = exp(s + kappa) U V^T: `_similarity_gradient`'s
+    terms factored, for shifts that are the same over a whole row or column (`bounded_shift`), kappa their bound's
+    `kernel_offset`.
 
-    Each factor exp(log a[n] - shift) or exp(log b[m] - shift) lies in (0, 1], since the shift bounds the
-    vector's maximum; the coefficients are those `_similarity_gradient` multiplies by.
+    Each factor exp(log a[n] - shift - kappa) or exp(log b[m] - shift - kappa) is exp(v - max v), in (0, 1]; the
+    coefficients are those `_similarity_gradient` multiplies by.
     """
     row_factors = [row_weights]
-    column_factors = [torch.exp(log_b - plan_max[:, :1]).unsqueeze(2) * column_weights]
+    column_factors = [torch.exp(log_b - plan_max[:, :1] - kappa).unsqueeze(2) * column_weights]
     for log_a, column_max, coefficient in column_terms:
-        row_factors.append(torch.exp(log_a - column_max[:, :1]).unsqueeze(2))
+        row_factors.append(torch.exp(log_a - column_max[:, :1] - kappa).unsqueeze(2))
         column_factors.append(coefficient.unsqueeze(2))
     for log_b_step, row_max, coefficient in row_terms:
         row_factors.append(coefficient.unsqueeze(2))
-        column_factors.append(torch.exp(log_b_step - row_max[:, :1]).unsqueeze(2))
+        column_factors.append(torch.exp(log_b_step - row_max[:, :1] - kappa).unsqueeze(2))
     return torch.cat(row_factors, dim=2), _pose_major(torch.cat(column_factors, dim=2))
 
 
@@ -549,16 +553,17 @@ def _stored_backward(similarity: torch.Tensor, pose_points: torch.Tensor, warp: 
     row_terms = list(zip(log_b[-2:0:-1], row_max[::-1], row_coefficients))
 
     if bounded:
+        kappa = kernel_offset(similarity_bound, epsilon)
         row_factors, column_factors = run(_bounded_gradient_factors, log_b[-1], plan_max, row_weights,
-                                          column_weights, column_terms, row_terms)
+                                          column_weights, column_terms, row_terms, kappa)
     if fused:  # C in one block: dL/dC in one Triton kernel
-        return fused_similarity_gradient(similarity, row_factors, column_factors, epsilon, gradient_dtype,
-                                         padding), grad_points
+        return fused_similarity_gradient(similarity, row_factors, column_factors, epsilon, similarity_bound,
+                                         gradient_dtype, padding), grad_points
 
     def gradient_rows(rows: slice) -> torch.Tensor:
         if bounded:
             return run(_bounded_similarity_gradient, similarity[:, rows], row_factors[:, rows], column_factors,
-                       epsilon, gradient_dtype, padding)
+                       epsilon, kappa, gradient_dtype, padding)
         return run(_similarity_gradient, similarity[:, rows], log_b[-1], plan_max[:, rows], row_weights[:, rows],
                    column_weights, [(log_a_step[:, rows], maximum, coefficient)
                                     for log_a_step, maximum, coefficient in column_terms],

@@ -316,8 +316,9 @@ SIMILARITY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def _assert_similarity_warp_matches_dense(warp_function, similarity, points,
-                                          iterations: int = ot.SINKHORN_ITERATIONS):
-    expected = _warp_and_gradients(functools.partial(sinkhorn_warp_dense, iterations=iterations),
+                                          iterations: int = ot.SINKHORN_ITERATIONS,
+                                          epsilon: float = ot.SINKHORN_EPSILON):
+    expected = _warp_and_gradients(functools.partial(sinkhorn_warp_dense, iterations=iterations, epsilon=epsilon),
                                    similarity.double(), points.double())
     warp, gradients = _warp_and_gradients(warp_function, similarity, points)
     assert warp.dtype == similarity.dtype and warp.shape == expected[0].shape
@@ -338,6 +339,23 @@ def test_stored_matches_dense(dtype, batch, sizes, chunk_size, iterations, simil
                                           iterations)
     theta, phi, points = _random_problem(batch, *sizes, dtype, seed + 1)
     _assert_matches_dense(_from_features(sinkhorn_warp_stored, **options), theta, phi, points, iterations)
+
+
+@pytest.mark.parametrize("chunk_size, compiled_forms", [(None, False), (3, False), (None, True)])
+def test_stored_keeps_a_narrow_bound_at_a_small_epsilon(chunk_size, compiled_forms, monkeypatch):
+    """At epsilon 0.01 the widest bound allowed is 0.4. There s = (C - 1) / epsilon reaches -140, where exp(s) alone
+    is 0 in float32, while every term lies within exp(-80) of its bounded shift. With a row and a column whose every
+    C is -0.4, the float32 stored warp and its gradients match float64's dense warp (float32's dense warp is NaN)."""
+    epsilon, bound = 0.01, 0.4
+    similarity, points = _random_similarity(2, 9, 11, torch.float64, seed=13)
+    similarity = bound * similarity
+    similarity[0, 0] = -bound  # (N, M) row 0 of batch 0
+    similarity[1, :, 0] = -bound  # column 0 of batch 1
+    if compiled_forms:  # the broadcast reductions written for torch.compile, run eagerly
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    _assert_similarity_warp_matches_dense(
+        functools.partial(sinkhorn_warp_stored, epsilon=epsilon, chunk_size=chunk_size, similarity_bound=bound),
+        similarity.float(), points.float(), epsilon=epsilon)
 
 
 @pytest.mark.parametrize("iterations, chunk_size, similarity_bound",

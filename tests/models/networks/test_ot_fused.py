@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from models.networks.ot import fused
-from models.networks.ot.common import LOG_DIVISION_EPS, fixed_point_similarity, log_kernel_of, log_marginal_update
+from models.networks.ot.common import (LOG_DIVISION_EPS, fixed_point_similarity, kernel_offset, log_kernel_of,
+                                       log_marginal_update)
 
 EPSILON = 0.03
 SIMILARITY_BOUND = 1.0
@@ -434,11 +435,11 @@ def _assert_gradient_matches_reference(shape, rank: int, padding: int, row_paddi
     if fixed_point:
         similarity = fixed_point_similarity(similarity)
     row_factors, column_factors = _gradient_factors(*shape, rank, seed=61)
-    expected = stored._bounded_similarity_gradient(similarity, row_factors, column_factors, EPSILON, gradient_dtype,
-                                                   padding)
+    expected = stored._bounded_similarity_gradient(similarity, row_factors, column_factors, EPSILON,
+                                                   kernel_offset(SIMILARITY_BOUND, EPSILON), gradient_dtype, padding)
     actual = fused.fused_similarity_gradient(*_to_kernel_device((_padded_rows(similarity, row_padding), row_factors,
-                                                                  column_factors)), EPSILON, gradient_dtype, padding,
-                                             tile=tile)
+                                                                  column_factors)), EPSILON, SIMILARITY_BOUND,
+                                             gradient_dtype, padding, tile=tile)
     assert actual.dtype == gradient_dtype and actual.shape == expected.shape
     assert not actual[..., shape[2]:].any()
     # Both round a float32 value that differs by float32 rounding (the order of the R products' sum).
@@ -451,16 +452,18 @@ def test_fused_similarity_gradient_rejects_bad_arguments():
     similarity = torch.zeros(2, 5, 6, device=KERNEL_DEVICE)
     row_factors, column_factors = _to_kernel_device(_gradient_factors(2, 5, 6, 3, seed=62))
     with pytest.raises(ValueError, match="must match similarity"):
-        fused.fused_similarity_gradient(similarity, row_factors[:, :4], column_factors, EPSILON, torch.float16, 0)
+        fused.fused_similarity_gradient(similarity, row_factors[:, :4], column_factors, EPSILON, SIMILARITY_BOUND,
+                                        torch.float16, 0)
     for tile in ((32, 100, 4), (8, 256, 4)):  # not a power of two; fewer rows than a tensor-core product takes
         with pytest.raises(ValueError, match="tile must be three powers of two"):
-            fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, torch.float16, 0,
-                                            tile=tile)
+            fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, SIMILARITY_BOUND,
+                                            torch.float16, 0, tile=tile)
     with pytest.raises(ValueError, match="pose-major"):
         fused.fused_similarity_gradient(similarity, row_factors, column_factors.contiguous(), EPSILON,
-                                        torch.float16, 0)
+                                        SIMILARITY_BOUND, torch.float16, 0)
     with pytest.raises(ValueError, match="padding must be >= 0"):
-        fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, torch.float16, -1)
+        fused.fused_similarity_gradient(similarity, row_factors, column_factors, EPSILON, SIMILARITY_BOUND,
+                                        torch.float16, -1)
 
 
 def _plan_inputs(shape, seed: int, row_padding: int = 0, fixed_point: bool = False) -> tuple:
@@ -562,19 +565,26 @@ def _fused_and_separate_passes(monkeypatch, warp_function, inputs: list[torch.Te
 
 
 @requires_kernels
-@pytest.mark.parametrize("iterations", [1, 2, 5])
-def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, monkeypatch):
+@pytest.mark.parametrize("iterations, epsilon, similarity_bound", [(1, EPSILON, 1.0), (2, EPSILON, 1.0),
+                                                                   (5, EPSILON, 1.0), (5, 0.01, 0.4)])
+# The interpreter's sigmoid of very negative log-sum-exps at epsilon 0.01 (1 / (1 + exp(-x)), 0 as it should be).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_stored_warp_with_fused_passes_matches_the_separate_passes(iterations, epsilon, similarity_bound,
+                                                                   monkeypatch):
     """sinkhorn_warp_stored with its row and column passes fused gives the warp and gradients of the separate
-    passes."""
+    passes, at the model's epsilon and bound and at a small epsilon with the widest bound it allows (0.4), with a
+    row of C at -0.4."""
     from models.networks.ot import stored
 
     generator = torch.Generator().manual_seed(40)
-    similarity = _cosine_similarity(2, 30, 26, generator).float().to(KERNEL_DEVICE)
+    similarity = similarity_bound * _cosine_similarity(2, 30, 26, generator).float()
+    similarity[0, 0] = -similarity_bound
     points = torch.randn(2, 26, 3, generator=generator).to(KERNEL_DEVICE)
     upstream = torch.randn(2, 30, 3, generator=generator).to(KERNEL_DEVICE)
     results = _fused_and_separate_passes(
-        monkeypatch, lambda *inputs: stored.sinkhorn_warp_stored(*inputs, iterations=iterations, similarity_bound=1.0),
-        [similarity, points], upstream)
+        monkeypatch, lambda *inputs: stored.sinkhorn_warp_stored(*inputs, epsilon, iterations,
+                                                                 similarity_bound=similarity_bound),
+        [similarity.to(KERNEL_DEVICE), points], upstream)
     for name, actual, expected in zip(("warp", "dL/dC", "dL/dpose_points"), *results):
         error = ((actual - expected).norm() / expected.norm()).item()
         assert error < 1e-5, f"{name} differs by {error:.3g} relative"
