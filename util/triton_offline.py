@@ -71,23 +71,45 @@ def ptxas_usage(ptx: str) -> dict[str, int]:
             "spill_store_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1))}
 
 
-def loop_opcodes(ptx: str) -> collections.Counter:
-    """The opcodes (MUFU, FFMA, ..., without modifiers) of the largest loop in `ptx`'s sm_90a machine code, from a
-    backward branch's target to the branch, both branches of any `if` inside it counted: what a row pass issues a
-    row, where each MUFU (exp2, log, reciprocal) takes the XU pipe, an eighth of the FMA pipes' rate."""
+def _machine_code(ptx: str) -> str:
+    """`ptx` assembled for sm_90a and disassembled (Triton's bundled ptxas and nvdisasm)."""
     with tempfile.TemporaryDirectory() as scratch:
         cubin, _ = _assemble(ptx, scratch)
-        listing = subprocess.run([str(_bundled_tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True,
-                                 check=True).stdout
-    opcodes, labels, loop = [], {}, []
+        return subprocess.run([str(_bundled_tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _instructions(listing: str) -> list[tuple[str, str]]:
+    """(opcode without modifiers, operands) of each instruction of a listing, with (label, "") where a label
+    stands."""
+    lines = []
     for line in listing.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
         instruction = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
         if label:
-            labels[label.group(1)] = len(opcodes)
+            lines.append((label.group(1), ""))
         elif instruction:
-            opcodes.append(instruction.group(1).split(".")[0])
-            target = re.search(r"(\.L_x_\d+)", instruction.group(2)) if opcodes[-1] == "BRA" else None
-            if target and target.group(1) in labels and len(opcodes) - labels[target.group(1)] > len(loop):
-                loop = opcodes[labels[target.group(1)]:]
+            lines.append((instruction.group(1).split(".")[0], instruction.group(2)))
+    return lines
+
+
+def opcodes(ptx: str) -> collections.Counter:
+    """The opcodes (MUFU, FFMA, FRND, F2I, ..., without modifiers) of `ptx`'s whole sm_90a machine code. MUFU
+    (exp2, log, reciprocal), FRND (floor, ceil) and F2I and I2F (conversions) run on one unit at an eighth of the FMA
+    pipes' rate."""
+    return collections.Counter(opcode for opcode, _ in _instructions(_machine_code(ptx)) if not opcode.startswith("."))
+
+
+def loop_opcodes(ptx: str) -> collections.Counter:
+    """`opcodes` of the largest loop in `ptx`'s machine code, from a backward branch's target to the branch, both
+    branches of any `if` inside it counted: what a row pass issues a row."""
+    opcodes_so_far, labels, loop = [], {}, []
+    for opcode, operands in _instructions(_machine_code(ptx)):
+        if opcode.startswith("."):
+            labels[opcode] = len(opcodes_so_far)
+            continue
+        opcodes_so_far.append(opcode)
+        target = re.search(r"(\.L_x_\d+)", operands) if opcode == "BRA" else None
+        if target and target.group(1) in labels and len(opcodes_so_far) - labels[target.group(1)] > len(loop):
+            loop = opcodes_so_far[labels[target.group(1)]:]
     return collections.Counter(loop)

@@ -48,6 +48,12 @@ from models.networks.triton_support import INTERPRETED, on_device, tl, triton, t
 # 388.5M at batch 8 and N = M = 6890; docs/benchmarks.md, twenty-first session).
 LOG2_E = 1.0 / math.log(2.0)
 _LOG2_E = None if tl is None else tl.constexpr(LOG2_E)
+# 1.5 * 2^23 and its float32 bits: float32's step is 1 from 2^23 to 2^24, so for |x| < 2^22 the sum 1.5 * 2^23 + x
+# is x rounded to an integer, and its bits are those of 1.5 * 2^23 plus that integer (`_int16_to_float`,
+# `_integral_float_to_int16`, `_nearest_integer`): conversions on the FMA and integer pipes instead of the unit that
+# takes every exp2.
+_MAGIC = None if tl is None else tl.constexpr(12582912.0)
+_MAGIC_BITS = None if tl is None else tl.constexpr(0x4B400000)
 
 # The widest row a program holds in registers: with at most 32 warps each thread keeps LANES_PER_THREAD lanes of every
 # row-wide value (the row, a per-column vector or two, the column sums).
@@ -119,7 +125,21 @@ def _int16_to_float(value):
     """An int16 tensor in float32, exactly, with integer and float additions instead of the conversion instruction,
     which runs on the unit that also takes every exp2 (the passes' bottleneck): 1.5 * 2^23 + q, for |q| < 2^22, is
     the float whose bits are those of 1.5 * 2^23 plus q."""
-    return (value.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    return (value.to(tl.int32) + _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
+
+
+@triton_jit
+def _integral_float_to_int16(value):
+    """`_int16_to_float` reversed: a float32 tensor of integers in int16's range as int16, by the same bits."""
+    return ((value + _MAGIC).to(tl.int32, bitcast=True) - _MAGIC_BITS).to(tl.int16)
+
+
+@triton_jit
+def _nearest_integer(value):
+    """value rounded to the nearest integer, ties to even, for |value| < 2^22: 1.5 * 2^23 + value lies where float32's
+    step is 1, so the sum rounds it, and subtracting 1.5 * 2^23 again is exact. Two additions on the FMA pipe, where
+    tl.floor and tl.ceil are FRND instructions on the unit that takes every exp2."""
+    return (value + _MAGIC) - _MAGIC
 
 
 @triton_jit
@@ -225,9 +245,17 @@ def _row_column_backward_kernel(similarity_ptr, log_a_prev_ptr, column_shift_ptr
 
 @triton_jit
 def _rounded_to_levels(similarity, levels):
-    """clamp(C, -1, 1) * levels rounded half away from zero, in float32: common.py's `fixed_point_similarity`."""
+    """clamp(C, -1, 1) * levels rounded half away from zero as common.py's `fixed_point_similarity` rounds it, bit for
+    bit: floor(scaled + 0.5) or ceil(scaled - 0.5), each sum rounded to float32 first. floor and ceil are the
+    nearest integer (`_nearest_integer`) moved by one where it lies on the other side."""
     scaled = tl.minimum(tl.maximum(similarity, -1.0), 1.0) * levels
-    return tl.where(scaled >= 0, tl.floor(scaled + 0.5), tl.ceil(scaled - 0.5))
+    up = scaled + 0.5
+    floor_up = _nearest_integer(up)
+    floor_up = tl.where(floor_up > up, floor_up - 1.0, floor_up)
+    down = scaled - 0.5
+    ceil_down = _nearest_integer(down)
+    ceil_down = tl.where(ceil_down < down, ceil_down + 1.0, ceil_down)
+    return tl.where(scaled >= 0, floor_up, ceil_down)
 
 
 @triton_jit
@@ -245,7 +273,8 @@ def _fixed_point_column_kernel(similarity_ptr, fixed_point_ptr, partial_ptr, num
         similarity_row = tl.load(batch_ptr + tl.cast(row, tl.int64) * row_stride + columns, mask=in_readable,
                                  other=0.0)
         fixed_point = _rounded_to_levels(tl.where(in_row, similarity_row, 0.0), levels)
-        tl.store(fixed_batch_ptr + tl.cast(row, tl.int64) * fixed_row_stride + columns, fixed_point.to(tl.int16),
+        tl.store(fixed_batch_ptr + tl.cast(row, tl.int64) * fixed_row_stride + columns,
+                 _integral_float_to_int16(fixed_point),
                  mask=columns < fixed_row_stride)
         column_sum += tl.exp2(_log2_kernel_row(fixed_point, log2_scale, log2_bias))  # never stored past M
     partial = batch * tl.num_programs(0) + program
@@ -341,7 +370,7 @@ def _fixed_point_product_kernel(left_ptr, right_ptr, fixed_point_ptr, partial_pt
         right_tile += BLOCK_K * padded_pose
     fixed_point = _rounded_to_levels(product, levels)  # the padding columns of right are 0, so are C's
     tl.store(fixed_point_ptr + batch.to(tl.int64) * fixed_batch_stride + rows[:, None].to(tl.int64) * padded_pose
-             + columns[None, :], fixed_point.to(tl.int16), mask=in_rows[:, None] & in_columns[None, :])
+             + columns[None, :], _integral_float_to_int16(fixed_point), mask=in_rows[:, None] & in_columns[None, :])
     terms = tl.where(in_rows[:, None], tl.exp2(_log2_kernel_row(fixed_point, log2_scale, log2_bias)), 0.0)
     partial = batch * tl.num_programs(0) + row_block
     tl.store(partial_ptr + partial.to(tl.int64) * num_pose + columns, tl.sum(terms, axis=0), mask=columns < num_pose)

@@ -323,6 +323,42 @@ def test_fused_fixed_point_column_pass_matches_the_rounding_and_the_column_sums(
     _assert_close("column_sum", column_sum, expected_column_sum, SUM_TOLERANCE, 0)
 
 
+def _rounding_edges() -> torch.Tensor:
+    """float32 similarities where rounding to fixed point is delicate, (1, 48, 64): C * LEVELS on a half level (in
+    float32 steps) and one to three float32 steps either side, those around +-0.5 levels (where scaled + 0.5 itself
+    rounds), 0 and -0, and values at or past +-1 (clamped)."""
+    from models.networks.ot.common import SIMILARITY_LEVELS
+
+    levels = torch.tensor([-32767, -30001, -12345, -2, -1, 0, 1, 2, 777, 16383, 16384, 32766], dtype=torch.float64)
+    centres = ((levels + 0.5) / SIMILARITY_LEVELS).float()
+    steps = torch.arange(-3, 4, dtype=torch.float32)
+    near_ties = torch.stack([torch.nextafter(centres, centres + step.sign() * 2) if step else centres
+                             for step in steps]).flatten()
+    for _ in range(2):  # the second and third steps either side
+        near_ties = torch.cat([near_ties, torch.nextafter(near_ties, torch.ones_like(near_ties)),
+                               torch.nextafter(near_ties, -torch.ones_like(near_ties))]).unique()
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 1.0 + 1e-6, -1.0 - 1e-6, 2.0, -2.0])
+    values = torch.cat([near_ties, special])
+    values = torch.cat([values, values.new_zeros(48 * 64 - values.numel())])
+    return values.view(1, 48, 64)
+
+
+@requires_kernels
+def test_fixed_point_rounding_matches_the_reference_at_ties_and_edges():
+    """The kernels' rounding (`_rounded_to_levels`, two float additions and a correction each way instead of floor
+    and ceil, and the int16 bits from an addition) equals `fixed_point_similarity` bit for bit at every delicate
+    value: exact half levels (which it rounds away from zero), their float32 neighbours, and the sums scaled + 0.5
+    that round in float32."""
+    from models.networks.ot.common import SIMILARITY_LEVELS
+
+    similarity = _rounding_edges()
+    scaled = similarity.clamp(-1.0, 1.0) * SIMILARITY_LEVELS
+    assert ((scaled - scaled.floor()) == 0.5).sum() >= 10, "the edges must hold exact half levels"
+    fixed_point, _ = fused.fused_fixed_point_column_pass(*_to_kernel_device([similarity]), EPSILON)
+    expected = fixed_point_similarity(similarity)
+    assert torch.equal(fixed_point.cpu(), expected), (fixed_point.cpu() != expected).sum()
+
+
 @requires_kernels
 @pytest.mark.parametrize("shape, channels", [((1, 2, 3), 4), ((2, 33, 47), 16), ((3, 130, 140), 256),
                                              ((1, 12, 6890), 8)])
@@ -792,28 +828,39 @@ def test_kernels_compile_for_hopper_reading_fixed_point_rows_in_half_the_16_byte
         "wgmma.mma_async", "st.global.v4.b32", "st.global.b32"}, counts
 
 
-_LOOP_EXPONENTIALS_SCRIPT = """
+_CONVERSION_UNIT_SCRIPT = """
 import json
 from models.networks.ot import fused
-from util.triton_offline import hopper_ptx, loop_opcodes
+from util.triton_offline import hopper_ptx, loop_opcodes, opcodes
 
 counts = {}
 for name, kernel in (("forward", fused._row_column_forward_kernel), ("backward", fused._row_column_backward_kernel)):
     counts[name] = loop_opcodes(hopper_ptx(kernel, "*i16", {"BLOCK_M": 8192, "NUM_STAGES": 3},
-                                           8192 // (32 * fused.LANES_PER_THREAD)))["MUFU"]
-print(json.dumps(counts))
+                                           8192 // (32 * fused.LANES_PER_THREAD)))
+block_n, block_m, block_k, num_warps = fused.PRODUCT_TILE
+counts["product"] = opcodes(hopper_ptx(fused._fixed_point_product_kernel, "*fp32",
+                                       {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps))
+counts["fixed point column"] = opcodes(hopper_ptx(fused._fixed_point_column_kernel, "*fp32",
+                                                  {"BLOCK_M": 8192, "NUM_STAGES": 3}, 16))
+print(json.dumps({name: {op: count.get(op, 0) for op in ("MUFU", "FRND", "F2I", "I2F")}
+                  for name, count in counts.items()}))
 """
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs triton")
-def test_row_column_passes_take_one_exponential_an_element():
-    """The row-column passes' loops, compiled for an H100, issue one MUFU (the XU pipe's exp2) per lane of a thread
+def test_kernels_take_the_conversion_unit_once_an_element():
+    """Compiled for an H100: the row-column passes' loops issue one MUFU (the exp2 an element) per lane of a thread
     and a few a row (the log a update's log and exp, the rescale's exp2), where two exponentials an element took
-    twice the lanes: the XU pipe bounded those passes (docs/benchmarks.md, twenty-first session)."""
+    twice the lanes; the fixed-point product and column pass round C to fixed point with no FRND (floor, ceil) or
+    F2I, their one MUFU an element being the first column pass's exp2. MUFU, FRND and the conversions share a unit
+    at an eighth of the FMA pipes' rate, which bounded the passes (docs/benchmarks.md, twenty-first session)."""
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _LOOP_EXPONENTIALS_SCRIPT], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", _CONVERSION_UNIT_SCRIPT], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[3], env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
-    for kernel, exponentials in counts.items():
-        assert fused.LANES_PER_THREAD <= exponentials <= fused.LANES_PER_THREAD + 4, counts
+    for kernel in ("forward", "backward"):
+        assert fused.LANES_PER_THREAD <= counts[kernel]["MUFU"] <= fused.LANES_PER_THREAD + 4, counts
+    block_n, block_m, _, num_warps = fused.PRODUCT_TILE
+    for kernel, elements in (("product", block_n * block_m // (32 * num_warps)), ("fixed point column", 8192 // 512)):
+        assert counts[kernel] == {"MUFU": elements, "FRND": 0, "F2I": 0, "I2F": 0}, counts
