@@ -693,17 +693,23 @@ def test_fused_passes_keep_rows_and_columns_far_below_the_shift():
     similarity[0, 0] = -1.0  # (N, M) row 0 of batch 0
     similarity[1, :, 0] = -1.0  # column 0 of batch 1
     log_b = log_b.float()
-    inputs = (similarity.float(), log_b, log_b.amax(1))
-    expected = fused.fused_row_column_forward_naive(*inputs, EPSILON, SIMILARITY_BOUND)
-    actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), EPSILON, SIMILARITY_BOUND)
+    _assert_passes_match_naive_at_the_ends((similarity.float(), log_b, log_b.amax(1)), EPSILON, SIMILARITY_BOUND,
+                                           seed=51)
+
+
+def _assert_passes_match_naive_at_the_ends(inputs: tuple, epsilon: float, bound: float, seed: int) -> None:
+    """Both passes on inputs (C, log b, row shift) whose C holds a row and a column at -bound: every sum finite
+    and positive, and values and gradients as the float64 references give them."""
+    expected = fused.fused_row_column_forward_naive(*inputs, epsilon, bound)
+    actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), epsilon, bound)
     for name, value, reference in zip(("row_sum", "log_a", "column_shift", "column_sum"), actual, expected):
-        assert (value.cpu() > -math.inf).all() and (name in ("log_a", "column_shift") or (value.cpu() > 0).all())
+        assert torch.isfinite(value).all() and (name in ("log_a", "column_shift") or (value.cpu() > 0).all()), name
         _assert_close(name, value, reference, *((SUM_TOLERANCE, 0) if "sum" in name else (0, LOG_TOLERANCE)))
     backward_inputs = (inputs[0], expected[1].float(), expected[2].float(),
-                       torch.randn(2, 13, generator=torch.Generator().manual_seed(51)), inputs[2],
-                       expected[0].float(), log_b, EPSILON)
+                       torch.randn(*inputs[1].shape, generator=torch.Generator().manual_seed(seed)), inputs[2],
+                       expected[0].float(), inputs[1], epsilon)
     expected_gradients = fused.fused_row_column_backward_naive(*backward_inputs)
-    actual_gradients = fused.fused_row_column_backward(*_to_kernel_device(backward_inputs), SIMILARITY_BOUND)
+    actual_gradients = fused.fused_row_column_backward(*_to_kernel_device(backward_inputs), bound)
     for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual_gradients,
                                       expected_gradients):
         _assert_gradient_close(name, value, reference)
@@ -726,19 +732,7 @@ def test_fused_passes_keep_terms_of_a_narrow_bound_at_a_small_epsilon(fixed_poin
     inputs = (similarity.float(), log_b, log_b.amax(1) + (bound - 1.0) / epsilon)
     if fixed_point:  # a fixed-point C holds q / LEVELS; scaled by the bound it stays within it
         inputs = _fixed_point(inputs)
-    expected = fused.fused_row_column_forward_naive(*inputs, epsilon, bound)
-    actual = fused.fused_row_column_forward(*_to_kernel_device(inputs), epsilon, bound)
-    for name, value, reference in zip(("row_sum", "log_a", "column_shift", "column_sum"), actual, expected):
-        assert torch.isfinite(value).all() and (name in ("log_a", "column_shift") or (value.cpu() > 0).all()), name
-        _assert_close(name, value, reference, *((SUM_TOLERANCE, 0) if "sum" in name else (0, LOG_TOLERANCE)))
-    backward_inputs = (inputs[0], expected[1].float(), expected[2].float(),
-                       torch.randn(2, 13, generator=torch.Generator().manual_seed(54)), inputs[2],
-                       expected[0].float(), log_b, epsilon)
-    expected_gradients = fused.fused_row_column_backward_naive(*backward_inputs)
-    actual_gradients = fused.fused_row_column_backward(*_to_kernel_device(backward_inputs), bound)
-    for name, value, reference in zip(("grad_log_a", "row_coefficient", "grad_log_b"), actual_gradients,
-                                      expected_gradients):
-        _assert_gradient_close(name, value, reference)
+    _assert_passes_match_naive_at_the_ends(inputs, epsilon, bound, seed=54)
 
 
 def test_fused_passes_refuse_a_bound_too_wide_for_epsilon():
