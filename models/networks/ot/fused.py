@@ -622,7 +622,7 @@ def fused_row_column_forward(similarity: torch.Tensor, log_b: torch.Tensor, row_
             layout.rows_per_program, *_log2_constants(similarity, epsilon), _log2_kappa(epsilon, similarity_bound),
             math.log(num_identity), LOG_DIVISION_EPS, BLOCK_M=layout.block, NUM_STAGES=layout.stages,
             num_warps=layout.num_warps)
-    program_shift = program_shift + (similarity_bound - 1.0) / epsilon  # the shift of each program's column sums
+    program_shift = program_shift - kernel_offset(similarity_bound, epsilon)  # each program's column sums' shift
     column_shift = program_shift.amax(1)
     return row_sum, log_a, column_shift, _merge_column_partials(partial, program_shift, column_shift)
 
