@@ -68,7 +68,8 @@ class BaseOptions:
                             choices=("auto", *PRECISIONS))
     ot: str = option("auto", "optimal-transport warp: dense (published), stored (C kept once, compiled "
                      "log-domain passes), chunked (memory linear in the vertex count); auto = stored or, when C "
-                     "would not fit, chunked on a GPU, dense on the CPU", choices=tuple(WARPS))
+                     "would not fit, chunked on a GPU; dense on the CPU or, for a pair whose N x M tensors would not "
+                     "fit in the memory available, chunked (the same values)", choices=tuple(WARPS))
     fold_linear: str = option("auto", "compose the generator's consecutive affine layers into one: the same function "
                               "with 38%% of the arithmetic, other rounding; auto = on with --precision fp16 or "
                               "bf16, off with fp32 (the published arithmetic)", choices=("auto", "on", "off"))
@@ -210,14 +211,13 @@ def parse(options_class: type[OptionsT], args: list[str] | None = None, script: 
     on_gpu = device.startswith("cuda")
     values.update(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
                   choices_as_given={name: values[name] for name in AUTO_CHOICES})
-    # "auto" picks the fast path on a GPU and the reference path on the CPU, once, here.
+    # "auto" picks the fast path on a GPU and the reference path on the CPU, once, here (--ot auto chooses per pair,
+    # by its size: models/networks/correspondence.py auto_warp).
     if values["precision"] == "auto":
         # NPT keeps its published fp32 unless asked: its mixed-precision training is not checked on a GPU yet.
         values["precision"] = "fp16" if on_gpu and values["model"] != "npt" else "fp32"
     if values["fold_linear"] == "auto":
         values["fold_linear"] = "off" if values["precision"] == "fp32" else "on"
-    if values["ot"] == "auto" and not on_gpu:
-        values["ot"] = "dense"
     if values["compile"] == "auto":
         values["compile"] = "on" if on_gpu and options_class.isTrain else "off"
     if values["cuda_graphs"] == "auto":

@@ -170,13 +170,62 @@ def _stored_bytes_per_element(needs_gradient: bool, half_dtype: torch.dtype | No
     return 8 if needs_gradient else 4
 
 
+def _needs_gradient(identity_theta: torch.Tensor, pose_phi: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (identity_theta.requires_grad or pose_phi.requires_grad)
+
+
+def stored_or_chunked_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
+                           half_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """stored_warp while C fits in STORED_WARP_MAX_BYTES (fastest), else chunked_warp (same arguments): --ot auto
+    on a GPU."""
+    batch, _, num_identity = identity_theta.shape
+    stored_bytes = (_stored_bytes_per_element(_needs_gradient(identity_theta, pose_phi), half_dtype) * batch
+                    * num_identity * pose_phi.shape[2])
+    warp = stored_warp if stored_bytes <= STORED_WARP_MAX_BYTES else chunked_warp
+    return warp(identity_theta, pose_phi, pose_points, half_dtype)
+
+
+# Bytes dense_warp holds at its peak in C-sized tensors on the CPU, per element of C: C, K and the plan as it is formed
+# and normalised (16.8 measured at N = M = 3000, no gradient), and with a gradient what autograd keeps besides (33.0).
+DENSE_WARP_BYTES_PER_ELEMENT = {False: 17, True: 33}
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give without swapping (Linux's MemAvailable), or None where it does not
+    say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def dense_or_chunked_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
+                          half_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dense_warp, the published computation, while its N x M tensors fit in the memory available, else chunked_warp,
+    the same values summed block by block with memory linear in N, and a warning (same arguments): --ot auto on the
+    CPU, where dense_warp would otherwise stop with an allocation error, or be killed, on a large mesh."""
+    batch, _, num_identity = identity_theta.shape
+    num_pose = pose_phi.shape[2]
+    dense_bytes = (DENSE_WARP_BYTES_PER_ELEMENT[_needs_gradient(identity_theta, pose_phi)] * batch * num_identity
+                   * num_pose)
+    available = available_memory()
+    if available is None or dense_bytes <= available:
+        return dense_warp(identity_theta, pose_phi, pose_points, half_dtype)
+    warnings.warn(f"the dense optimal transport of {batch} pair(s) of {num_identity} and {num_pose} vertices would "
+                  f"take {dense_bytes / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of memory available: "
+                  f"it runs block by block instead (--ot chunked: the same values, memory linear in the vertex count)",
+                  stacklevel=2)
+    return chunked_warp(identity_theta, pose_phi, pose_points, half_dtype)
+
+
 def auto_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor, pose_points: torch.Tensor,
               half_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """stored_warp for moderate sizes (fastest), else chunked_warp (same arguments)."""
-    batch, _, num_identity = identity_theta.shape
-    needs_gradient = torch.is_grad_enabled() and (identity_theta.requires_grad or pose_phi.requires_grad)
-    stored_bytes = _stored_bytes_per_element(needs_gradient, half_dtype) * batch * num_identity * pose_phi.shape[2]
-    warp = stored_warp if stored_bytes <= STORED_WARP_MAX_BYTES else chunked_warp
+    """--ot auto (same arguments): `stored_or_chunked_warp` on a GPU, `dense_or_chunked_warp` on the CPU."""
+    warp = stored_or_chunked_warp if identity_theta.is_cuda else dense_or_chunked_warp
     return warp(identity_theta, pose_phi, pose_points, half_dtype)
 
 

@@ -126,6 +126,15 @@ def test_bad_values(args, message):
         parse(TrainOptions, ["--gpu_ids", "-1", *args] if "--gpu_ids" not in args else args)
 
 
+def test_auto_choices_on_the_cpu():
+    """The reference path: fp32, no folding, no compilation, no graphs; --ot auto stays auto, which runs the dense
+    warp there unless a pair's N x M tensors would not fit in memory (correspondence.py `dense_or_chunked_warp`)."""
+    for options_class in (TrainOptions, TestOptions):
+        opt = parse(options_class, ["--gpu_ids", "-1"])
+        assert (opt.device, opt.precision, opt.fold_linear, opt.ot, opt.compile, opt.cuda_graphs) == (
+            "cpu", "fp32", "off", "auto", "off", "off")
+
+
 @pytest.mark.parametrize("args, fold_linear", [([], "off"), (["--precision", "fp16"], "on"),
                                                (["--precision", "bf16"], "on"),
                                                (["--precision", "fp16", "--fold_linear", "off"], "off"),

@@ -1,4 +1,6 @@
 """models/networks/correspondence.py: which warp --ot auto picks."""
+import warnings
+
 import pytest
 import torch
 
@@ -7,34 +9,72 @@ from models.networks import correspondence
 
 @pytest.fixture
 def chosen(monkeypatch):
-    """Record which warp auto_warp calls instead of running it; C is 1 x 10 x 12 float32 = 480 bytes."""
+    """Record which warp the auto rules call instead of running it; C is 1 x 10 x 12 float32 = 480 bytes."""
     calls = []
-    monkeypatch.setattr(correspondence, "stored_warp", lambda *inputs: calls.append("stored"))
-    monkeypatch.setattr(correspondence, "chunked_warp", lambda *inputs: calls.append("chunked"))
+    for name in ("stored", "chunked", "dense"):
+        monkeypatch.setattr(correspondence, f"{name}_warp", lambda *inputs, name=name: calls.append(name))
     monkeypatch.setattr(correspondence, "STORED_WARP_MAX_BYTES", 500)
     return calls
 
 
-def test_auto_stores_the_similarity_while_it_fits(chosen):
+def test_auto_on_a_gpu_stores_the_similarity_while_it_fits(chosen):
     theta, phi, points = torch.rand(1, 4, 10), torch.rand(1, 4, 12), torch.rand(1, 12, 3)
     with torch.no_grad():  # inference: C alone, 480 bytes, fits
-        correspondence.auto_warp(theta, phi, points)
-    correspondence.auto_warp(theta, phi, points)  # no input needs a gradient: still C alone
-    correspondence.auto_warp(theta.requires_grad_(), phi, points)  # training: C and dL/dC, 960 bytes
+        correspondence.stored_or_chunked_warp(theta, phi, points)
+    correspondence.stored_or_chunked_warp(theta, phi, points)  # no input needs a gradient: still C alone
+    correspondence.stored_or_chunked_warp(theta.requires_grad_(), phi, points)  # training: C and dL/dC, 960 bytes
     with torch.no_grad():
-        correspondence.auto_warp(theta, phi, points)
+        correspondence.stored_or_chunked_warp(theta, phi, points)
     assert chosen == ["stored", "stored", "chunked", "stored"]
 
 
-def test_auto_counts_the_float32_similarity_beside_its_fixed_point_copy(chosen, monkeypatch):
+def test_auto_on_a_gpu_counts_the_float32_similarity_beside_its_fixed_point_copy(chosen, monkeypatch):
     """With half_dtype the stored warp forms C's int16 copy while the float32 C still lives: 6 bytes an element,
     inference or training (in backward, the int16 C and the half dL/dC take 4)."""
     theta, phi, points = torch.rand(1, 4, 10), torch.rand(1, 4, 12), torch.rand(1, 12, 3)
     with torch.no_grad():  # 1 x 10 x 12 x 6 = 720 bytes
-        correspondence.auto_warp(theta, phi, points, torch.float16)
+        correspondence.stored_or_chunked_warp(theta, phi, points, torch.float16)
     monkeypatch.setattr(correspondence, "STORED_WARP_MAX_BYTES", 720)
-    correspondence.auto_warp(theta.requires_grad_(), phi, points, torch.float16)
+    correspondence.stored_or_chunked_warp(theta.requires_grad_(), phi, points, torch.float16)
     assert chosen == ["chunked", "stored"]
+
+
+def test_auto_on_the_cpu_runs_the_dense_warp_while_the_memory_available_holds_it(chosen, monkeypatch):
+    """1 x 10 x 12 elements: the dense warp's 17 bytes each without a gradient (2040), 33 with one (3960)."""
+    theta, phi, points = torch.rand(1, 4, 10), torch.rand(1, 4, 12), torch.rand(1, 12, 3)
+    monkeypatch.setattr(correspondence, "available_memory", lambda: 2040)
+    with torch.no_grad():
+        correspondence.auto_warp(theta, phi, points)
+    with pytest.warns(UserWarning, match=r"would take 0\.0 GiB, more than the 0\.0 GiB of memory available: it "
+                                         r"runs block by block instead \(--ot chunked"):
+        correspondence.auto_warp(theta.requires_grad_(), phi, points)
+    monkeypatch.setattr(correspondence, "available_memory", lambda: None)  # a system that does not say
+    correspondence.auto_warp(theta, phi, points)
+    assert chosen == ["dense", "chunked", "dense"]
+
+
+def test_auto_on_the_cpu_falls_back_to_the_same_values():
+    """Where the dense warp would not fit, the chunked one gives its warp and gradients, with one warning."""
+    generator = torch.Generator().manual_seed(7)
+    theta, phi = (torch.nn.functional.normalize(torch.randn(2, 8, count, generator=generator), dim=1)
+                  for count in (30, 26))
+    points = torch.randn(2, 26, 3, generator=generator)
+    results = []
+    for memory in (None, 1):
+        leaf = theta.clone().requires_grad_()
+        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            patch.setattr(correspondence, "available_memory", lambda: memory)
+            warp = correspondence.auto_warp(leaf, phi, points)
+        assert len(caught) == (1 if memory else 0), [str(warning.message) for warning in caught]
+        results.append((warp, torch.autograd.grad(warp.square().sum(), leaf)[0]))
+    for name, dense, chunked in zip(("warp", "gradient"), *results):  # float32 sums in other orders
+        assert ((chunked - dense).norm() / dense.norm()).item() < 1e-4, name
+
+
+def test_available_memory_reads_the_system_or_says_nothing():
+    memory = correspondence.available_memory()
+    assert memory is None or memory > 0
 
 
 def _trained_mode_gradients(model: correspondence.Correspondence, identity_points, pose_points, upstream):
