@@ -24,6 +24,10 @@ def user_message(err: BaseException) -> str:
     if "No working C++ compiler" in line:  # torch.compile's CPU backend (--ot stored, --compile on)
         return (f"{line}; torch.compile needs one on the CPU: install g++ or clang, or run the reference path "
                 f"(--ot dense --compile off)")
+    if "can't allocate memory" in line or "out of memory" in line.lower():  # the CPU's allocator, CUDA's
+        return (f"{line}; use smaller meshes or a smaller --batchSize, or let the optimal transport run block by "
+                f"block (--ot chunked, or --ot auto: memory linear in the vertex count, where the dense warp needs "
+                f"about 17 bytes a vertex pair, 33 in training)")
     return line
 
 
