@@ -190,11 +190,11 @@ def stored_or_chunked_warp(identity_theta: torch.Tensor, pose_phi: torch.Tensor,
 DENSE_WARP_BYTES_PER_ELEMENT = {False: 17, True: 33}
 
 
-def available_memory() -> int | None:
+def available_memory(meminfo_path: str = "/proc/meminfo") -> int | None:
     """Bytes of memory the system can still give without swapping (Linux's MemAvailable), or None where it does not
     say."""
     try:
-        with open("/proc/meminfo") as meminfo:
+        with open(meminfo_path) as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

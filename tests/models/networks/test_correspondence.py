@@ -72,9 +72,13 @@ def test_auto_on_the_cpu_falls_back_to_the_same_values():
         assert ((chunked - dense).norm() / dense.norm()).item() < 1e-4, name
 
 
-def test_available_memory_reads_the_system_or_says_nothing():
-    memory = correspondence.available_memory()
-    assert memory is None or memory > 0
+def test_available_memory_reads_linux_memavailable_or_says_nothing(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   23456789 kB\n")
+    assert correspondence.available_memory(str(meminfo)) == 23456789 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")  # a kernel too old to say
+    assert correspondence.available_memory(str(meminfo)) is None
+    assert correspondence.available_memory(str(tmp_path / "absent")) is None  # not Linux
 
 
 def _trained_mode_gradients(model: correspondence.Correspondence, identity_points, pose_points, upstream):
