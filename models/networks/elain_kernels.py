@@ -137,12 +137,14 @@ def activated_elain_map(x: torch.Tensor, identity_features: torch.Tensor, weight
             raise ValueError(f"{name} must be a contiguous {' or '.join(map(str, dtypes))} tensor of shape "
                              f"{tuple(shape)} on {x.device}, got {value.dtype} {tuple(value.shape)} on {value.device}"
                              f"{'' if value.is_contiguous() else ' (not contiguous)'}")
-    for name, value in (("mean", mean), ("std", std), ("blend", blend), ("bias", bias)):
-        count = 2 * channels if name == "bias" else batch * channels
+    per_channel = "one per batch element and channel"
+    for name, value, count, layout in (("mean", mean, batch * channels, per_channel),
+                                       ("std", std, batch * channels, per_channel),
+                                       ("blend", blend, batch * channels, per_channel),
+                                       ("bias", bias, 2 * channels, "gamma's, then beta's")):
         if value.numel() != count or value.device != x.device:
-            raise ValueError(f"{name} must have {count} values on {x.device} (" + (
-                "gamma's, then beta's" if name == "bias" else "one per batch element and channel") +
-                f"), got {tuple(value.shape)} on {value.device}")
+            raise ValueError(f"{name} must have {count} values on {x.device} ({layout}), got {tuple(value.shape)} on "
+                             f"{value.device}")
     statistics = [value.reshape(batch, channels).float().contiguous() for value in (mean, std, blend)]
     default_tile_of_x, default_stages = default_tile(x)
     tile = default_tile_of_x if tile is None else tile

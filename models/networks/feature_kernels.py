@@ -152,6 +152,15 @@ def _convolution_kernel(x_ptr, mean_ptr, rstd_ptr, residual_ptr, slope_ptr, acti
 
 
 @triton_jit
+def _tile_step(start, tiles, vertices, in_outs, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Tiles [start, start + BLOCK_T) of a statistics program: their indices, their counts of real columns (below
+    `vertices`) as float32 (BLOCK_T, 1), and the mask of those that exist at the program's channels."""
+    tile = start + tl.arange(0, BLOCK_T)
+    count = tl.minimum(tl.maximum(vertices - tile * BLOCK_N, 0), BLOCK_N).to(tl.float32)[:, None]
+    return tile, count, (tile < tiles)[:, None] & in_outs[None, :]
+
+
+@triton_jit
 def _statistics_kernel(partial_ptr, mean_ptr, rstd_ptr, channels, tiles, vertices, eps, BLOCK_N: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     """Channels [c * BLOCK_C, ...) of batch element b for program (c, b): the tiles' means and centred sums of
@@ -160,20 +169,15 @@ def _statistics_kernel(partial_ptr, mean_ptr, rstd_ptr, channels, tiles, vertice
     channel_block, batch = tl.program_id(0), tl.program_id(1)
     outs = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     in_outs = outs < channels
-    steps = tl.arange(0, BLOCK_T)
     first = partial_ptr + batch * tiles * 2 * channels + outs[None, :]
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, tiles, BLOCK_T):
-        tile = start + steps
-        count = tl.minimum(tl.maximum(vertices - tile * BLOCK_N, 0), BLOCK_N).to(tl.float32)[:, None]
-        in_block = (tile < tiles)[:, None] & in_outs[None, :]
+        tile, count, in_block = _tile_step(start, tiles, vertices, in_outs, BLOCK_N, BLOCK_T)
         total += tl.sum(count * tl.load(first + tile[:, None] * 2 * channels, mask=in_block, other=0.0), axis=0)
     mean = total / vertices
     squares = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, tiles, BLOCK_T):
-        tile = start + steps
-        count = tl.minimum(tl.maximum(vertices - tile * BLOCK_N, 0), BLOCK_N).to(tl.float32)[:, None]
-        in_block = (tile < tiles)[:, None] & in_outs[None, :]
+        tile, count, in_block = _tile_step(start, tiles, vertices, in_outs, BLOCK_N, BLOCK_T)
         tile_first = first + tile[:, None] * 2 * channels
         deviation = tl.load(tile_first, mask=in_block, other=0.0) - mean[None, :]
         squares += tl.sum(tl.load(tile_first + channels, mask=in_block, other=0.0) + count * deviation * deviation,
