@@ -55,9 +55,6 @@ PRODUCT_TILES = [(128, 256, 64, 8), (256, 128, 64, 8), (64, 128, 64, 4), (128, 1
 # default (`--feature_layers`).
 FEATURE_LAYER_TILES = [(128, 128, 64, 8), (64, 128, 64, 4)]
 FEATURE_LAYER_STAGES = (2, 3)
-# Registers a thread the layer kernel may take (Triton's maxnreg), besides the compiler's choice: at 128 two programs of
-# the default tile fit an SM (`feature_kernels.normalized_convolution`).
-FEATURE_LAYER_REGISTERS = (None, 128)
 # Tiles (vertices, output channels, feature channels, warps) and stages of the ElaIN kernel timed besides its default
 # (`--elain_maps`), and the generator's ElaIN widths at ngf 64.
 ELAIN_MAP_TILES = [((128, 128, 32, 8), 3), ((128, 64, 64, 8), 3), ((64, 128, 64, 8), 3), ((128, 64, 64, 8), 4)]
@@ -509,14 +506,12 @@ def bench_feature_layers(device: torch.device, batch: int, vertices: int, warmup
         for kept in (True, False):
             residual_input = residual if kept else None
             row = {"compiled": times(lambda: layer(x, residual_input))}
-            for tile, stages, registers in itertools.product(
-                    dict.fromkeys([feature_kernels.CONVOLUTION_TILE, *FEATURE_LAYER_TILES]), FEATURE_LAYER_STAGES,
-                    FEATURE_LAYER_REGISTERS):
-                limit = f", {registers} registers" if registers else ""
-                label = f"{'x'.join(map(str, tile))}, {stages} stages{limit}"
-                row[label] = times(lambda: feature_kernels.normalized_convolution(
-                    x, weight, conv.bias, vertices, statistics=statistics, residual=residual_input, slope=slope,
-                    keep_input=kept, tile=tile, stages=stages, max_registers=registers))
+            for tile, stages in itertools.product(dict.fromkeys([feature_kernels.CONVOLUTION_TILE,
+                                                                 *FEATURE_LAYER_TILES]), FEATURE_LAYER_STAGES):
+                row[f"{'x'.join(map(str, tile))}, {stages} stages"] = times(
+                    lambda: feature_kernels.normalized_convolution(
+                        x, weight, conv.bias, vertices, statistics=statistics, residual=residual_input, slope=slope,
+                        keep_input=kept, tile=tile, stages=stages))
             results["kept" if kept else "not_kept"] = row
     return results
 

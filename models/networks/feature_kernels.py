@@ -249,8 +249,8 @@ def _validate_input(x: torch.Tensor, vertices: int) -> None:
 def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None, vertices: int, *,
                            statistics: Statistics | None = None, residual: torch.Tensor | None = None,
                            slope: torch.Tensor | None = None, keep_input: bool = False,
-                           tile: tuple[int, int, int, int] = CONVOLUTION_TILE, stages: int | None = None,
-                           max_registers: int | None = None) -> tuple[torch.Tensor, Statistics, torch.Tensor | None]:
+                           tile: tuple[int, int, int, int] = CONVOLUTION_TILE, stages: int | None = None
+                           ) -> tuple[torch.Tensor, Statistics, torch.Tensor | None]:
     """out = weight @ act((x - mean) rstd + residual) + bias and out's instance-norm statistics, in one kernel.
 
     act is a leaky ReLU (PReLU with one slope) of `slope`; each of the normalisation, the residual and act is
@@ -267,10 +267,6 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
         tile: (vertices, output channels, input channels, warps) of a program, powers of two, the first three at
             least 16.
         stages: the pipeline stages (for benchmarks; None: as the GPU's shared memory allows).
-        max_registers: registers a thread the compiler may take (Triton's maxnreg; for benchmarks; None: its own
-            choice). At 128, two programs of the default tile can share an SM where shared memory allows: without
-            the input kept, three stages compile to 128 registers and 97 KiB without spills (130 registers by
-            default); with it, two stages to 128 and 80 KiB (177 by default). ptxas for sm_90a, offline.
     Returns:
         out: float32 (B, C_out, N'); its Statistics; the activated input (B, C_in, N') or None.
     """
@@ -282,9 +278,6 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
         raise ValueError(f"weight must be a KernelWeight of (C_out, {in_channels}) float16 pieces and bias (C_out,), "
                          f"got {tuple(weight.hi.shape)} and {None if bias is None else tuple(bias.shape)}")
     validate_tile(tile, ("vertices", "output channels", "input channels"))
-    if max_registers is not None and (isinstance(max_registers, bool) or not isinstance(max_registers, int)
-                                      or max_registers < 1):
-        raise ValueError(f"max_registers must be a positive int or None, got {max_registers!r}")
     block_n, block_c, block_k, num_warps = tile
     mean, rstd, residual_arg, slope_arg = _activation_arguments(x, statistics, residual, slope)
     tiles = triton.cdiv(padded_vertices, block_n)
@@ -299,8 +292,7 @@ def normalized_convolution(x: torch.Tensor, weight: KernelWeight, bias: torch.Te
             NORMALIZE=statistics is not None, RESIDUAL=residual is not None, ACTIVATE=slope is not None,
             KEEP_INPUT=keep_input, BIAS=bias is not None,
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
-            num_stages=_stages(x) if stages is None else stages,
-            **({} if max_registers is None else {"maxnreg": max_registers}))
+            num_stages=_stages(x) if stages is None else stages)
         _statistics_kernel[(triton.cdiv(out_channels, STATISTICS_BLOCK), batch)](
             partial, *out_statistics, out_channels, tiles, vertices, INSTANCE_NORM_EPS, BLOCK_N=block_n,
             BLOCK_C=STATISTICS_BLOCK, BLOCK_T=STATISTICS_TILES)

@@ -70,23 +70,6 @@ def test_convolution_equals_float64(normalize: bool, residual: bool, activate: b
     assert torch.allclose(out_statistics.rstd.double(), torch.rsqrt(variance + INSTANCE_NORM_EPS), rtol=1e-5)
 
 
-def test_convolution_under_a_register_limit_equals_float64() -> None:
-    """The layer compiled to at most 128 registers a thread (on a GPU: `max_registers`, which lets two programs share
-    an SM) computes the same layer."""
-    generator = torch.Generator().manual_seed(17)
-    batch, in_channels, out_channels, columns, vertices = 2, 40, 24, 40, 37
-    x = (torch.randn(batch, in_channels, columns, generator=generator) * 3 + 1).to(DEVICE)
-    statistics, slope = _statistics(x, vertices), torch.tensor([0.3], device=DEVICE)
-    residual_input = torch.randn(batch, in_channels, columns, generator=generator).to(DEVICE)
-    weight = (torch.randn(out_channels, in_channels, generator=generator) * 0.2).to(DEVICE)
-    for keep_input in (False, True):
-        out, _, _ = normalized_convolution(x, kernel_weight(weight), None, vertices, statistics=statistics,
-                                           residual=residual_input, slope=slope, keep_input=keep_input, tile=TILE,
-                                           max_registers=128)
-        expected = weight.double() @ _activated(x, statistics, residual_input, slope)
-        assert _relative(out, expected) < PRODUCT_TOLERANCE
-
-
 def test_three_input_channels_and_padding_outside_the_statistics() -> None:
     """The first layer's three channels (masked to a tile of 16), and columns past `vertices` that are computed but
     enter no statistic: changing them changes no real column and no statistic."""
@@ -193,7 +176,6 @@ def test_compiled_layers_leave_the_kernels_to_batches() -> None:
     (lambda args: {**args, "tile": (16, 16, 16, 3)}, "powers of two"),
     (lambda args: {**args, "statistics": Statistics(torch.zeros(2, 3), torch.zeros(2, 3))}, "statistics mean"),
     (lambda args: {**args, "slope": torch.zeros(2)}, "slope must be"),
-    (lambda args: {**args, "max_registers": 0}, "max_registers must be a positive int"),
 ])
 def test_bad_arguments_get_one_line(change, message: str) -> None:
     zeros = torch.zeros(16, 16, device=DEVICE)
