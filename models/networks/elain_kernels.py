@@ -21,7 +21,9 @@ from models.networks.triton_support import (block_shared_memory, on_device, tl, 
 # A program's tile: (vertices, output channels, feature channels a step, warps) and its pipeline stages, where a block
 # may take ELAIN_SHARED_MEMORY bytes of shared memory (Triton 3.9 compiles it for sm_90a into 96 KiB with float32
 # features); else ELAIN_SMALL_TILE (64 KiB at two stages). The map of 1024 channels at batch 8 took 0.384 ms on the
-# H100 with the first, 0.421 with (128, 128, 32, 8) at three stages (docs/benchmarks.md, twenty-sixth session).
+# H100 with the first, 0.421 with (128, 128, 32, 8) at three stages (docs/benchmarks.md, twenty-sixth session); with
+# the first, 0.389 ms with the features in fp16 against 0.497 in float32 (twenty-eighth session), which is why
+# `ElaINGenerator.forward` rounds them once for all nine maps.
 ELAIN_TILE = (128, 128, 64, 8)
 ELAIN_STAGES = 3
 ELAIN_SHARED_MEMORY = 128 * 1024

@@ -200,7 +200,8 @@ class ElaIN(nn.Module):
     def condition_mean(self, identity_features: torch.Tensor, vertices: int | None = None) -> torch.Tensor:
         """The mean of mlp_same's output over the first `vertices` columns (None: all), (B, C, 1) in
         `statistics_dtype`: the mean of the (affine) condition is the condition of the mean."""
-        mean_features = identity_features[..., :vertices].mean(dim=2, keepdim=True)  # (B, Cid, 1)
+        mean_features = identity_features[..., :vertices].mean(dim=2, keepdim=True,
+                                                               dtype=statistics_dtype(identity_features))  # (B, Cid, 1)
         return self.mlp_same.on_statistics(mean_features).to(statistics_dtype(identity_features))
 
     def folded_identity_products(self, identity_features: torch.Tensor,
@@ -354,6 +355,10 @@ class ElaINGenerator(nn.Module):
             float (B, 3, N').
         """
         x = self.input_layers(warp_points)
+        if self.fold_linear and elain_kernels.applies(x):
+            # The ElaIN kernels read the features in x's dtype: rounded once here rather than in each of the nine
+            # kernels (autocast rounds a product's operand the same way).
+            identity_features = identity_features.to(x.dtype)
         x = self.block_then_conv(self.elain_block1, self.conv2, x, identity_features, vertices)
         x = self.block_then_conv(self.elain_block2, self.conv3, x, identity_features, vertices)
         x = self.block_then_conv(self.elain_block3, self.conv4, x, identity_features, vertices)

@@ -59,9 +59,11 @@ def test_map_equals_float64(dtype: torch.dtype, features_dtype) -> None:
     assert (out < 0).any() and (out > 0).any()  # both sides of the activation were taken
 
 
-def test_elain_kernel_path_equals_autograd_path() -> None:
+@pytest.mark.parametrize("half_features", [False, True])
+def test_elain_kernel_path_equals_autograd_path(half_features: bool) -> None:
     """`ElaIN.activated_by_kernel` in half precision against `activated` (the written-out Function) in float64, on a
-    padded vertex axis whose statistics run over the real columns only."""
+    padded vertex axis whose statistics run over the real columns only, with the features in float32 or already in
+    fp16 (as the generator passes them at eager inference)."""
     torch.manual_seed(0)
     norm = ElaIN(40, identity_channels=24, fold_linear=True).to(DEVICE).eval()
     generator = torch.Generator().manual_seed(4)
@@ -71,7 +73,7 @@ def test_elain_kernel_path_equals_autograd_path() -> None:
         expected = norm.double().activated(x.double(), identity_features.double(), 37)
         norm.float()
         half_x = x.half()
-        out = norm.activated_by_kernel(half_x, identity_features, 37)
+        out = norm.activated_by_kernel(half_x, identity_features.half() if half_features else identity_features, 37)
     assert out.dtype == torch.float16
     # The reference is the map of the half-precision input (the kernel's own rounding of x is not an error).
     with torch.no_grad():
