@@ -26,8 +26,8 @@ def user_message(err: BaseException) -> str:
                 f"(--ot dense --compile off)")
     if "can't allocate memory" in line or "out of memory" in line.lower():  # the CPU's allocator, CUDA's
         return (f"{line}; use smaller meshes or a smaller --batchSize, or let the optimal transport run block by "
-                f"block (--ot chunked, or --ot auto: memory linear in the vertex count, where the dense warp needs "
-                f"about 17 bytes a vertex pair, 33 in training)")
+                f"block (--ot chunked, or --ot auto: memory linear in the vertex count, where the dense warp's grows "
+                f"with its square)")
     return line
 
 
