@@ -254,3 +254,34 @@ def test_elain_maps_mode_times_the_compiled_map_and_each_kernel_layout(tmp_path,
         assert all(times["ms"] > 0 and times["back_to_back_ms"] > 0 for times in row.values())
     printed = capsys.readouterr().out
     assert "ElaIN map, 1 x 32 x 20: compiled" in printed and "ElaIN map, 1 x 16 x 20" in printed
+
+
+def test_a_big_batch_that_does_not_fit_reads_out_of_memory_and_the_table_goes_on(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cpu", "--vertices", "40", "--batch", "2",
+                                      "--variants", "reference", "--sweep", "", "--loader_pairs", "0", "--skip_train",
+                                      "--big_batch", "5", "--warmup", "1", "--repeats", "2", "--out", str(out)])
+    timed = bench.bench_inference
+
+    def no_memory_for_five(transfer, batch, *args):
+        if len(batch["identity_points"]) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 54.00 MiB.")
+        return timed(transfer, batch, *args)
+
+    monkeypatch.setattr(bench, "bench_inference", no_memory_for_five)
+    bench.main()
+    results = json.loads(out.read_text())
+    assert results["infer_big_batch"]["reference"] == {"ms": None, "peak_gib": None, "pairs_per_s": None, "oom": True}
+    assert results["infer_batch"]["reference"]["pairs_per_s"] > 0
+    reference_row = next(line for line in capsys.readouterr().out.splitlines()[::-1] if line.startswith("reference"))
+    assert reference_row.endswith("out of memory")
+
+
+def test_a_failure_other_than_memory_is_not_taken_for_a_batch_that_does_not_fit(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(bench, "bench_inference", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench.batched_inference(None, {"identity_points": torch.zeros(2, 3, 4)}, torch.device("cpu"), 1, 1,
+                                may_not_fit=True)
