@@ -14,9 +14,9 @@ Tables printed (and written as JSON with --out):
   ratio to the reference and model FLOP utilisation, for the reference (fp32, dense OT) and fast variants,
   the mean ms of steps issued back to back (synchronised once, as a training loop runs) and the GPU's kernel time
   a step, eager and (on a GPU, "+graphs") replayed from one CUDA graph;
-- inference: one pair, a batch and a --big_batch (64: batch 8 leaves the H100 idle between kernels; a batch that does
-  not fit, as the dense reference's 64 on 80 GB, reads "out of memory"), per variant, eager and (on a GPU) replayed
-  from CUDA graphs;
+- inference: one pair, a batch and a --big_batch (64 by default, where compiled inference passes 1000 pairs/s on the
+  H100; a batch that does not fit, as the dense reference's 64 on 80 GB, reads "out of memory"), per variant, eager
+  and (on a GPU) replayed from CUDA graphs;
 - an inference sweep over vertex counts for the memory-linear path (and the reference until it runs out);
 - the data path: pairs/s of the packed sampler on the device and of the OBJ loader with --workers.
 Inputs are random points with random faces, made on the device; timing does not depend on their values.
