@@ -252,7 +252,7 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
 
 
-def batched_inference(transfer, batch: dict, device: torch.device, warmup: int, repeats: int,
+def batched_inference(transfer: TransferFunction, batch: dict, device: torch.device, warmup: int, repeats: int,
                       may_not_fit: bool = False) -> dict:
     """`bench_inference` with pairs/s. Where may_not_fit, a batch the GPU has no memory for is recorded as such
     (pairs_per_s None, oom True) and the table goes on: the dense reference does not fit batch 64 on 80 GB."""
