@@ -252,21 +252,16 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
 
 
-def batched_inference(transfer: TransferFunction, batch: dict, device: torch.device, warmup: int, repeats: int,
-                      may_not_fit: bool = False) -> dict:
-    """`bench_inference` with pairs/s. Where may_not_fit, a batch the GPU has no memory for is recorded as such
-    (pairs_per_s None, oom True) and the table goes on: the dense reference does not fit batch 64 on 80 GB."""
+def or_out_of_memory(measure: Callable[[], dict], device: torch.device) -> dict:
+    """measure()'s row, or {"ms": None, "peak_gib": None, "oom": True} where the device has no memory for it (a
+    sweep's largest meshes; the dense reference's batch of 64 on 80 GB): the table goes on and says so."""
     try:
-        infer = bench_inference(transfer, batch, device, warmup, repeats)
+        return measure()
     except (RuntimeError, torch.OutOfMemoryError) as err:
-        if not (may_not_fit and out_of_memory(err)):
+        if not out_of_memory(err):
             raise
-        infer = None
-    if infer is None:  # outside the except clause, whose traceback holds the failed step's tensors
-        reset_peak(device)
-        return {"ms": None, "peak_gib": None, "pairs_per_s": None, "oom": True}
-    infer["pairs_per_s"] = len(batch["identity_points"]) / infer["ms"] * 1e3
-    return infer
+    reset_peak(device)  # outside the except clause, whose traceback holds the failed step's tensors
+    return {"ms": None, "peak_gib": None, "oom": True}
 
 
 def _rate_or_out_of_memory(infer: dict) -> str:
@@ -803,8 +798,11 @@ def main() -> None:
             results["infer_one"][label] = bench_inference(transfer, one, device, args.warmup, args.repeats)
             for key, inputs in (("infer_batch", batch), ("infer_big_batch", big)):
                 if inputs is not None:
-                    results.setdefault(key, {})[label] = batched_inference(
-                        transfer, inputs, device, args.warmup, args.repeats, may_not_fit=key == "infer_big_batch")
+                    measure = functools.partial(bench_inference, transfer, inputs, device, args.warmup, args.repeats)
+                    infer = measure() if key == "infer_batch" else or_out_of_memory(measure, device)
+                    pairs = len(inputs["identity_points"])
+                    infer["pairs_per_s"] = None if infer["ms"] is None else pairs / infer["ms"] * 1e3
+                    results.setdefault(key, {})[label] = infer
             print(f"{label:24} infer 1 pair {results['infer_one'][label]['ms']:7.2f} ms | batch "
                   f"{results['infer_batch'][label]['pairs_per_s']:8.1f} pairs/s", flush=True)
         del model, transfers
@@ -815,20 +813,12 @@ def main() -> None:
                 print(f"{name}+graphs: no training row ({error})", flush=True)
     for name in ("reference", args.sweep_variant):
         for vertices in [int(v) for v in args.sweep.split(",") if v]:
-            try:
-                pair = synthetic_batch(1, vertices, device)
-                model = build(name, device)
-                results["sweep"].setdefault(name, {})[vertices] = bench_inference(model.eval().transfer, pair, device,
-                                                                                  1, 3)
-            except (RuntimeError, torch.OutOfMemoryError) as err:
-                if not out_of_memory(err):
-                    raise
-                results["sweep"].setdefault(name, {})[vertices] = {"ms": None, "peak_gib": None, "oom": True}
+            row = or_out_of_memory(lambda: bench_inference(build(name, device).eval().transfer,
+                                                           synthetic_batch(1, vertices, device), device, 1, 3), device)
+            results["sweep"].setdefault(name, {})[vertices] = row
+            reset_peak(device)
+            if row["ms"] is None:
                 break
-            finally:
-                model = pair = None
-                reset_peak(device)
-            row = results["sweep"][name][vertices]
             print(f"sweep {name:24} N={vertices:7d} {row['ms']:9.2f} ms {row['peak_gib']:7.2f} GiB", flush=True)
     if args.loader_pairs:
         results["loaders"] = bench_loaders(device, args.vertices, args.batch, args.loader_pairs, args.workers)

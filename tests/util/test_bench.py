@@ -277,11 +277,27 @@ def test_a_big_batch_that_does_not_fit_reads_out_of_memory_and_the_table_goes_on
     assert reference_row.endswith("out of memory")
 
 
-def test_a_failure_other_than_memory_is_not_taken_for_a_batch_that_does_not_fit(monkeypatch):
-    def broken(*args):
+def test_a_failure_other_than_memory_is_not_taken_for_a_batch_that_does_not_fit():
+    def broken():
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(bench, "bench_inference", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        bench.batched_inference(None, {"identity_points": torch.zeros(2, 3, 4)}, torch.device("cpu"), 1, 1,
-                                may_not_fit=True)
+        bench.or_out_of_memory(broken, torch.device("cpu"))
+
+
+def test_the_sweep_stops_at_the_first_vertex_count_that_does_not_fit(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cpu", "--variants", "", "--sweep", "30,60,90",
+                                      "--sweep_variant", "reference", "--loader_pairs", "0", "--out", str(out)])
+    timed = bench.bench_inference
+
+    def no_memory_from_sixty(transfer, batch, *args):
+        if batch["identity_points"].shape[1] >= 60:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 54.00 MiB.")
+        return timed(transfer, batch, *args)
+
+    monkeypatch.setattr(bench, "bench_inference", no_memory_from_sixty)
+    bench.main()
+    sweep = json.loads(out.read_text())["sweep"]["reference"]
+    assert list(sweep) == ["30", "60"] and sweep["30"]["ms"] > 0
+    assert sweep["60"] == {"ms": None, "peak_gib": None, "oom": True}
